@@ -1,0 +1,46 @@
+"""eventbus: one publish reaches every interested party, over Redis.
+
+The names here are the public API; ``eventbus.errors``, ``eventbus.signals`` and
+``eventbus.testing`` are public submodules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from . import errors, signals
+from ._bus import EventBus, Receipt
+from ._codec import configure_converter, make_converter
+from ._config import UNSET, Limits, LivePolicy, Overflow
+from ._envelope import Delivery
+from ._hub import Gap, SubscriptionStatistics
+from ._subscription import Subscription
+from ._topic import Topic
+from ._version import __version__
+
+__all__ = [
+    "UNSET",
+    "Delivery",
+    "EventBus",
+    "Gap",
+    "Limits",
+    "LivePolicy",
+    "Overflow",
+    "Receipt",
+    "Subscription",
+    "SubscriptionStatistics",
+    "Topic",
+    "__version__",
+    "configure_converter",
+    "errors",
+    "make_converter",
+    "signals",
+]
+
+# Show public names as eventbus.X in reprs, tracebacks and docs (httpx, trio).
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("eventbus._"):
+        with contextlib.suppress(AttributeError, TypeError):  # e.g. type aliases
+            _obj.__module__ = __name__
+del _name, _obj

@@ -1,0 +1,230 @@
+"""The wire codec: cattrs structuring (preconf style) plus the JSON envelope.
+
+``make_converter()`` gives the converter eventbus uses by default;
+``configure_converter()`` applies eventbus's wire rules to a converter of your
+own, so you can register hooks first and keep them::
+
+    conv = cattrs.preconf.orjson.make_converter()
+    conv.register_structure_hook(Money, parse_money)
+    eventbus.configure_converter(conv)
+    bus = EventBus(url, converter=conv)
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import cattrs
+import orjson
+from cattrs.preconf.orjson import configure_converter as _configure_orjson
+
+from ._config import Limits
+from ._envelope import CONTENT_BYTES, CONTENT_JSON, WIRE_VERSION, Envelope
+from .errors import ConfigurationError, DecodeError, EncodeError, PayloadTooLarge
+
+__all__ = ["Codec", "configure_converter", "make_converter"]
+
+_MAX_HEADER_LEN: Final = 8192
+
+
+def configure_converter(converter: cattrs.Converter) -> None:
+    """Apply eventbus's wire rules to ``converter``.
+
+    * everything the cattrs orjson preconf does (datetimes as RFC 3339 strings,
+      sets as lists, enums by value, mapping keys as strings);
+    * ``bytes`` fields as standard base64 strings (base85 in the plain preconf,
+      which few non-Python clients decode);
+    * structuring errors carry the path of the failing field
+      (``detailed_validation``), reported as ``$.amount: ...``.
+    """
+    _configure_orjson(converter)
+    converter.register_unstructure_hook(bytes, lambda v: base64.b64encode(v).decode("ascii"))
+    converter.register_structure_hook(bytes, lambda v, _: base64.b64decode(v, validate=True))
+
+
+def make_converter(*, forbid_extra_keys: bool = False) -> cattrs.Converter:
+    """A new converter configured with :func:`configure_converter`.
+
+    :param forbid_extra_keys: refuse events carrying fields the class does not
+        declare (default: ignore them, so newer publishers can add fields).
+    """
+    converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=forbid_extra_keys)
+    configure_converter(converter)
+    return converter
+
+
+def _error_path(exc: BaseException) -> str:
+    """Flatten a cattrs error group into ``$.field: message`` lines."""
+    if isinstance(exc, cattrs.ClassValidationError | cattrs.IterableValidationError):
+        return "; ".join(cattrs.transform_error(exc, path="$"))
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Codec:
+    """Turns events into envelope bytes and back, once per message."""
+
+    __slots__ = ("converter", "limits")
+
+    def __init__(self, converter: cattrs.Converter | None, limits: Limits) -> None:
+        self.converter = converter if converter is not None else make_converter()
+        self.limits = limits
+
+    def unstructure(self, topic: str, event: object) -> tuple[str, Any]:
+        """Return (content type, JSON-ready value) of ``event``."""
+        if isinstance(event, bytes | bytearray | memoryview):
+            return CONTENT_BYTES, base64.b64encode(bytes(event)).decode("ascii")
+        try:
+            return CONTENT_JSON, self.converter.unstructure(event)
+        except Exception as exc:
+            raise EncodeError(
+                f"cannot unstructure {type(event).__name__}: {exc}", topic=topic
+            ) from exc
+
+    def check_headers(self, topic: str, headers: Mapping[str, str] | None) -> dict[str, str]:
+        if not headers:
+            return {}
+        if len(headers) > self.limits.max_headers:
+            raise ConfigurationError(
+                f"topic {topic!r}: {len(headers)} headers, the limit is {self.limits.max_headers}"
+            )
+        for key, value in headers.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ConfigurationError(f"topic {topic!r}: headers must map str to str")
+            if len(key) + len(value) > _MAX_HEADER_LEN:
+                raise ConfigurationError(f"topic {topic!r}: header {key!r} is too long")
+        return dict(headers)
+
+    def encode(
+        self,
+        topic: str,
+        event: object,
+        *,
+        event_id: str,
+        publisher: str,
+        seq: int,
+        headers: dict[str, str],
+    ) -> tuple[bytes, int]:
+        """Encode one event as a live envelope; return (bytes, published_at_ms).
+
+        :raises eventbus.errors.PayloadTooLarge: before any I/O.
+        """
+        content_type, data = self.unstructure(topic, event)
+        now_ms = time.time_ns() // 1_000_000
+        doc: dict[str, Any] = {
+            "eventbus": WIRE_VERSION,
+            "id": event_id,
+            "pub": publisher,
+            "seq": seq,
+            "ts": now_ms,
+            "ct": content_type,
+            "data": data,
+        }
+        if headers:
+            doc["h"] = headers
+        try:
+            raw = orjson.dumps(doc)
+        except TypeError as exc:
+            raise EncodeError(f"event is not JSON-representable: {exc}", topic=topic) from exc
+        if len(raw) > self.limits.max_payload_bytes:
+            raise PayloadTooLarge(
+                topic=topic, size=len(raw), limit=self.limits.max_payload_bytes, event_id=event_id
+            )
+        return raw, now_ms
+
+    def decode(self, topic: str, raw: bytes) -> Envelope:
+        """Decode bytes received on a live channel.
+
+        An eventbus envelope keeps its metadata. Anything else (a raw ``PUBLISH``
+        from redis-cli or another client) is accepted as a bare payload: its JSON
+        value if it parses, else its bytes.
+
+        :raises eventbus.errors.PayloadTooLarge: over ``max_payload_bytes``.
+        :raises eventbus.errors.DecodeError: a malformed eventbus envelope.
+        """
+        if len(raw) > self.limits.max_payload_bytes:
+            raise PayloadTooLarge(topic=topic, size=len(raw), limit=self.limits.max_payload_bytes)
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return Envelope.bare(topic, raw, CONTENT_BYTES)
+        if type(doc) is dict and doc.get("eventbus") == WIRE_VERSION:
+            return self._from_doc(topic, doc)
+        return Envelope.bare(topic, doc, CONTENT_JSON)
+
+    def _from_doc(self, topic: str, doc: dict[str, Any]) -> Envelope:
+        event_id = doc.get("id")
+        try:
+            headers = doc.get("h") or {}
+            content_type = doc["ct"]
+            data = doc["data"]
+            if content_type == CONTENT_BYTES:
+                data = base64.b64decode(data, validate=True)
+            elif content_type != CONTENT_JSON:
+                raise ValueError(f"unknown content type {content_type!r}")
+            ts = doc["ts"]
+            seq = doc["seq"]
+            publisher = doc["pub"]
+            if not (
+                isinstance(event_id, str)
+                and isinstance(publisher, str)
+                and type(seq) is int
+                and type(ts) is int
+                and isinstance(headers, dict)
+            ):
+                raise ValueError("envelope field of the wrong type")
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DecodeError(
+                f"malformed envelope: {exc}",
+                topic=topic,
+                reason="decode_error",
+                event_id=event_id if isinstance(event_id, str) else None,
+            ) from exc
+        return Envelope(
+            topic=topic,
+            id=event_id,
+            publisher=publisher,
+            seq=seq,
+            published_ms=ts,
+            headers=headers,
+            content_type=content_type,
+            data=data,
+        )
+
+    def structure(self, envelope: Envelope, tp: Any) -> Any:
+        """The payload of ``envelope`` as ``tp``; computed once per (message, type).
+
+        :raises eventbus.errors.DecodeError: the payload does not fit ``tp``.
+        """
+        cache = envelope.cache
+        try:
+            result = cache[tp]
+        except KeyError:
+            pass
+        else:
+            if isinstance(result, DecodeError):
+                raise result
+            return result
+        data = envelope.data
+        if tp is object or tp is Any:
+            value: Any = data
+        elif tp is bytes:
+            value = data if isinstance(data, bytes) else orjson.dumps(data)
+        else:
+            try:
+                value = self.converter.structure(data, tp)
+            except Exception as exc:
+                name = getattr(tp, "__qualname__", repr(tp))
+                error = DecodeError(
+                    f"payload is not a {name}: {_error_path(exc)}",
+                    topic=envelope.topic,
+                    reason="validation_error",
+                    event_id=envelope.id,
+                )
+                error.__cause__ = exc
+                cache[tp] = error
+                raise error from exc
+        cache[tp] = value
+        return value

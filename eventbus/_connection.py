@@ -1,0 +1,184 @@
+"""Redis clients from a URL, and the one boundary where redis-py errors become ours."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import Iterator
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+
+from .errors import (
+    AuthenticationFailed,
+    BackendError,
+    ConfigurationError,
+    PermissionDenied,
+    RedisUnavailable,
+    TLSError,
+)
+
+__all__ = ["ClientFactory", "map_exceptions", "mask_url", "translate"]
+
+logger = logging.getLogger("eventbus")
+
+# Commands retried by the command client: redis-py's retry covers every
+# ConnectionError, including AuthenticationError (a subclass), which must fail at once.
+_NOT_RETRYABLE: Final = (rex.AuthenticationError, rex.AuthorizationError)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to log or repr)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}" if parts.password is not None else f"{user}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class _Retry(Retry):
+    """redis-py's Retry, minus authentication errors (never retried, see RELIABILITY R9)."""
+
+    async def call_with_retry(
+        self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False
+    ) -> Any:
+        def retryable(error: Exception) -> bool:
+            if isinstance(error, _NOT_RETRYABLE):
+                return False
+            return is_retryable(error) if is_retryable is not None else True
+
+        return await super().call_with_retry(
+            do, fail, is_retryable=retryable, with_failure_count=with_failure_count
+        )
+
+
+def _acl_hint(detail: str, command: str) -> str | None:
+    if "channels" in detail:
+        return "&<prefix>:*"
+    if "keys" in detail:
+        return "~<prefix>:*"
+    if "run the" in detail:
+        return f"+{command.lower()}"
+    return None
+
+
+def translate(
+    exc: BaseException, *, topic: str | None = None, command: str = "", channel: str | None = None
+) -> BaseException:
+    """The eventbus error for a redis-py (or ssl) error; ``exc`` itself if unknown."""
+    if isinstance(exc, rex.NoPermissionError):
+        detail = str(exc)
+        return PermissionDenied(
+            command=command or "command",
+            topic=topic,
+            channel=channel,
+            hint=_acl_hint(detail, command),
+            detail=detail,
+        )
+    if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
+        return AuthenticationFailed(f"Redis rejected the credentials: {exc}", topic=topic)
+    if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, ssl.SSLError):
+                return TLSError(f"TLS handshake with Redis failed: {cause}", topic=topic)
+            cause = cause.__cause__ or cause.__context__
+        text = str(exc)
+        if "Connection reset by peer" in text or "Connection closed by server" in text:
+            text += " (does the server expect TLS? use rediss://)"
+        return RedisUnavailable(f"Redis is unavailable: {text}", topic=topic)
+    if isinstance(exc, rex.ResponseError):
+        return BackendError(f"Redis error: {exc}", topic=topic)
+    return exc
+
+
+@contextlib.contextmanager
+def map_exceptions(
+    *, topic: str | None = None, command: str = "", channel: str | None = None
+) -> Iterator[None]:
+    """Re-raise redis-py errors as eventbus errors, chained with ``from``."""
+    try:
+        yield
+    except (rex.RedisError, OSError) as exc:
+        mapped = translate(exc, topic=topic, command=command, channel=channel)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+
+
+class ClientFactory:
+    """Builds the bus's Redis clients, all with the same URL, TLS and credentials."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        protocol: int = 3,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        client_name: str | None = None,
+        ssl_ca_certs: str | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+        insecure_skip_verify: bool = False,
+        credential_provider: Any = None,
+    ) -> None:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ConfigurationError(f"unsupported URL scheme {scheme!r} in {mask_url(url)}")
+        if protocol not in (2, 3):
+            raise ConfigurationError(f"protocol must be 2 or 3, got {protocol!r}")
+        self.url = url
+        self.tls = scheme == "rediss"
+        options: dict[str, Any] = {
+            "protocol": protocol,
+            "socket_connect_timeout": connect_timeout,
+            "client_name": client_name,
+        }
+        if credential_provider is not None:
+            options["credential_provider"] = credential_provider
+        if self.tls:
+            if ssl_ca_certs is not None:
+                options["ssl_ca_certs"] = ssl_ca_certs
+            if ssl_certfile is not None:
+                options["ssl_certfile"] = ssl_certfile
+            if ssl_keyfile is not None:
+                options["ssl_keyfile"] = ssl_keyfile
+            if insecure_skip_verify:
+                logger.warning(
+                    "TLS certificate verification is OFF for %s (insecure_skip_verify=True)",
+                    mask_url(url),
+                )
+                options["ssl_cert_reqs"] = "none"
+                options["ssl_check_hostname"] = False
+        elif ssl_ca_certs or ssl_certfile or ssl_keyfile or insecure_skip_verify:
+            raise ConfigurationError("TLS options need a rediss:// URL")
+        self._options = options
+        self._socket_timeout = socket_timeout
+
+    def command_client(self) -> aioredis.Redis:
+        """Pooled client for commands: bounded retries with jittered backoff, no auth retry."""
+        retry = _Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), retries=3)
+        return aioredis.Redis.from_url(
+            self.url, socket_timeout=self._socket_timeout, retry=retry, **self._options
+        )
+
+    def push_pool(self) -> aioredis.ConnectionPool:
+        """Pool for the single push connection: no socket timeout (a subscriber may idle
+        for hours; the bus's own PING watchdog finds dead peers) and no retry, so a
+        drop surfaces to the supervisor instead of a silent reconnect that hides the gap."""
+        return aioredis.ConnectionPool.from_url(
+            self.url, socket_timeout=None, retry=Retry(NoBackoff(), 0), **self._options
+        )

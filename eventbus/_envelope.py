@@ -1,0 +1,92 @@
+"""The envelope: one event with its metadata, decoded once and shared by all subscribers."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Final, final
+
+import attrs
+
+__all__ = ["CONTENT_BYTES", "CONTENT_JSON", "WIRE_VERSION", "Delivery", "Envelope"]
+
+WIRE_VERSION: Final = 1
+CONTENT_JSON: Final = "application/json"
+CONTENT_BYTES: Final = "application/octet-stream"
+
+
+@final
+@attrs.frozen(slots=True)
+class Delivery:
+    """What a subscriber knows about the event it is handed.
+
+    Ask for it by annotating a handler's second parameter with ``Delivery``.
+    Only the bus creates these.
+
+    .. versionadded:: 0.1
+    """
+
+    id: str
+    """The event id, minted by the publisher (empty for a raw publish without an envelope)."""
+    topic: str
+    """The topic name the event was published to (for a pattern, the concrete topic)."""
+    headers: dict[str, str]
+    """Headers given to ``publish``."""
+    published_at: datetime | None
+    """The publisher's clock when it published (UTC), ``None`` for a raw publish."""
+    attempt: int
+    """1 for live delivery: pub/sub is at most once, never redelivered."""
+    publisher: str
+    """Id of the publishing bus instance; with ``seq``, orders and dedupes its events."""
+    seq: int
+    """Per publisher and topic sequence number, from 1 (0 for a raw publish)."""
+
+
+@attrs.define(slots=True, eq=False)
+class Envelope:
+    """One received (or locally published) event.
+
+    ``data`` is the decoded JSON value (or bytes). ``cache`` holds the payload
+    structured per requested type, so 100 subscribers of one type structure once.
+    """
+
+    topic: str
+    id: str
+    publisher: str
+    seq: int
+    published_ms: int | None
+    headers: dict[str, str]
+    content_type: str
+    data: Any
+    cache: dict[Any, Any] = attrs.field(factory=dict)
+    _delivery: Delivery | None = None
+
+    @classmethod
+    def bare(cls, topic: str, data: Any, content_type: str) -> Envelope:
+        """A payload published without an eventbus envelope (e.g. by redis-cli)."""
+        return cls(
+            topic=topic,
+            id="",
+            publisher="",
+            seq=0,
+            published_ms=None,
+            headers={},
+            content_type=content_type,
+            data=data,
+        )
+
+    def delivery(self) -> Delivery:
+        d = self._delivery
+        if d is None:
+            ms = self.published_ms
+            d = self._delivery = Delivery(
+                id=self.id,
+                topic=self.topic,
+                headers=self.headers,
+                published_at=None
+                if ms is None
+                else datetime.fromtimestamp(ms / 1000, tz=timezone.utc),
+                attempt=1,
+                publisher=self.publisher,
+                seq=self.seq,
+            )
+        return d

@@ -1,0 +1,150 @@
+"""Handlers: what a function wants (payload type, Delivery) and the loop that feeds it."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import typing
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import attrs
+
+from . import signals
+from ._codec import Codec
+from ._envelope import Delivery
+from ._hub import Receiver
+from .errors import ConfigurationError, DecodeError, SubscriberOverflow
+from .signals import emit
+
+__all__ = ["Handler", "HandlerSpec", "inspect_handler", "run_handler"]
+
+logger = logging.getLogger("eventbus")
+
+Handler = Callable[..., Awaitable[Any] | Any]
+
+_LOG_EVERY: Final = 100  # after the first, one log line per this many handler errors
+
+
+@attrs.frozen
+class HandlerSpec:
+    """What :func:`inspect_handler` learned about a handler."""
+
+    fn: Handler
+    payload_type: Any
+    wants_delivery: bool
+    is_async: bool
+    name: str
+
+
+def inspect_handler(fn: Handler, default_type: Any) -> HandlerSpec:
+    """Read the payload type from the first parameter's annotation (else the topic's
+    type), and whether a second parameter (or one annotated ``Delivery``) wants
+    the delivery context.
+
+    :raises eventbus.errors.ConfigurationError: not callable, or wrong arity.
+    """
+    if not callable(fn):
+        raise ConfigurationError(f"handler {fn!r} is not callable")
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"cannot inspect handler {name}: {exc}") from exc
+    params = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if not params or len(params) > 2:
+        raise ConfigurationError(
+            f"handler {name} must take the event, and optionally a Delivery, as its parameters"
+        )
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    payload_type = hints.get(params[0].name, default_type)
+    if payload_type is Delivery:
+        raise ConfigurationError(f"handler {name}: the first parameter receives the event")
+    wants_delivery = len(params) == 2
+    is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
+    )
+    return HandlerSpec(
+        fn=fn,
+        payload_type=payload_type,
+        wants_delivery=wants_delivery,
+        is_async=is_async,
+        name=name,
+    )
+
+
+def report_failure(
+    sender: object,
+    receiver: Receiver,
+    spec_name: str,
+    topic: str,
+    event_id: str,
+    error: BaseException,
+) -> None:
+    """Count, log (rate-limited) and signal one failure of a subscriber."""
+    receiver.errors += 1
+    n = receiver.errors
+    if n == 1 or n % _LOG_EVERY == 0:
+        logger.error(
+            "subscriber %s of %r failed (%d errors so far; logged once per %d): %s",
+            spec_name,
+            topic,
+            n,
+            _LOG_EVERY,
+            error,
+            exc_info=error if n == 1 else None,
+        )
+    if signals.failed.receivers:
+        emit(
+            signals.failed,
+            sender,
+            topic=topic,
+            event_id=event_id,
+            subscription=receiver,
+            error=error,
+        )
+
+
+async def run_handler(receiver: Receiver, spec: HandlerSpec, codec: Codec, sender: object) -> None:
+    """Feed ``receiver``'s events to the handler until the receiver is closed and drained.
+
+    A handler that raises is logged and keeps receiving; it never stops its
+    neighbours. Cancelling this task abandons what is still buffered.
+    """
+    fn = spec.fn
+    tp = spec.payload_type
+    wants_delivery = spec.wants_delivery
+    is_async = spec.is_async
+    structure = codec.structure
+    get = receiver.get
+    delivered = signals.delivered
+    while True:
+        try:
+            env = await get()
+        except StopAsyncIteration:
+            return
+        except SubscriberOverflow as exc:
+            logger.error("subscriber %s stopped: %s", spec.name, exc)
+            return
+        except Exception as exc:
+            logger.error("subscriber %s stopped: %s", spec.name, exc)
+            return
+        try:
+            payload = structure(env, tp)
+            result = fn(payload, env.delivery()) if wants_delivery else fn(payload)
+            if is_async:
+                await result
+        except DecodeError as exc:
+            report_failure(sender, receiver, spec.name, env.topic, env.id, exc)
+        except Exception as exc:
+            report_failure(sender, receiver, spec.name, env.topic, env.id, exc)
+        else:
+            if delivered.receivers:
+                emit(delivered, sender, topic=env.topic, event_id=env.id, subscription=receiver)

@@ -1,0 +1,54 @@
+"""Every Redis key and channel name eventbus uses, built in one place.
+
+Layout (``prefix`` defaults to ``eb``; a topic name never contains ``:``, ``{`` or
+``}``, so two different (prefix, topic) pairs can never build the same name)::
+
+    {prefix}:{<topic>}          pub/sub channel of a live topic
+    {prefix}:{<pattern>}        pub/sub pattern of a pattern subscription
+
+The topic sits in a ``{hash tag}`` so every name of one topic maps to one Redis
+Cluster slot. ``docs/wire-format.md`` is written from this module.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from .errors import ConfigurationError
+
+__all__ = ["DEFAULT_PREFIX", "channel_topic", "live_channel", "live_pattern", "validate_prefix"]
+
+DEFAULT_PREFIX: Final = "eb"
+_PREFIX_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` if it is a safe key prefix, else raise ``ConfigurationError``."""
+    if not isinstance(prefix, str) or _PREFIX_RE.fullmatch(prefix) is None:
+        raise ConfigurationError(
+            f"invalid key prefix {prefix!r}: use 1-64 of [A-Za-z0-9._-], starting alphanumeric"
+        )
+    return prefix
+
+
+def live_channel(prefix: str, topic: str) -> str:
+    """The pub/sub channel of live topic ``topic``."""
+    return f"{prefix}:{{{topic}}}"
+
+
+def live_pattern(prefix: str, pattern: str) -> str:
+    """The pub/sub pattern for a topic pattern such as ``prices.*``.
+
+    Glob characters stay inside the hash tag, so ``prices.*`` can never match a
+    channel of another prefix.
+    """
+    return f"{prefix}:{{{pattern}}}"
+
+
+def channel_topic(prefix: str, channel: str) -> str | None:
+    """The topic name of a live channel, or ``None`` if it is not one of ``prefix``'s."""
+    head = f"{prefix}:{{"
+    if channel.startswith(head) and channel.endswith("}"):
+        return channel[len(head) : -1]
+    return None

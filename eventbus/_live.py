@@ -1,0 +1,428 @@
+"""ONE push connection per bus, broadcast to every local subscriber.
+
+The supervisor owns the connection's whole life: connect, (re)subscribe every
+route, confirm, read frames, PING on a timer, and on any failure close the
+socket, back off, reconnect and resubscribe. redis-py's own retry is switched
+off on this connection, because a reconnect it performed silently would hide
+lost messages; here every reconnect is counted and reported (R3, R4, R10 in
+RELIABILITY.md).
+
+SUBSCRIBE/PSUBSCRIBE are reference counted by the hub: the first local subscriber
+of a channel subscribes upstream and waits for the confirmation; later ones send
+nothing; the last to leave unsubscribes.
+
+Replies to our commands (subscribe confirmations, pongs, errors) come back in
+the order the commands were sent, interleaved with pushed messages, so a FIFO of
+outstanding commands pairs each reply (and each NOPERM) with its command.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import anyio.abc
+import redis.exceptions as rex
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+
+from . import signals
+from ._codec import Codec
+from ._config import LivePolicy
+from ._connection import translate
+from ._envelope import Envelope
+from ._hub import Gap, Hub, Receiver
+from ._keys import channel_topic
+from .errors import (
+    AuthenticationFailed,
+    PayloadError,
+    PermissionDenied,
+    RedisUnavailable,
+)
+from .signals import emit
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["LiveConnection", "pattern_route"]
+
+logger = logging.getLogger("eventbus")
+
+_YIELD_EVERY: Final = 64  # frames handled before letting subscribers run
+_PATTERN_MARK: Final = b"\x00"
+
+
+def pattern_route(pattern: bytes) -> bytes:
+    """Hub key of a pattern route (channels are keyed by their own bytes)."""
+    return _PATTERN_MARK + pattern
+
+
+class _Route:
+    """Desired upstream subscription and its confirmation state."""
+
+    __slots__ = ("confirmed", "error", "kind", "name")
+
+    def __init__(self, kind: bytes, name: bytes) -> None:
+        self.kind = kind  # b"SUBSCRIBE" or b"PSUBSCRIBE"
+        self.name = name
+        self.confirmed = anyio.Event()
+        self.error: BaseException | None = None
+
+
+class LiveConnection:
+    """The supervisor of the bus's single pub/sub connection."""
+
+    def __init__(
+        self,
+        *,
+        pool: ConnectionPool,
+        hub: Hub,
+        codec: Codec,
+        prefix: str,
+        policy: LivePolicy,
+        sender: object,
+    ) -> None:
+        self._pool = pool
+        self._hub = hub
+        self._codec = codec
+        self._prefix = prefix
+        self._policy = policy
+        self._sender = sender
+        self._routes: dict[bytes, _Route] = {}
+        self._conn: AbstractConnection | None = None
+        self._outstanding: deque[tuple[bytes, bytes, Any]] = deque()
+        self._topics: dict[bytes, str] = {}
+        self._last_frame: tuple[bytes, bytes, Envelope, set[bytes]] | None = None
+        self._fatal: BaseException | None = None
+        self._lost: BaseException | None = None
+        self.reconnects = 0
+        self.decode_errors = 0
+        self.client_id: int | None = None
+
+    # -- subscription management ----------------------------------------------
+
+    async def attach(self, route: bytes, kind: bytes, name: bytes, receiver: Receiver) -> None:
+        """Attach ``receiver`` to ``route``; subscribe upstream if it is the first.
+
+        Returns once the server confirmed the subscription.
+
+        :raises eventbus.errors.PermissionDenied: the ACL refuses the channel.
+        :raises eventbus.errors.RedisUnavailable: no confirmation within ``connect_timeout``.
+        """
+        if self._fatal is not None:
+            raise self._fatal
+        first = self._hub.add(route, receiver)
+        state = self._routes.get(route)
+        if first or state is None:
+            state = self._routes[route] = _Route(kind, name)
+            self._send_subscribe(route, state)
+        try:
+            with anyio.fail_after(self._policy.connect_timeout):
+                await state.confirmed.wait()
+        except TimeoutError:
+            self._detach_sync(route, receiver)
+            raise RedisUnavailable(
+                f"no confirmation of {kind.decode()} {name.decode(errors='replace')!r} "
+                f"within {self._policy.connect_timeout}s"
+            ) from None
+        except BaseException:
+            self._detach_sync(route, receiver)
+            raise
+        if state.error is not None:
+            self._detach_sync(route, receiver)
+            raise state.error
+
+    def detach(self, route: bytes, receiver: Receiver) -> None:
+        """Detach ``receiver``; unsubscribe upstream when it was the last one."""
+        self._detach_sync(route, receiver)
+
+    def _detach_sync(self, route: bytes, receiver: Receiver) -> None:
+        if not self._hub.remove(route, receiver):
+            return
+        state = self._routes.pop(route, None)
+        if state is None or state.error is not None:
+            return
+        unsub = b"UNSUBSCRIBE" if state.kind == b"SUBSCRIBE" else b"PUNSUBSCRIBE"
+        self._send(unsub, state.name, None)
+
+    def _send_subscribe(self, route: bytes, state: _Route) -> None:
+        self._send(state.kind, state.name, (route, state))
+
+    def _send(self, command: bytes, name: bytes | None, token: Any) -> bool:
+        conn = self._conn
+        if conn is None or not conn.is_connected:
+            return False  # the supervisor (re)subscribes every route when it connects
+        args = (command,) if name is None else (command, name)
+        # Append before writing: the write happens synchronously inside
+        # send_packed_command before its first await, so FIFO order = wire order.
+        self._outstanding.append((command, name or b"", token))
+        packed = conn.pack_command(*args)
+        conn._writer.writelines(packed)  # type: ignore[union-attr]
+        return True
+
+    # -- the supervisor ---------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Connect and serve until cancelled. ``started()`` once every route is confirmed.
+
+        Before the first successful start, errors propagate (the bus fails to
+        open); afterwards they are retried with capped, jittered backoff, except
+        authentication and ACL errors, which close every live subscription.
+        """
+        started = False
+        failures = 0
+        down_since: float | None = None
+        while True:
+            conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
+            error: BaseException | None = None
+            self._lost = None
+            try:
+                await self._open(conn)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._guard, tg, self._read_loop, conn)
+                    try:
+                        await self._resubscribe_all()
+                    except TimeoutError as exc:
+                        self._lost = exc
+                        tg.cancel_scope.cancel()
+                    else:
+                        tg.start_soon(self._guard, tg, self._ping_loop, conn)
+                        if started:
+                            self._on_reconnected(down_since)
+                        else:
+                            started = True
+                            task_status.started()
+                        failures = 0
+                        down_since = None
+                error = self._lost
+            except (rex.RedisError, OSError, TimeoutError) as exc:
+                error = exc
+            finally:
+                self._conn = None
+                self._last_frame = None
+                with anyio.CancelScope(shield=True):
+                    await conn.disconnect()
+            if error is None:  # pragma: no cover - the loops only end by raising
+                continue
+            mapped = translate(error)
+            if not started:
+                raise mapped from error
+            if isinstance(mapped, AuthenticationFailed | PermissionDenied):
+                self._fail_all(mapped)
+                logger.error("live push connection failed for good: %s", mapped)
+                return
+            failures += 1
+            if down_since is None:
+                down_since = time.monotonic()
+            delay = min(
+                self._policy.reconnect_backoff_max,
+                self._policy.reconnect_backoff * 2 ** (failures - 1),
+            )
+            delay *= 0.5 + random.random() / 2
+            logger.warning(
+                "live push connection lost (%s); reconnecting in %.2fs (attempt %d)",
+                mapped,
+                delay,
+                failures,
+            )
+            await anyio.sleep(delay)
+
+    async def _open(self, conn: AbstractConnection) -> None:
+        with anyio.fail_after(self._policy.connect_timeout):
+            await conn.connect()  # type: ignore[no-untyped-call]
+            # CLIENT ID before subscribing: the connection answers normally only now.
+            await conn.send_command("CLIENT", "ID")
+            self.client_id = int(await conn.read_response())
+        self._outstanding.clear()
+        self._conn = conn
+
+    async def _guard(self, tg: anyio.abc.TaskGroup, loop: Callable[..., Any], conn: Any) -> None:
+        try:
+            await loop(conn)
+        except (rex.RedisError, OSError, TimeoutError) as exc:
+            # Any read or parse failure is fatal for this socket (R10): record it
+            # and end this connection's task group; the supervisor starts afresh.
+            if self._lost is None:
+                self._lost = exc
+            tg.cancel_scope.cancel()
+
+    async def _resubscribe_all(self) -> None:
+        pending = list(self._routes.items())
+        for route, state in pending:
+            self._send_subscribe(route, state)
+        with anyio.fail_after(self._policy.connect_timeout):
+            for _route, state in pending:
+                await state.confirmed.wait()
+
+    def _on_reconnected(self, down_since: float | None) -> None:
+        self.reconnects += 1
+        downtime = 0.0 if down_since is None else time.monotonic() - down_since
+        for route in self._routes:
+            for receiver in self._hub.routes.get(route, ()):
+                receiver.reconnects += 1
+        logger.warning(
+            "live push connection re-established after %.2fs; messages published "
+            "meanwhile are lost (gaps are reported per publisher)",
+            downtime,
+        )
+        if signals.reconnected.receivers:
+            emit(signals.reconnected, self._sender, reconnects=self.reconnects, downtime=downtime)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fatal = error
+        for route in list(self._routes):
+            for receiver in self._hub.routes.get(route, ()):
+                receiver.close(error)
+
+    async def _ping_loop(self, conn: AbstractConnection) -> None:
+        interval = self._policy.ping_interval
+        timeout = self._policy.ping_timeout
+        while True:
+            await anyio.sleep(interval)
+            pong = anyio.Event()
+            if not self._send(b"PING", None, pong):
+                raise rex.ConnectionError("push connection closed")
+            with anyio.move_on_after(timeout) as scope:
+                await pong.wait()
+            if scope.cancelled_caught:
+                raise rex.TimeoutError(f"no PONG on the push connection within {timeout}s")
+
+    async def _read_loop(self, conn: AbstractConnection) -> None:
+        read = conn.read_response
+        handle = self._handle_frame
+        count = 0
+        while True:
+            try:
+                frame = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
+            except rex.ResponseError as exc:
+                self._on_error_reply(exc)
+                continue
+            blocked = handle(frame)
+            if blocked is not None:
+                await blocked
+            count += 1
+            if count >= _YIELD_EVERY:
+                count = 0
+                await anyio.lowlevel.checkpoint()
+
+    # -- frames -------------------------------------------------------------------
+
+    def _handle_frame(self, frame: Any) -> Any:
+        """Handle one frame; return an awaitable only if a ``block`` subscriber is full."""
+        if isinstance(frame, list):
+            kind = frame[0]
+            if kind == b"message":
+                return self._dispatch(frame[1], frame[1], frame[2])
+            if kind == b"pmessage":
+                return self._dispatch(_PATTERN_MARK + frame[1], frame[2], frame[3])
+            if kind == b"pong":
+                self._on_reply(b"PING", b"")
+                return None
+            if kind in (b"subscribe", b"psubscribe", b"unsubscribe", b"punsubscribe"):
+                self._on_reply(kind.upper(), frame[1])
+                return None
+            return None
+        if frame == b"PONG" or frame == "PONG":
+            self._on_reply(b"PING", b"")
+        return None
+
+    def _on_reply(self, command: bytes, name: bytes) -> None:
+        if not self._outstanding:
+            return
+        sent, _sent_name, token = self._outstanding.popleft()
+        if token is None:
+            return
+        if sent == b"PING":
+            token.set()
+            return
+        route: bytes = token[0]
+        route_state: _Route = token[1]
+        if self._routes.get(route) is route_state:
+            route_state.confirmed.set()
+
+    def _on_error_reply(self, exc: rex.ResponseError) -> None:
+        if not self._outstanding:
+            logger.error("unexpected error on the push connection: %s", exc)
+            return
+        sent, name, token = self._outstanding.popleft()
+        command = sent.decode()
+        channel = name.decode(errors="replace") or None
+        mapped = translate(exc, command=command, channel=channel)
+        if token is None or sent == b"PING":
+            logger.error("%s on the push connection failed: %s", command, mapped)
+            return
+        route: bytes = token[0]
+        route_state: _Route = token[1]
+        route_state.error = mapped
+        route_state.confirmed.set()
+        if self._routes.get(route) is route_state:
+            # Refused for good: wake and close every receiver waiting on it.
+            del self._routes[route]
+            for receiver in self._hub.routes.pop(route, ()):
+                receiver.close(mapped)
+
+    def _topic_of(self, channel: bytes) -> str:
+        topic = self._topics.get(channel)
+        if topic is None:
+            text = channel.decode("utf-8", errors="replace")
+            topic = channel_topic(self._prefix, text) or text
+            if len(self._topics) < 100_000:
+                self._topics[channel] = topic
+        return topic
+
+    def _dispatch(self, route: bytes, channel: bytes, raw: bytes) -> Any:
+        receivers = self._hub.routes.get(route)
+        if not receivers:
+            return None
+        # One publish reaches us once per matching subscription (channel, then each
+        # pattern), consecutively. Reuse the decoded envelope for those copies: the
+        # payload is decoded once, and a subscriber on several routes sees the same
+        # object and skips the repeat.
+        last = self._last_frame
+        if last is not None and last[0] == channel and last[1] == raw and route not in last[3]:
+            env = last[2]
+            last[3].add(route)
+        else:
+            topic = self._topic_of(channel)
+            try:
+                env = self._codec.decode(topic, raw)
+            except PayloadError as exc:
+                self.decode_errors += 1
+                for receiver in receivers:
+                    receiver.errors += 1
+                logger.warning("dropped an undecodable live message: %s", exc)
+                if signals.failed.receivers:
+                    emit(
+                        signals.failed,
+                        self._sender,
+                        topic=topic,
+                        event_id=exc.event_id,
+                        subscription=None,
+                        error=exc,
+                    )
+                return None
+            self._last_frame = (channel, raw, env, {route})
+        if env.seq:
+            verdict = self._hub.track(route, env)
+            if verdict is False:
+                return None  # a repeat of an event already delivered (a retried PUBLISH)
+            if verdict is not None:
+                self._report_gap(receivers, verdict)  # type: ignore[arg-type]
+        blocked = self._hub.deliver(receivers, env)
+        if blocked is None:
+            return None
+        return self._hub.deliver_all(tuple(blocked), env)
+
+    def _report_gap(self, receivers: tuple[Receiver, ...], gap: Gap) -> None:
+        for receiver in receivers:
+            receiver.gaps += 1
+            receiver.missed += gap.size
+        if signals.gap.receivers:
+            for receiver in receivers:
+                emit(signals.gap, self._sender, topic=gap.topic, subscription=receiver, gap=gap)

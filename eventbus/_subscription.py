@@ -1,0 +1,175 @@
+"""The async-iterator subscription handed out by ``bus.subscribe``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
+
+from ._envelope import Delivery
+from ._handlers import report_failure
+from ._hub import Receiver, SubscriptionStatistics
+from .errors import BusStateError, DecodeError
+
+if TYPE_CHECKING:
+    from ._codec import Codec
+
+__all__ = ["Subscription"]
+
+T = TypeVar("T")
+
+_TOKEN = object()
+
+
+@final
+class Subscription(Generic[T]):
+    """A live subscription: an async iterator of events with its own bounded buffer.
+
+    Created by :meth:`EventBus.subscribe`; use it as an async context manager. The
+    subscription is confirmed by Redis when ``async with`` returns, so an event
+    published after that point reaches it (at most once: live topics do not
+    replay what was published before, or while the push connection was down).
+
+    Iterating yields payloads structured to the topic's type. Events that do not
+    fit the type are counted in ``statistics().errors`` and skipped.
+
+    Cancellation: cancelling a pending ``__anext__`` loses nothing; the next call
+    returns the event that would have been returned. Leaving the ``async with``
+    block discards what is still buffered. When the bus closes, iteration ends
+    after the buffered events.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_attach",
+        "_codec",
+        "_detach",
+        "_label",
+        "_receiver",
+        "_sender",
+        "_state",
+        "_type",
+    )
+
+    def __init__(
+        self,
+        token: object,
+        *,
+        receiver: Receiver,
+        payload_type: Any,
+        codec: Codec,
+        attach: Callable[[Receiver], Awaitable[None]],
+        detach: Callable[[Receiver], None],
+        sender: object,
+    ) -> None:
+        if token is not _TOKEN:
+            raise TypeError("Subscription has no public constructor: use bus.subscribe()")
+        self._receiver = receiver
+        self._type = payload_type
+        self._codec = codec
+        self._attach = attach
+        self._detach = detach
+        self._sender = sender
+        self._label = receiver.label
+        self._state = "new"
+
+    @classmethod
+    def _create(cls, **kwargs: Any) -> Subscription[Any]:
+        return cls(_TOKEN, **kwargs)
+
+    async def __aenter__(self) -> Subscription[T]:
+        if self._state != "new":
+            raise BusStateError(f"subscription of {self._label!r} was already entered")
+        self._state = "opening"
+        try:
+            await self._attach(self._receiver)
+        except BaseException:
+            self._state = "closed"
+            raise
+        self._state = "open"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Unsubscribe and discard what is buffered. Idempotent."""
+        if self._state == "closed":
+            return
+        was_open = self._state == "open"
+        self._state = "closed"
+        self._receiver.close(discard=True)
+        if was_open:
+            self._detach(self._receiver)
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", "closed") == "open":
+            warnings.warn(
+                f"subscription of {self._label!r} was never closed: use `async with`",
+                ResourceWarning,
+                source=self,
+                stacklevel=1,
+            )
+
+    def _check(self) -> None:
+        if self._state == "new":
+            raise BusStateError(
+                "enter the subscription first: `async with bus.subscribe(...) as sub`"
+            )
+
+    def __aiter__(self) -> Subscription[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        payload, _env = await self._next()
+        return payload  # type: ignore[no-any-return]
+
+    async def _next(self) -> tuple[Any, Any]:
+        self._check()
+        receiver = self._receiver
+        while True:
+            env = await receiver.get()
+            try:
+                return self._codec.structure(env, self._type), env
+            except DecodeError as exc:
+                report_failure(self._sender, receiver, "subscription", env.topic, env.id, exc)
+
+    async def receive(self) -> T:
+        """The next event.
+
+        :raises StopAsyncIteration: the subscription or the bus was closed.
+        :raises eventbus.errors.SubscriberOverflow: ``overflow="error"`` and the buffer overflowed.
+        """
+        return await self.__anext__()
+
+    async def receive_delivery(self) -> tuple[T, Delivery]:
+        """The next event with its :class:`Delivery` (id, topic, headers, published_at)."""
+        payload, env = await self._next()
+        return payload, env.delivery()
+
+    async def deliveries(self) -> AsyncIterator[tuple[T, Delivery]]:
+        """Iterate ``(event, delivery)`` pairs instead of bare events."""
+        while True:
+            try:
+                yield await self.receive_delivery()
+            except StopAsyncIteration:
+                return
+
+    def statistics(self) -> SubscriptionStatistics:
+        """A frozen snapshot of this subscription's counters."""
+        return self._receiver.statistics()
+
+    @property
+    def topic(self) -> str:
+        return self._label
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self._label!r} {self._state}>"

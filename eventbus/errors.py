@@ -1,0 +1,187 @@
+"""Every error eventbus raises on purpose.
+
+The tree::
+
+    EventBusError
+    ├── ConfigurationError (also ValueError)     misuse found before any I/O
+    │   └── InvalidTopic                         a topic name or pattern outside the allow-list
+    ├── PayloadError (also ValueError)
+    │   ├── PayloadTooLarge                      an encoded event over ``Limits.max_payload_bytes``
+    │   ├── EncodeError                          an event the converter cannot unstructure
+    │   └── DecodeError                          bytes that are not an event of the expected type
+    ├── BusStateError (also RuntimeError)        publish on a closed bus, entering a bus twice, ...
+    ├── SubscriberOverflow                       an ``overflow="error"`` subscriber fell behind
+    └── BackendError                             Redis said no, or could not be reached
+        ├── RedisUnavailable                     connection refused, reset or timed out
+        │   └── TLSError                         the TLS handshake or certificate check failed
+        ├── AuthenticationFailed                 wrong password, disabled user
+        └── PermissionDenied                     an ACL NOPERM: names the command, key or channel
+
+Errors carry their context as attributes (``topic``, ``event_id``, ...) and build
+their message from it, so a log line names what failed. Foreign errors (redis-py,
+ssl) are translated in one place, ``eventbus._connection.map_exceptions``, and are
+kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationFailed",
+    "BackendError",
+    "BusStateError",
+    "ConfigurationError",
+    "DecodeError",
+    "EncodeError",
+    "EventBusError",
+    "InvalidTopic",
+    "PayloadError",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "RedisUnavailable",
+    "SubscriberOverflow",
+    "TLSError",
+]
+
+
+class EventBusError(Exception):
+    """Root of every error eventbus raises on purpose."""
+
+
+class ConfigurationError(EventBusError, ValueError):
+    """The bus, a topic or a subscription was configured wrongly. Raised before any I/O."""
+
+
+class InvalidTopic(ConfigurationError):
+    """A topic name or pattern is not allowed.
+
+    :ivar name: the rejected name (``repr``-escaped in the message, so control
+        characters cannot forge log lines).
+    :ivar reason: why it was rejected.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        super().__init__(f"invalid topic {shown!r}: {reason}")
+
+
+class PayloadError(EventBusError, ValueError):
+    """An event could not be encoded, decoded, or is too large.
+
+    :ivar topic: the topic name.
+    :ivar event_id: the event id, when one is known.
+    """
+
+    def __init__(self, message: str, *, topic: str, event_id: str | None = None) -> None:
+        self.topic = topic
+        self.event_id = event_id
+        where = f"topic {topic!r}" + (f", event {event_id}" if event_id else "")
+        super().__init__(f"{message} ({where})")
+
+
+class PayloadTooLarge(PayloadError):
+    """An encoded event is over the configured limit. Nothing was sent to Redis.
+
+    :ivar size: the encoded size in bytes.
+    :ivar limit: the configured limit in bytes.
+    """
+
+    def __init__(self, *, topic: str, size: int, limit: int, event_id: str | None = None) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"event of {size} bytes is over the limit of {limit} bytes",
+            topic=topic,
+            event_id=event_id,
+        )
+
+
+class EncodeError(PayloadError):
+    """An event could not be turned into its wire form (not JSON-representable)."""
+
+
+class DecodeError(PayloadError):
+    """Bytes received could not be decoded or structured into the expected type.
+
+    :ivar reason: a short machine-readable reason: ``decode_error`` or ``validation_error``.
+    """
+
+    def __init__(
+        self, message: str, *, topic: str, reason: str, event_id: str | None = None
+    ) -> None:
+        self.reason = reason
+        super().__init__(message, topic=topic, event_id=event_id)
+
+
+class BusStateError(EventBusError, RuntimeError):
+    """An operation does not fit the bus's lifecycle state (closed, already started)."""
+
+
+class SubscriberOverflow(EventBusError):
+    """A subscription with ``overflow="error"`` fell behind by more than its buffer.
+
+    Raised from the subscription's iterator; the subscription is closed, and its
+    neighbours are unaffected.
+
+    :ivar topic: the topic (or pattern) of the subscription.
+    :ivar buffer: the buffer size that was exceeded.
+    """
+
+    def __init__(self, *, topic: str, buffer: int) -> None:
+        self.topic = topic
+        self.buffer = buffer
+        super().__init__(f"subscriber of {topic!r} overflowed its buffer of {buffer}")
+
+
+class BackendError(EventBusError):
+    """Redis refused an operation or could not be reached.
+
+    :ivar topic: the topic concerned, when one is.
+    """
+
+    def __init__(self, message: str, *, topic: str | None = None) -> None:
+        self.topic = topic
+        super().__init__(message if topic is None else f"{message} (topic {topic!r})")
+
+
+class RedisUnavailable(BackendError):
+    """The connection to Redis was refused, reset, or timed out."""
+
+
+class TLSError(RedisUnavailable):
+    """The TLS handshake failed: untrusted certificate, name mismatch, or a plaintext peer."""
+
+
+class AuthenticationFailed(BackendError):
+    """Redis rejected the credentials. Never retried, and never falls back to another user."""
+
+
+class PermissionDenied(BackendError):
+    """A Redis ACL refused a command, key or channel (``NOPERM``).
+
+    :ivar command: the refused command, e.g. ``SUBSCRIBE``.
+    :ivar channel: the channel or pattern refused, for pub/sub commands.
+    :ivar hint: the ACL rule that would allow it.
+    """
+
+    def __init__(
+        self,
+        *,
+        command: str,
+        topic: str | None = None,
+        channel: str | None = None,
+        hint: str | None = None,
+        detail: str = "",
+    ) -> None:
+        self.command = command
+        self.channel = channel
+        self.hint = hint
+        parts = [f"Redis ACL refused {command}"]
+        if channel is not None:
+            parts.append(f"on channel {channel!r}")
+        if detail:
+            parts.append(f"({detail})")
+        if hint:
+            parts.append(f"; grant it with {hint!r}")
+        super().__init__(" ".join(parts), topic=topic)
