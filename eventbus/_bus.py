@@ -417,7 +417,7 @@ class EventBus:
                 signals.overflowed,
                 self,
                 topic=receiver.label,
-                subscription=receiver,
+                subscription=receiver.owner,
                 policy=receiver.overflow,
                 dropped=receiver.dropped,
             )
@@ -485,7 +485,7 @@ class EventBus:
             self._open_receivers.discard(r)
             self._detach(topics, r)
 
-        return Subscription._create(
+        subscription: Subscription[T] = Subscription._create(
             receiver=receiver,
             payload_type=topics[0].type,
             codec=self._codec,
@@ -493,6 +493,8 @@ class EventBus:
             detach=detach,
             sender=self,
         )
+        receiver.owner = subscription
+        return subscription
 
     def on(
         self,
@@ -551,6 +553,7 @@ class EventBus:
     async def _start_handler(self, reg: _HandlerRegistration) -> None:
         assert self._tg is not None
         receiver = self._receiver(reg.topics, reg.buffer, reg.overflow)
+        receiver.owner = reg.spec.fn
         await self._attach(reg.topics, receiver)
         reg.receiver = receiver
         scope = reg.scope = anyio.CancelScope()

@@ -107,7 +107,7 @@ def report_failure(
             sender,
             topic=topic,
             event_id=event_id,
-            subscription=receiver,
+            subscription=receiver.owner,
             error=error,
         )
 
@@ -147,4 +147,6 @@ async def run_handler(receiver: Receiver, spec: HandlerSpec, codec: Codec, sende
             report_failure(sender, receiver, spec.name, env.topic, env.id, exc)
         else:
             if delivered.receivers:
-                emit(delivered, sender, topic=env.topic, event_id=env.id, subscription=receiver)
+                emit(
+                    delivered, sender, topic=env.topic, event_id=env.id, subscription=receiver.owner
+                )

@@ -119,6 +119,7 @@ class Receiver:
         "multi_route",
         "on_overflow",
         "overflow",
+        "owner",
         "received",
         "reconnects",
     )
@@ -137,6 +138,7 @@ class Receiver:
         self.overflow = overflow
         self.multi_route = multi_route
         self.on_overflow = on_overflow
+        self.owner: object = None  # the Subscription or handler function, for signals
         self._buf: deque[Envelope] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._space_waiter: asyncio.Future[None] | None = None

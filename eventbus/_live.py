@@ -220,6 +220,8 @@ class LiveConnection:
             failures += 1
             if down_since is None:
                 down_since = time.monotonic()
+                if signals.disconnected.receivers:
+                    emit(signals.disconnected, self._sender, error=mapped)
             delay = min(
                 self._policy.reconnect_backoff_max,
                 self._policy.reconnect_backoff * 2 ** (failures - 1),
@@ -425,4 +427,6 @@ class LiveConnection:
             receiver.missed += gap.size
         if signals.gap.receivers:
             for receiver in receivers:
-                emit(signals.gap, self._sender, topic=gap.topic, subscription=receiver, gap=gap)
+                emit(
+                    signals.gap, self._sender, topic=gap.topic, subscription=receiver.owner, gap=gap
+                )

@@ -18,7 +18,9 @@ signal             keyword arguments
 ``failed``         ``topic``, ``event_id``, ``subscription``, ``error``
 ``overflowed``     ``topic``, ``subscription``, ``policy``, ``dropped`` (total)
 ``gap``            ``topic``, ``subscription``, ``gap`` (:class:`~eventbus.Gap`)
-``reconnected``    ``reconnects`` (total), ``downtime`` (seconds), ``error``:
+``disconnected``   ``error``: the push connection was found dead (reset, closed,
+                   or no PONG in time); a reconnect follows
+``reconnected``    ``reconnects`` (total), ``downtime`` (seconds):
                    messages published while the push connection was down are
                    lost; every live subscription's ``reconnects`` counter rose
 =================  ==========================================================
@@ -31,7 +33,16 @@ from typing import Any
 
 from blinker import Namespace, Signal
 
-__all__ = ["delivered", "emit", "failed", "gap", "overflowed", "published", "reconnected"]
+__all__ = [
+    "delivered",
+    "disconnected",
+    "emit",
+    "failed",
+    "gap",
+    "overflowed",
+    "published",
+    "reconnected",
+]
 
 logger = logging.getLogger("eventbus")
 
@@ -44,6 +55,7 @@ delivered = _signals.signal("eventbus.delivered", doc="A subscriber was handed a
 failed = _signals.signal("eventbus.failed", doc="A handler raised, or a payload did not decode.")
 overflowed = _signals.signal("eventbus.overflowed", doc="A subscriber's buffer overflowed.")
 gap = _signals.signal("eventbus.gap", doc="A subscriber missed a run of a publisher's events.")
+disconnected = _signals.signal("eventbus.disconnected", doc="The push connection was lost.")
 reconnected = _signals.signal("eventbus.reconnected", doc="The push connection came back.")
 
 
