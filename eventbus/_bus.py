@@ -299,7 +299,9 @@ class EventBus:
             if reg.receiver is not None:
                 reg.receiver.close()  # handlers finish what is buffered, then return
         for receiver in list(self._open_receivers):
-            receiver.close()
+            receiver.close()  # iterators end after what is buffered
+            if isinstance(receiver.owner, Subscription):
+                receiver.owner._closed_by_bus()
         with anyio.move_on_after(self._shutdown_grace) as scope:
             for reg in self._handlers:
                 if reg.scope is not None:

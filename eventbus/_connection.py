@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import ssl
 from collections.abc import Iterator
 from typing import Any, Final
@@ -64,13 +65,31 @@ class _Retry(Retry):
         )
 
 
-def _acl_hint(detail: str, command: str) -> str | None:
+# "this user has no permissions to run the 'client|id' command"
+_REFUSED_COMMAND: Final = re.compile(r"run the '([^']+)' command")
+
+
+def _refused_command(detail: str) -> str | None:
+    match = _REFUSED_COMMAND.search(detail)
+    return match.group(1) if match else None
+
+
+def _acl_hint(detail: str, command: str, channel: str | None) -> str | None:
+    """The ACL rule that grants what ``detail`` (a NOPERM message) refused."""
     if "channels" in detail:
-        return "&<prefix>:*"
+        if channel is None:
+            return "&<prefix>:*"
+        if command.upper() == "PSUBSCRIBE":
+            # Redis matches a PSUBSCRIBE pattern against channel rules literally:
+            # only a rule equal to the pattern (or allchannels) grants it.
+            return f"&{channel}"
+        prefix, sep, _ = channel.partition(":")  # a prefix never contains ":"
+        return f"&{prefix}:*" if sep else f"&{channel}"
     if "keys" in detail:
         return "~<prefix>:*"
-    if "run the" in detail:
-        return f"+{command.lower()}"
+    refused = _refused_command(detail) or command.lower()
+    if "run the" in detail and refused:
+        return f"+{refused}"
     return None
 
 
@@ -80,11 +99,12 @@ def translate(
     """The eventbus error for a redis-py (or ssl) error; ``exc`` itself if unknown."""
     if isinstance(exc, rex.NoPermissionError):
         detail = str(exc)
+        command = command or (_refused_command(detail) or "command").upper()
         return PermissionDenied(
-            command=command or "command",
+            command=command,
             topic=topic,
             channel=channel,
-            hint=_acl_hint(detail, command),
+            hint=_acl_hint(detail, command, channel),
             detail=detail,
         )
     if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):

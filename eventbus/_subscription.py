@@ -110,6 +110,10 @@ class Subscription(Generic[T]):
         if was_open:
             self._detach(self._receiver)
 
+    def _closed_by_bus(self) -> None:
+        # The bus closed the receiver; buffered events can still be read.
+        self._state = "closed"
+
     def __del__(self) -> None:
         if getattr(self, "_state", "closed") == "open":
             warnings.warn(

@@ -360,14 +360,12 @@ async def test_error_policy_ends_only_that_subscription(bus_factory) -> None:
 async def test_iteration_ends_when_bus_closes_after_buffered_events(bus_factory) -> None:
     bus = bus_factory()
     topic = Topic("end", int, local=True)
-    received: list[int] = []
     async with bus:
         sub = bus.subscribe(topic)
         await sub.__aenter__()
         await bus.publish(topic, 1)
         await bus.publish(topic, 2)
-    async for value in sub:
-        received.append(value)
+    received = [value async for value in sub]
     await sub.aclose()
     assert received == [1, 2]
 
@@ -378,8 +376,8 @@ async def test_unclosed_subscription_warns(bus_factory) -> None:
         sub = bus.subscribe(Topic("leak", local=True))
         await sub.__aenter__()
         sub._detach(sub._receiver)  # what the bus does on close, minus aclose()
+        del sub
         with pytest.warns(ResourceWarning, match="never closed"):
-            del sub
             gc.collect()
 
 
