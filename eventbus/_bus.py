@@ -36,10 +36,11 @@ from ._handlers import Handler, inspect_handler, run_handler
 from ._hub import Hub, Receiver
 from ._keys import DEFAULT_PREFIX, live_channel, live_pattern, validate_prefix
 from ._live import LiveConnection, pattern_route
+from ._pipeline import OrderedPublisher
 from ._server import RedisServer
 from ._subscription import Subscription
 from ._topic import Topic, as_topic
-from .errors import BusStateError, ConfigurationError
+from .errors import BusStateError, ConfigurationError, EventBusError
 from .signals import emit
 
 __all__ = ["EventBus", "Receipt"]
@@ -177,6 +178,7 @@ class EventBus:
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._client: Any = None
+        self._publisher: OrderedPublisher | None = None
         self._live: LiveConnection | None = None
         self._live_lock = anyio.Lock()
         self._live_scope: anyio.CancelScope | None = None
@@ -252,6 +254,7 @@ class EventBus:
                 self._url = self._server.url
             factory = ClientFactory(self._url, **self._client_options)
             self._client = factory.command_client()
+            self._publisher = OrderedPublisher(self._client)
             with map_exceptions(command="PING"):
                 await self._client.ping()  # fail fast: auth, TLS, reachability
             async with anyio.create_task_group() as tg:
@@ -264,21 +267,26 @@ class EventBus:
                     policy=self._live_policy,
                     sender=self,
                 )
-                # One by one, so a refused subscription raises as itself, not
-                # wrapped in an ExceptionGroup; each waits for its confirmation.
-                for reg in list(self._handlers):
-                    await self._start_handler(reg)
-                self._state = BusState.OPEN
+                # Errors raised in this task (startup refusals, the user's own
+                # exception from the body) are re-raised below, outside the task
+                # group, so they arrive as themselves, not in an ExceptionGroup.
                 try:
-                    yield
+                    # One by one: each waits for its confirmation.
+                    for reg in list(self._handlers):
+                        await self._start_handler(reg)
                 except BaseException as exc:
-                    # Re-raised below, outside the task group, so the user's own
-                    # exception is not wrapped in an ExceptionGroup.
                     body_error = exc
-                finally:
-                    self._state = BusState.CLOSING
-                    with anyio.CancelScope(shield=True):
-                        await self._drain(tg)
+                    tg.cancel_scope.cancel()
+                else:
+                    self._state = BusState.OPEN
+                    try:
+                        yield
+                    except BaseException as exc:
+                        body_error = exc
+                    finally:
+                        self._state = BusState.CLOSING
+                        with anyio.CancelScope(shield=True):
+                            await self._drain(tg)
             if body_error is not None:
                 raise body_error
         finally:
@@ -343,7 +351,9 @@ class EventBus:
         if topic.local:
             if topic.pattern:
                 if topic.name not in self._local_patterns:
-                    self._local_patterns[topic.name] = re.compile(fnmatch.translate(topic.name))
+                    # Redis globs negate a class with [^...], fnmatch with [!...].
+                    glob = topic.name.replace("[^", "[!")
+                    self._local_patterns[topic.name] = re.compile(fnmatch.translate(glob))
                 return [(("local-pattern", topic.name), None, None)]
             return [(("local", topic.name), None, None)]
         if topic.pattern:
@@ -535,7 +545,7 @@ class EventBus:
             reg = _HandlerRegistration(spec=spec, topics=topics, buffer=buffer, overflow=overflow)
             self._handlers.append(reg)
             if self._state is BusState.OPEN and self._tg is not None:
-                self._tg.start_soon(self._start_handler, reg)
+                self._tg.start_soon(self._start_handler_later, reg)
             elif self._state in (BusState.CLOSING, BusState.CLOSED):
                 raise BusStateError("cannot add a handler to a closed EventBus")
             return fn
@@ -551,6 +561,24 @@ class EventBus:
             if receiver is not None:
                 receiver.close(discard=True)
                 self._detach(reg.topics, receiver)
+
+    async def _start_handler_later(self, reg: _HandlerRegistration) -> None:
+        """Start a handler declared on an open bus; its failure is its own, not the bus's."""
+        try:
+            await self._start_handler(reg)
+        except EventBusError as exc:
+            if reg in self._handlers:
+                self._handlers.remove(reg)
+            logger.error("handler %s could not subscribe: %s", reg.spec.name, exc)
+            if signals.failed.receivers:
+                emit(
+                    signals.failed,
+                    self,
+                    topic=reg.topics[0].name,
+                    event_id=None,
+                    subscription=reg.spec.fn,
+                    error=exc,
+                )
 
     async def _start_handler(self, reg: _HandlerRegistration) -> None:
         assert self._tg is not None
@@ -618,10 +646,11 @@ class EventBus:
         raw, ms = self._codec.encode(
             t.name, event, event_id=event_id, publisher=self._publisher_id, seq=seq, headers=hdrs
         )
+        # Taken (synchronously) in the order the ordered publisher will send them.
         self._seq[t.name] = seq
+        assert self._publisher is not None
         channel = live_channel(self._prefix, t.name)
-        with map_exceptions(topic=t.name, command="PUBLISH", channel=channel):
-            reached = await self._client.publish(channel, raw)
+        reached = await self._publisher.publish(t.name, channel, raw)
         if signals.published.receivers:
             emit(signals.published, self, topic=t.name, event_id=event_id)
         return Receipt(

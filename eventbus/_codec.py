@@ -37,6 +37,7 @@ def configure_converter(converter: cattrs.Converter) -> None:
       sets as lists, enums by value, mapping keys as strings);
     * ``bytes`` fields as standard base64 strings (base85 in the plain preconf,
       which few non-Python clients decode);
+    * integers must fit in 64 bits (orjson; most JSON readers use doubles or int64);
     * structuring errors carry the path of the failing field
       (``detailed_validation``), reported as ``$.amount: ...``.
     """
@@ -152,7 +153,9 @@ class Codec:
             return Envelope.bare(topic, raw, CONTENT_BYTES)
         if type(doc) is dict and doc.get("eventbus") == WIRE_VERSION:
             return self._from_doc(topic, doc)
-        return Envelope.bare(topic, doc, CONTENT_JSON)
+        env = Envelope.bare(topic, doc, CONTENT_JSON)
+        env.cache[bytes] = raw  # a bytes subscriber gets exactly what was published
+        return env
 
     def _from_doc(self, topic: str, doc: dict[str, Any]) -> Envelope:
         event_id = doc.get("id")

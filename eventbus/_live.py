@@ -99,6 +99,8 @@ class LiveConnection:
         self._last_frame: tuple[bytes, bytes, Envelope, set[bytes]] | None = None
         self._fatal: BaseException | None = None
         self._lost: BaseException | None = None
+        self._frames = 0
+        self._reader_blocked = False
         self.reconnects = 0
         self.decode_errors = 0
         self.client_id: int | None = None
@@ -290,10 +292,15 @@ class LiveConnection:
             pong = anyio.Event()
             if not self._send(b"PING", None, pong):
                 raise rex.ConnectionError("push connection closed")
-            with anyio.move_on_after(timeout) as scope:
-                await pong.wait()
-            if scope.cancelled_caught:
-                raise rex.TimeoutError(f"no PONG on the push connection within {timeout}s")
+            # The PONG queues behind the frames sent before it. A reader that is
+            # making progress (or waiting on a full "block" subscriber) is alive;
+            # only silence with an idle reader means a dead peer.
+            while not pong.is_set():
+                progress = self._frames
+                with anyio.move_on_after(timeout):
+                    await pong.wait()
+                if not pong.is_set() and self._frames == progress and not self._reader_blocked:
+                    raise rex.TimeoutError(f"no PONG on the push connection within {timeout}s")
 
     async def _read_loop(self, conn: AbstractConnection) -> None:
         read = conn.read_response
@@ -305,9 +312,14 @@ class LiveConnection:
             except rex.ResponseError as exc:
                 self._on_error_reply(exc)
                 continue
+            self._frames += 1
             blocked = handle(frame)
             if blocked is not None:
-                await blocked
+                self._reader_blocked = True
+                try:
+                    await blocked
+                finally:
+                    self._reader_blocked = False
             count += 1
             if count >= _YIELD_EVERY:
                 count = 0
