@@ -450,3 +450,16 @@ async def test_handler_logs_are_rate_limited(bus_factory, caplog) -> None:
         await wait_until(lambda: bus.handler_statistics(boom)[0].errors == 250)
     records = [r for r in caplog.records if "boom" in r.getMessage()]
     assert len(records) == 3  # the 1st, the 100th, the 200th
+
+
+async def test_concurrent_publishes_arrive_in_order_without_false_gaps(bus_factory) -> None:
+    bus = bus_factory()
+    async with bus, bus.subscribe("burst", buffer=2000) as sub:
+        async with anyio.create_task_group() as tg:
+            for n in range(1000):
+                tg.start_soon(bus.publish, "burst", n)
+        with anyio.fail_after(10):
+            seqs = [(await sub.receive_delivery())[1].seq for _ in range(1000)]
+        stats = sub.statistics()
+    assert seqs == list(range(1, 1001))
+    assert (stats.gaps, stats.missed, stats.dropped) == (0, 0, 0)

@@ -197,3 +197,20 @@ async def test_f10b_half_open_connection_is_detected_by_ping(redis_server_factor
 
             await wait_until(one_pubsub_client, timeout=5)
             print(f"F10b detection_s={detection:.2f}")
+
+
+async def test_block_subscriber_does_not_trip_the_keepalive(bus_factory) -> None:
+    # A PONG queued behind frames a full block-policy subscriber is holding up
+    # is not a dead connection: no reconnect, nothing lost.
+    live = LivePolicy(ping_interval=0.2, ping_timeout=0.2, reconnect_backoff=0.05)
+    bus = bus_factory(live=live)
+    async with bus, bus.subscribe("held", buffer=5, overflow="block") as sub:
+        for n in range(200):
+            await bus.publish("held", n)
+        got = []
+        with anyio.fail_after(20):
+            for _ in range(200):
+                got.append(await sub.receive())
+                await anyio.sleep(0.005)  # a slow consumer: ~1 s behind in total
+    assert got == list(range(200))
+    assert bus.reconnects == 0
