@@ -123,13 +123,16 @@ def test_validation_error_names_the_field_path() -> None:
     assert again.value is info.value
 
 
+_ENVELOPE = b'{"eventbus": 1, "id": "a", "pub": "p", "ts": 1, %b}'
+
+
 @pytest.mark.parametrize(
     "raw",
     [
         b'{"eventbus": 1, "id": "a"}',  # missing fields
-        b'{"eventbus": 1, "id": "a", "pub": "p", "seq": "1", "ts": 1, "ct": "application/json", "data": 1}',
-        b'{"eventbus": 1, "id": "a", "pub": "p", "seq": 1, "ts": 1, "ct": "text/x-pickle", "data": 1}',
-        b'{"eventbus": 1, "id": "a", "pub": "p", "seq": 1, "ts": 1, "ct": "application/octet-stream", "data": "!!"}',
+        _ENVELOPE % b'"seq": "1", "ct": "application/json", "data": 1',  # seq not an int
+        _ENVELOPE % b'"seq": 1, "ct": "text/x-pickle", "data": 1',  # unknown content type
+        _ENVELOPE % b'"seq": 1, "ct": "application/octet-stream", "data": "!!"',  # bad base64
     ],
 )
 def test_malformed_envelopes_raise_decode_error(raw: bytes) -> None:

@@ -106,7 +106,8 @@ async def test_f12_slow_subscriber_drops_only_its_own(redis_server_factory, poli
     assert [int(c["id"]) for c in clients] == [push_id]
     assert omem_max < 1024 * 1024
     print(
-        f"F12 {policy}: slow delivered={stats.delivered} dropped={stats.dropped} fast_p99_ms={p99 * 1000:.1f}"
+        f"F12 {policy}: slow delivered={stats.delivered} dropped={stats.dropped}"
+        f" fast_p99_ms={p99 * 1000:.1f}"
     )
 
 
