@@ -463,3 +463,21 @@ async def test_concurrent_publishes_arrive_in_order_without_false_gaps(bus_facto
         stats = sub.statistics()
     assert seqs == list(range(1, 1001))
     assert (stats.gaps, stats.missed, stats.dropped) == (0, 0, 0)
+
+
+async def test_bytes_subscriber_gets_a_bare_payload_verbatim(bus_factory, redis_url) -> None:
+    bus = bus_factory()
+    async with control_client(redis_url) as ctl, bus, bus.subscribe(Topic("b", bytes)) as sub:
+        await ctl.publish(f"{bus.prefix}:{{b}}", '{"a":  1}')
+        with anyio.fail_after(5):
+            assert await sub.receive() == b'{"a":  1}'
+
+
+async def test_local_pattern_negated_class_follows_redis_globs(bus_factory) -> None:
+    bus = bus_factory()
+    async with bus, bus.subscribe(Topic("j.[^a]", local=True, pattern=True)) as sub:
+        await bus.publish(Topic("j.a", local=True), "a")
+        await bus.publish(Topic("j.b", local=True), "b")
+        with anyio.fail_after(5):
+            assert await sub.receive() == "b"
+        assert sub.statistics().received == 1
