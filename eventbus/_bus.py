@@ -76,8 +76,9 @@ class Receipt:
     published_at: datetime
     """When it was published (UTC, publisher clock)."""
     receivers: int
-    """Live topic: Redis push connections (processes) subscribed at that moment.
-    Local topic: local subscriptions it was offered to."""
+    """Live topic: what Redis's PUBLISH counted, one per matching subscription of
+    each push connection (a process subscribed to the channel and to a matching
+    pattern counts twice). Local topic: local subscriptions it was offered to."""
 
 
 @attrs.define
@@ -255,7 +256,7 @@ class EventBus:
             factory = ClientFactory(self._url, **self._client_options)
             self._client = factory.command_client()
             self._publisher = OrderedPublisher(self._client)
-            with map_exceptions(command="PING"):
+            with map_exceptions(command="PING", tls=factory.tls):
                 await self._client.ping()  # fail fast: auth, TLS, reachability
             async with anyio.create_task_group() as tg:
                 self._tg = tg

@@ -49,6 +49,16 @@ def mask_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def _caused_by_certificate(error: BaseException) -> bool:
+    """A failed certificate check: retrying the handshake cannot change the answer."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 class _Retry(Retry):
     """redis-py's Retry, minus authentication errors (never retried, see RELIABILITY R9)."""
 
@@ -56,7 +66,7 @@ class _Retry(Retry):
         self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False
     ) -> Any:
         def retryable(error: Exception) -> bool:
-            if isinstance(error, _NOT_RETRYABLE):
+            if isinstance(error, _NOT_RETRYABLE) or _caused_by_certificate(error):
                 return False
             return is_retryable(error) if is_retryable is not None else True
 
@@ -93,10 +103,32 @@ def _acl_hint(detail: str, command: str, channel: str | None) -> str | None:
     return None
 
 
+def _dropped_hint(tls: bool | None) -> str:
+    """Why a connection is reset or closed right away, given what we know of the scheme."""
+    if tls is False:
+        return " (does the server expect TLS? use rediss://)"
+    if tls is True:
+        # TLS 1.3: a server that wants a client certificate checks it after the
+        # handshake; its alert can be lost to the reset, leaving only this error.
+        return " (does the server require a client certificate? pass ssl_certfile and ssl_keyfile)"
+    return (
+        " (on connect, this is usually a TLS-only port, which needs rediss://, or a server"
+        " requiring a client certificate, which needs ssl_certfile and ssl_keyfile)"
+    )
+
+
 def translate(
-    exc: BaseException, *, topic: str | None = None, command: str = "", channel: str | None = None
+    exc: BaseException,
+    *,
+    topic: str | None = None,
+    command: str = "",
+    channel: str | None = None,
+    tls: bool | None = None,
 ) -> BaseException:
-    """The eventbus error for a redis-py (or ssl) error; ``exc`` itself if unknown."""
+    """The eventbus error for a redis-py (or ssl) error; ``exc`` itself if unknown.
+
+    ``tls``: whether the connection uses TLS, if the caller knows (it picks the hint
+    added to a reset or closed connection)."""
     if isinstance(exc, rex.NoPermissionError):
         detail = str(exc)
         command = command or (_refused_command(detail) or "command").upper()
@@ -117,7 +149,7 @@ def translate(
             cause = cause.__cause__ or cause.__context__
         text = str(exc)
         if "Connection reset by peer" in text or "Connection closed by server" in text:
-            text += " (does the server expect TLS? use rediss://)"
+            text += _dropped_hint(tls)
         return RedisUnavailable(f"Redis is unavailable: {text}", topic=topic)
     if isinstance(exc, rex.ResponseError):
         return BackendError(f"Redis error: {exc}", topic=topic)
@@ -126,13 +158,17 @@ def translate(
 
 @contextlib.contextmanager
 def map_exceptions(
-    *, topic: str | None = None, command: str = "", channel: str | None = None
+    *,
+    topic: str | None = None,
+    command: str = "",
+    channel: str | None = None,
+    tls: bool | None = None,
 ) -> Iterator[None]:
     """Re-raise redis-py errors as eventbus errors, chained with ``from``."""
     try:
         yield
     except (rex.RedisError, OSError) as exc:
-        mapped = translate(exc, topic=topic, command=command, channel=channel)
+        mapped = translate(exc, topic=topic, command=command, channel=channel, tls=tls)
         if mapped is exc:
             raise
         raise mapped from exc

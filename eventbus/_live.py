@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import anyio.abc
 import redis.exceptions as rex
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection, ConnectionPool, SSLConnection
 
 from . import signals
 from ._codec import Codec
@@ -87,6 +87,7 @@ class LiveConnection:
         sender: object,
     ) -> None:
         self._pool = pool
+        self._tls = issubclass(pool.connection_class, SSLConnection)
         self._hub = hub
         self._codec = codec
         self._prefix = prefix
@@ -212,7 +213,7 @@ class LiveConnection:
                     await conn.disconnect()
             if error is None:  # pragma: no cover - the loops only end by raising
                 continue
-            mapped = translate(error)
+            mapped = translate(error, tls=self._tls)
             if not started:
                 raise mapped from error
             if isinstance(mapped, AuthenticationFailed | PermissionDenied):

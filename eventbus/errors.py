@@ -182,6 +182,7 @@ class PermissionDenied(BackendError):
             parts.append(f"on channel {channel!r}")
         if detail:
             parts.append(f"({detail})")
+        message = " ".join(parts)
         if hint:
-            parts.append(f"; grant it with {hint!r}")
-        super().__init__(" ".join(parts), topic=topic)
+            message += f"; grant it with {hint!r}"
+        super().__init__(message, topic=topic)
