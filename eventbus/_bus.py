@@ -258,6 +258,10 @@ class EventBus:
             self._publisher = OrderedPublisher(self._client)
             with map_exceptions(command="PING", tls=factory.tls):
                 await self._client.ping()  # fail fast: auth, TLS, reachability
+            # Give the preflight connection back: a process that only subscribes
+            # then holds exactly ONE Redis connection (the push connection); the
+            # command connection reopens on the first publish.
+            await self._client.connection_pool.disconnect()
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self._live = LiveConnection(

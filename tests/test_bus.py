@@ -84,9 +84,14 @@ async def test_exit_closes_every_connection(bus_factory, redis_url) -> None:
         before = {c["id"] for c in await ctl.client_list()}
         bus = bus_factory(client_name="closing-check")
         async with bus, bus.subscribe(prices):
+
+            async def mine() -> list[dict[str, str]]:
+                return [c for c in await ctl.client_list() if c["name"] == "closing-check"]
+
+            # Subscribing only: ONE connection, the push connection.
+            assert [c["flags"] for c in await mine()] == ["P"]
             await bus.publish(prices, Tick("A", 1))
-            mine = [c for c in await ctl.client_list() if c["name"] == "closing-check"]
-            assert len(mine) == 2  # the command connection and ONE push connection
+            assert len(await mine()) == 2  # plus the command connection, once publishing
         after = {c["id"] for c in await ctl.client_list()}
         assert after - before == set()
 
