@@ -106,10 +106,11 @@ class Receiver:
         "_closed",
         "_low_water",
         "_space_waiter",
+        "_special",
         "_waiter",
         "_warned_block",
         "capacity",
-        "delivered",
+        "discarded",
         "dropped",
         "errors",
         "gaps",
@@ -147,18 +148,25 @@ class Receiver:
         self._close_error: BaseException | None = None
         self._warned_block = False
         self.last: Envelope | None = None
-        self.received = self.delivered = self.dropped = 0
+        # One flag for the rare cases, so the common offer() tests one attribute.
+        self._special = multi_route
+        self.received = self.dropped = self.discarded = 0
         self.gaps = self.missed = self.reconnects = self.errors = 0
 
     # -- producer side (the dispatcher) ---------------------------------------
 
+    @property
+    def delivered(self) -> int:
+        """Events handed to the consumer (derived: nothing to count per delivery)."""
+        return self.received - self.dropped - self.discarded - len(self._buf)
+
     def offer(self, env: Envelope) -> bool:
         """Buffer ``env``; False only for a full ``block`` subscriber (wait, then retry)."""
-        if self._closed:
-            return True
-        if self.multi_route:
-            # The same publish arrives once per matching channel/pattern
-            # subscription; the dispatcher hands over the same object for each.
+        if self._special:
+            if self._closed:
+                return True
+            # multi-route: the same publish arrives once per matching channel or
+            # pattern subscription; the dispatcher hands over the same object.
             if env is self.last:
                 return True
             self.last = env
@@ -233,21 +241,27 @@ class Receiver:
             finally:
                 self._waiter = None
         env = buf.popleft()
-        self.delivered += 1
+        if self._space_waiter is not None:
+            self.wake_space()
+        return env
+
+    def wake_space(self) -> None:
+        """After taking from the buffer: wake a waiting dispatcher once it is half empty."""
         space = self._space_waiter
-        if space is not None and len(buf) <= self._low_water:
+        if space is not None and len(self._buf) <= self._low_water:
             self._space_waiter = None
             if not space.done():
                 space.set_result(None)
-        return env
 
     def close(self, error: BaseException | None = None, *, discard: bool = False) -> None:
         """Stop accepting events; the consumer drains what is buffered, then stops."""
         if self._closed:
             return
         self._closed = True
+        self._special = True
         self._close_error = error
         if discard:
+            self.discarded += len(self._buf)
             self._buf.clear()
         for name in ("_waiter", "_space_waiter"):
             fut = getattr(self, name)

@@ -56,6 +56,10 @@ _YIELD_EVERY: Final = 64  # frames handled before letting subscribers run
 _PATTERN_MARK: Final = b"\x00"
 
 
+async def _pass_through(frame: Any) -> Any:
+    return frame
+
+
 def pattern_route(pattern: bytes) -> bytes:
     """Hub key of a pattern route (channels are keyed by their own bytes)."""
     return _PATTERN_MARK + pattern
@@ -241,6 +245,9 @@ class LiveConnection:
     async def _open(self, conn: AbstractConnection) -> None:
         with anyio.fail_after(self._policy.connect_timeout):
             await conn.connect()  # type: ignore[no-untyped-call]
+            # redis-py's default RESP3 push handler formats every message for a
+            # debug log (str(frame), even with debug off): pass frames through.
+            conn._parser.set_pubsub_push_handler(_pass_through)  # type: ignore[attr-defined]
             # CLIENT ID before subscribing: the connection answers normally only now.
             await conn.send_command("CLIENT", "ID")
             self.client_id = int(await conn.read_response())

@@ -383,7 +383,8 @@ async def test_s2_rotated_password_closes_the_subscription_with_auth_error(
             async with bus, bus.subscribe(TOPIC) as sub:
                 await admin.execute_command("ACL", "SETUSER", user, "resetpass", ">new")
                 start = time.monotonic()
-                assert await admin.execute_command("CLIENT", "KILL", "USER", user) == 2
+                # A subscribe-only bus holds ONE connection: the push connection.
+                assert await admin.execute_command("CLIENT", "KILL", "USER", user) == 1
                 with pytest.raises(errors.AuthenticationFailed):
                     await sub.receive()
                 elapsed = time.monotonic() - start
