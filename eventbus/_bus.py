@@ -301,7 +301,7 @@ class EventBus:
                     await self._client.aclose()
                     self._client = None
                 if self._live is not None:
-                    await self._live._pool.disconnect()
+                    await self._live.aclose()
                 if self._server is not None:
                     await anyio.to_thread.run_sync(self._server.close)
 

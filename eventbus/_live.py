@@ -171,6 +171,10 @@ class LiveConnection:
         conn._writer.writelines(packed)  # type: ignore[union-attr]
         return True
 
+    async def aclose(self) -> None:
+        """Close every connection of the pool (the supervisor closes its own on exit)."""
+        await self._pool.disconnect()
+
     # -- the supervisor ---------------------------------------------------------
 
     async def run(
