@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 import ssl
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
@@ -31,6 +33,28 @@ logger = logging.getLogger("eventbus")
 # Commands retried by the command client: redis-py's retry covers every
 # ConnectionError, including AuthenticationError (a subclass), which must fail at once.
 _NOT_RETRYABLE: Final = (rex.AuthenticationError, rex.AuthorizationError)
+
+
+def _quiet_connect_options() -> dict[str, Any]:
+    """Options that stop redis-py sending optional commands on every connect.
+
+    redis-py 8 sends ``CLIENT SETINFO`` (twice) and ``CLIENT MAINT_NOTIFICATIONS`` on
+    connect. Each is a round trip, and under a least-privilege ACL each is a
+    refusal in ``ACL LOG`` (Redis 6.2 checks them; 7.0 rejects them as unknown).
+    The bus needs neither.
+    """
+    params = inspect.signature(AbstractConnection.__init__).parameters
+    options: dict[str, Any] = {}
+    if "driver_info" in params:
+        options["driver_info"] = None  # explicit None: no CLIENT SETINFO
+    elif "lib_name" in params:  # redis-py < 8
+        options["lib_name"] = None
+        options["lib_version"] = None
+    if "maint_notifications_config" in params:
+        from redis.maint_notifications import MaintNotificationsConfig
+
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    return options
 
 
 def mask_url(url: str) -> str:
@@ -98,6 +122,8 @@ def _acl_hint(detail: str, command: str, channel: str | None) -> str | None:
     if "keys" in detail:
         return "~<prefix>:*"
     refused = _refused_command(detail) or command.lower()
+    if command.lower().startswith(f"{refused}|"):
+        refused = command.lower()  # Redis < 7 names only the command, not the subcommand
     if "run the" in detail and refused:
         return f"+{refused}"
     return None
@@ -199,6 +225,7 @@ class ClientFactory:
         self.url = url
         self.tls = scheme == "rediss"
         options: dict[str, Any] = {
+            **_quiet_connect_options(),
             "protocol": protocol,
             "socket_connect_timeout": connect_timeout,
             "client_name": client_name,

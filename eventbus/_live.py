@@ -105,6 +105,7 @@ class LiveConnection:
         self._fatal: BaseException | None = None
         self._lost: BaseException | None = None
         self._frames = 0
+        self._step = ""
         self._reader_blocked = False
         self.reconnects = 0
         self.decode_errors = 0
@@ -221,7 +222,8 @@ class LiveConnection:
                     await conn.disconnect()
             if error is None:  # pragma: no cover - the loops only end by raising
                 continue
-            mapped = translate(error, tls=self._tls)
+            mapped = translate(error, tls=self._tls, command=self._step)
+            self._step = ""
             if not started:
                 raise mapped from error
             if isinstance(mapped, AuthenticationFailed | PermissionDenied):
@@ -253,8 +255,10 @@ class LiveConnection:
             # debug log (str(frame), even with debug off): pass frames through.
             conn._parser.set_pubsub_push_handler(_pass_through)  # type: ignore[attr-defined]
             # CLIENT ID before subscribing: the connection answers normally only now.
+            self._step = "CLIENT|ID"  # names the refused rule if the ACL says no
             await conn.send_command("CLIENT", "ID")
             self.client_id = int(await conn.read_response())
+            self._step = ""
         self._outstanding.clear()
         self._conn = conn
 
