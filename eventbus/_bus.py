@@ -9,7 +9,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any, Final, TypeVar, final
 
@@ -29,11 +29,12 @@ from ._config import (
     Limits,
     LivePolicy,
     Overflow,
+    seconds,
 )
 from ._connection import ClientFactory, map_exceptions, mask_url
 from ._envelope import CONTENT_JSON, Envelope
 from ._handlers import Handler, inspect_handler, run_handler
-from ._hub import Hub, Receiver
+from ._hub import Hub, Receiver, SubscriptionStatistics
 from ._keys import DEFAULT_PREFIX, live_channel, live_pattern, validate_prefix
 from ._live import LiveConnection, pattern_route
 from ._pipeline import OrderedPublisher
@@ -88,8 +89,8 @@ class _HandlerRegistration:
     buffer: int
     overflow: Overflow
     receiver: Receiver | None = None
-    scope: anyio.CancelScope | None = None
     done: anyio.Event = attrs.field(factory=anyio.Event)
+    """Set when the handler's task has returned (or was never started)."""
 
 
 def _check_overflow(buffer: int, overflow: str) -> None:
@@ -122,7 +123,7 @@ class EventBus:
     :param limits: size limits, enforced before anything reaches Redis.
     :param live: keepalive and reconnect policy of the push connection.
     :param protocol: RESP protocol, 3 (default; push frames) or 2.
-    :param shutdown_grace: seconds handlers get to drain on exit.
+    :param shutdown_grace: how long handlers get to drain on exit (seconds or ``timedelta``).
     :param client_name: ``CLIENT SETNAME`` for this bus's connections.
     :param ssl_ca_certs: CA bundle for ``rediss://``; verification is always on
         unless ``insecure_skip_verify=True`` (which logs a warning).
@@ -142,7 +143,7 @@ class EventBus:
         limits: Limits = DEFAULT_LIMITS,
         live: LivePolicy = DEFAULT_LIVE_POLICY,
         protocol: int = 3,
-        shutdown_grace: float = 10.0,
+        shutdown_grace: float | timedelta = 10.0,
         client_name: str | None = None,
         ssl_ca_certs: str | None = None,
         ssl_certfile: str | None = None,
@@ -169,7 +170,7 @@ class EventBus:
         if not self._embedded:
             # Validate the URL and TLS options now, before any I/O.
             ClientFactory(url, **self._client_options)
-        self._shutdown_grace = shutdown_grace
+        self._shutdown_grace = seconds(shutdown_grace, name="shutdown_grace")
         self._publisher_id = uuid.uuid4().hex[:16]
         self._seq: dict[str, int] = {}
         self._hub = Hub()
@@ -317,7 +318,7 @@ class EventBus:
                 receiver.owner._closed_by_bus()
         with anyio.move_on_after(self._shutdown_grace) as scope:
             for reg in self._handlers:
-                if reg.scope is not None:
+                if reg.receiver is not None:
                     await reg.done.wait()
         if scope.cancelled_caught:
             logger.warning(
@@ -450,8 +451,6 @@ class EventBus:
                 "all topics of one subscription must carry the same event type, got "
                 + ", ".join(repr(t) for t in topics)
             )
-        if len({t.local for t in topics}) > 1:
-            pass  # mixing local and live topics in one subscription is fine
         return topics
 
     # -- subscribing -------------------------------------------------------------------
@@ -591,19 +590,16 @@ class EventBus:
         receiver.owner = reg.spec.fn
         await self._attach(reg.topics, receiver)
         reg.receiver = receiver
-        scope = reg.scope = anyio.CancelScope()
 
         async def serve() -> None:
-            with scope:
-                try:
-                    await run_handler(receiver, reg.spec, self._codec, self)
-                finally:
-                    reg.scope = None
-                    reg.done.set()
+            try:
+                await run_handler(receiver, reg.spec, self._codec, self)
+            finally:
+                reg.done.set()
 
         self._tg.start_soon(serve)
 
-    def handler_statistics(self, handler: Handler) -> list[Any]:
+    def handler_statistics(self, handler: Handler) -> list[SubscriptionStatistics]:
         """Statistics of each subscription of ``handler`` (see ``SubscriptionStatistics``)."""
         return [
             reg.receiver.statistics()

@@ -70,24 +70,30 @@ class Limits:
 DEFAULT_LIMITS: Final = Limits()
 
 
+def _duration(value: float | timedelta) -> float:
+    return seconds(value, name="duration")
+
+
 @attrs.frozen(kw_only=True)
 class LivePolicy:
     """How the single pub/sub connection is kept alive.
+
+    Durations are seconds, or ``timedelta``.
 
     A pub/sub reader blocked on a read never notices a half-open TCP connection
     (redis-py's health check only runs before a command), so the bus PINGs on the
     push connection itself and reconnects when the PONG is late.
     """
 
-    ping_interval: float = 5.0
+    ping_interval: float = attrs.field(default=5.0, converter=_duration)
     """Seconds between keepalive PINGs on the push connection."""
-    ping_timeout: float = 2.0
+    ping_timeout: float = attrs.field(default=2.0, converter=_duration)
     """Seconds to wait for the PONG before the connection is declared dead."""
-    reconnect_backoff: float = 0.05
+    reconnect_backoff: float = attrs.field(default=0.05, converter=_duration)
     """First reconnect delay in seconds; doubles per failed attempt, with jitter."""
-    reconnect_backoff_max: float = 2.0
+    reconnect_backoff_max: float = attrs.field(default=2.0, converter=_duration)
     """Cap of the reconnect delay in seconds."""
-    connect_timeout: float = 5.0
+    connect_timeout: float = attrs.field(default=5.0, converter=_duration)
     """Seconds allowed for connecting and (re)subscribing before trying again."""
 
 

@@ -364,11 +364,14 @@ class Hub:
     async def deliver_all(self, receivers: tuple[Receiver, ...], env: Envelope) -> None:
         """Deliver, waiting for room in full ``block`` subscribers (backpressure)."""
         blocked = self.deliver(receivers, env)
+        if blocked:
+            await self.redeliver(blocked, env)
+
+    async def redeliver(self, blocked: list[Receiver], env: Envelope) -> None:
+        """Offer ``env`` again to the full ``block`` subscribers, each once it has room."""
         while blocked:
-            pending = blocked
-            blocked = None
+            pending, blocked = blocked, []
             for receiver in pending:
                 await receiver.wait_space()
                 if not receiver.offer(env):
-                    blocked = blocked or []
                     blocked.append(receiver)

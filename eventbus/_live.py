@@ -447,7 +447,7 @@ class LiveConnection:
         blocked = self._hub.deliver(receivers, env)
         if blocked is None:
             return None
-        return self._hub.deliver_all(tuple(blocked), env)
+        return self._hub.redeliver(blocked, env)
 
     def _report_gap(self, receivers: tuple[Receiver, ...], gap: Gap) -> None:
         for receiver in receivers:

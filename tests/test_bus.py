@@ -9,7 +9,7 @@ import anyio
 import attrs
 import pytest
 
-from eventbus import Delivery, EventBus, Limits, Topic, signals
+from eventbus import Delivery, EventBus, Limits, LivePolicy, Topic, signals
 from eventbus.errors import (
     BusStateError,
     ConfigurationError,
@@ -486,3 +486,14 @@ async def test_local_pattern_negated_class_follows_redis_globs(bus_factory) -> N
         with anyio.fail_after(5):
             assert await sub.receive() == "b"
         assert sub.statistics().received == 1
+
+
+def test_durations_accept_seconds_or_timedelta() -> None:
+    from datetime import timedelta
+
+    policy = LivePolicy(ping_interval=timedelta(milliseconds=1500), ping_timeout=0.5)
+    assert (policy.ping_interval, policy.ping_timeout) == (1.5, 0.5)
+    with pytest.raises(ConfigurationError, match="negative"):
+        LivePolicy(connect_timeout=-1)
+    bus = EventBus("redis://127.0.0.1:1/0", shutdown_grace=timedelta(seconds=3))
+    assert bus._shutdown_grace == 3.0
