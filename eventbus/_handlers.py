@@ -23,8 +23,8 @@ logger = logging.getLogger("eventbus")
 
 Handler = Callable[..., Awaitable[Any] | Any]
 
-_LOG_EVERY: Final = 100
-_MISSING: Final = object()  # after the first, one log line per this many handler errors
+_LOG_EVERY: Final = 100  # after the first, one log line per this many handler errors
+_MISSING: Final = object()
 
 
 @attrs.frozen
@@ -141,9 +141,8 @@ async def run_handler(receiver: Receiver, spec: HandlerSpec, codec: Codec, sende
                 env = await get()
             except StopAsyncIteration:
                 return
-            except (
-                Exception
-            ) as exc:  # an "error"-policy overflow, or the push connection failed for good
+            except Exception as exc:
+                # An "error"-policy overflow, or the push connection failed for good.
                 logger.error("subscriber %s stopped: %s", spec.name, exc)
                 return
         try:
