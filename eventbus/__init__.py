@@ -11,25 +11,36 @@ import contextlib
 from . import errors, signals
 from ._bus import EventBus, Receipt
 from ._codec import configure_converter, make_converter
-from ._config import UNSET, Limits, LivePolicy, Overflow
+from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPolicy
 from ._envelope import Delivery
 from ._hub import Gap, SubscriptionStatistics
+from ._streams._admin import BusStats, DeadLetter, GroupStats, TopicStats
+from ._streams._group import ConsumerStatistics
+from ._streams._iterator import GroupSubscription
 from ._subscription import Subscription
 from ._topic import Topic
 from ._version import __version__
 
 __all__ = [
     "UNSET",
+    "BusStats",
+    "ClaimPolicy",
+    "ConsumerStatistics",
+    "DeadLetter",
     "Delivery",
     "EventBus",
     "Gap",
+    "GroupStats",
+    "GroupSubscription",
     "Limits",
     "LivePolicy",
     "Overflow",
     "Receipt",
+    "RetryPolicy",
     "Subscription",
     "SubscriptionStatistics",
     "Topic",
+    "TopicStats",
     "__version__",
     "configure_converter",
     "errors",

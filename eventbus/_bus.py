@@ -5,13 +5,15 @@ from __future__ import annotations
 import enum
 import fnmatch
 import logging
+import os
 import re
+import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, TypeVar, final, overload
 
 import anyio
 import anyio.abc
@@ -23,22 +25,45 @@ from . import signals
 from ._codec import Codec
 from ._config import (
     DEFAULT_BUFFER,
+    DEFAULT_CLAIM_POLICY,
     DEFAULT_LIMITS,
     DEFAULT_LIVE_POLICY,
+    DEFAULT_RETRY_POLICY,
     OVERFLOW_POLICIES,
+    ClaimPolicy,
     Limits,
     LivePolicy,
     Overflow,
+    RetryPolicy,
     seconds,
 )
 from ._connection import ClientFactory, map_exceptions, mask_url
 from ._envelope import CONTENT_JSON, Envelope
 from ._handlers import Handler, inspect_handler, run_handler
 from ._hub import Hub, Receiver, SubscriptionStatistics
-from ._keys import DEFAULT_PREFIX, live_channel, live_pattern, validate_prefix
+from ._keys import (
+    DEFAULT_PREFIX,
+    TopicKeys,
+    live_channel,
+    live_pattern,
+    topic_keys,
+    validate_prefix,
+)
 from ._live import LiveConnection, pattern_route
 from ._pipeline import OrderedPublisher
 from ._server import RedisServer
+from ._streams._admin import (
+    BusStats,
+    DeadLetter,
+    list_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+    topic_stats,
+)
+from ._streams._group import ConsumerStatistics, GroupConsumer, GroupOptions, StartPosition
+from ._streams._iterator import GroupSubscription
+from ._streams._publisher import StreamWriter, Trimmer
+from ._streams._tail import StreamTail, resolve_position
 from ._subscription import Subscription
 from ._topic import Topic, as_topic
 from .errors import BusStateError, ConfigurationError, EventBusError
@@ -52,6 +77,8 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Handler)
 
 EMBEDDED_URL: Final = "embedded://"
+_TAIL_BLOCK: Final = 5.0
+"""Seconds an XREAD of live subscribers of durable topics blocks per call."""
 
 
 class BusState(enum.Enum):
@@ -79,7 +106,10 @@ class Receipt:
     receivers: int
     """Live topic: what Redis's PUBLISH counted, one per matching subscription of
     each push connection (a process subscribed to the channel and to a matching
-    pattern counts twice). Local topic: local subscriptions it was offered to."""
+    pattern counts twice). Local topic: local subscriptions it was offered to.
+    Durable topic: 0 (consumers read the stream; see ``stats()``)."""
+    stream_id: str | None = None
+    """Durable topic: the entry id Redis gave the event in the topic's stream."""
 
 
 @attrs.define
@@ -88,9 +118,35 @@ class _HandlerRegistration:
     topics: tuple[Topic[Any], ...]
     buffer: int
     overflow: Overflow
+    from_: object = "latest"
     receiver: Receiver | None = None
     done: anyio.Event = attrs.field(factory=anyio.Event)
     """Set when the handler's task has returned (or was never started)."""
+
+
+@attrs.define
+class _GroupRegistration:
+    spec: Any
+    topic: Topic[Any]
+    options: GroupOptions
+    consumer: GroupConsumer | None = None
+
+
+def _default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+_GROUP_NAME_MAX: Final = 200
+
+
+def _check_group_name(kind: str, name: object) -> str:
+    if not isinstance(name, str) or not name or len(name) > _GROUP_NAME_MAX:
+        raise ConfigurationError(f"{kind} name must be a non-empty str of at most 200 characters")
+    if any(ch.isspace() or not ch.isprintable() for ch in name):
+        raise ConfigurationError(
+            f"{kind} name {name!r} must not contain spaces or control characters"
+        )
+    return name
 
 
 def _check_overflow(buffer: int, overflow: str) -> None:
@@ -124,6 +180,8 @@ class EventBus:
     :param live: keepalive and reconnect policy of the push connection.
     :param protocol: RESP protocol, 3 (default; push frames) or 2.
     :param shutdown_grace: how long handlers get to drain on exit (seconds or ``timedelta``).
+    :param publish_timeout: how long a publish to a durable topic keeps retrying
+        through a dropped connection before it raises.
     :param client_name: ``CLIENT SETNAME`` for this bus's connections.
     :param ssl_ca_certs: CA bundle for ``rediss://``; verification is always on
         unless ``insecure_skip_verify=True`` (which logs a warning).
@@ -144,6 +202,7 @@ class EventBus:
         live: LivePolicy = DEFAULT_LIVE_POLICY,
         protocol: int = 3,
         shutdown_grace: float | timedelta = 10.0,
+        publish_timeout: float | timedelta = 5.0,
         client_name: str | None = None,
         ssl_ca_certs: str | None = None,
         ssl_certfile: str | None = None,
@@ -171,6 +230,18 @@ class EventBus:
             # Validate the URL and TLS options now, before any I/O.
             ClientFactory(url, **self._client_options)
         self._shutdown_grace = seconds(shutdown_grace, name="shutdown_grace")
+        self._publish_timeout = seconds(publish_timeout, name="publish_timeout")
+        self._factory: ClientFactory | None = None
+        self._groups: list[_GroupRegistration] = []
+        self._group_subscriptions: set[GroupSubscription[Any]] = set()
+        self._durable_topics: dict[str, Topic[Any]] = {}
+        self._stream_client: Any = None
+        self._writer: StreamWriter | None = None
+        self._trimmer: Trimmer | None = None
+        self._tail: StreamTail | None = None
+        self._tail_scope: anyio.CancelScope | None = None
+        self._own_tails: dict[Receiver, tuple[StreamTail, anyio.CancelScope]] = {}
+        self._closeables: list[Any] = []
         self._publisher_id = uuid.uuid4().hex[:16]
         self._seq: dict[str, int] = {}
         self._hub = Hub()
@@ -254,9 +325,14 @@ class EventBus:
                 self._server = RedisServer()
                 await anyio.to_thread.run_sync(self._server.start)
                 self._url = self._server.url
-            factory = ClientFactory(self._url, **self._client_options)
+            factory = self._factory = ClientFactory(self._url, **self._client_options)
             self._client = factory.command_client()
             self._publisher = OrderedPublisher(self._client)
+            self._stream_client = factory.unretried_client(socket_timeout=self._publish_timeout)
+            self._trimmer = Trimmer(self._client, self._start_background)
+            self._writer = StreamWriter(
+                self._stream_client, timeout=self._publish_timeout, trimmer=self._trimmer
+            )
             with map_exceptions(command="PING", tls=factory.tls):
                 await self._client.ping()  # fail fast: auth, TLS, reachability
             # Give the preflight connection back: a process that only subscribes
@@ -280,6 +356,8 @@ class EventBus:
                     # One by one: each waits for its confirmation.
                     for reg in list(self._handlers):
                         await self._start_handler(reg)
+                    for group in list(self._groups):
+                        await self._start_group(group)
                 except BaseException as exc:
                     body_error = exc
                     tg.cancel_scope.cancel()
@@ -301,14 +379,31 @@ class EventBus:
                 if self._client is not None:
                     await self._client.aclose()
                     self._client = None
+                if self._stream_client is not None:
+                    await self._stream_client.aclose()
+                    self._stream_client = None
+                for client in self._closeables:
+                    await client.aclose()
+                self._closeables.clear()
                 if self._live is not None:
                     await self._live.aclose()
                 if self._server is not None:
                     await anyio.to_thread.run_sync(self._server.close)
 
     async def _drain(self, tg: anyio.abc.TaskGroup) -> None:
+        deadline = anyio.current_time() + self._shutdown_grace
         if self._live_scope is not None:
             self._live_scope.cancel()  # no more incoming messages
+        if self._tail_scope is not None:
+            self._tail_scope.cancel()
+        for sub in list(self._group_subscriptions):
+            sub._bus_closing()
+        consumers = [g.consumer for g in self._groups if g.consumer is not None]
+        consumers += [s._consumer for s in self._group_subscriptions if s._consumer is not None]
+        if consumers:
+            async with anyio.create_task_group() as stops:
+                for consumer in consumers:
+                    stops.start_soon(consumer.stop, deadline)
         for reg in self._handlers:
             if reg.receiver is not None:
                 reg.receiver.close()  # handlers finish what is buffered, then return
@@ -316,7 +411,7 @@ class EventBus:
             receiver.close()  # iterators end after what is buffered
             if isinstance(receiver.owner, Subscription):
                 receiver.owner._closed_by_bus()
-        with anyio.move_on_after(self._shutdown_grace) as scope:
+        with anyio.move_on_after(max(deadline - anyio.current_time(), 0)) as scope:
             for reg in self._handlers:
                 if reg.receiver is not None:
                     await reg.done.wait()
@@ -325,6 +420,15 @@ class EventBus:
                 "handlers did not drain within %.1fs; cancelling them", self._shutdown_grace
             )
         tg.cancel_scope.cancel()
+
+    def _start_background(self, fn: Callable[[], Any]) -> None:
+        if self._tg is not None:
+            self._tg.start_soon(fn)
+
+    def _note_output(self, topic: Topic[Any], added: int) -> None:
+        """Chained outputs count towards the target topic's trimming, as publishes do."""
+        if self._trimmer is not None:
+            self._trimmer.note_topic(topic, self._keys(topic), added)
 
     def _require_open(self, action: str) -> None:
         if self._state is BusState.OPEN:
@@ -387,10 +491,17 @@ class EventBus:
                     raise
         return live
 
-    async def _attach(self, topics: tuple[Topic[Any], ...], receiver: Receiver) -> None:
+    async def _attach(
+        self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object = "latest"
+    ) -> None:
         attached: list[tuple[object, bool]] = []
         try:
+            durable = [t for t in topics if t.durable]
+            if durable:
+                await self._attach_streams(durable, receiver, from_)
             for topic in topics:
+                if topic.durable:
+                    continue
                 for route, kind, name in self._routes(topic):
                     if kind is None:
                         self._hub.add(route, receiver)
@@ -403,10 +514,69 @@ class EventBus:
         except BaseException:
             for route, remote in attached:
                 self._detach_route(route, remote, receiver)
+            self._detach_streams(topics, receiver)
             raise
 
-    def _detach(self, topics: tuple[Topic[Any], ...], receiver: Receiver) -> None:
+    async def _attach_streams(
+        self, topics: list[Topic[Any]], receiver: Receiver, from_: object
+    ) -> None:
+        """Feed ``receiver`` from the streams of durable ``topics`` (XREAD)."""
+        assert self._tg is not None
+        starts = []
         for topic in topics:
+            keys = self._keys(topic)
+            with map_exceptions(topic=topic.name, command="XREVRANGE"):
+                starts.append(
+                    (topic, keys, await resolve_position(self._client, topic.name, keys, from_))
+                )
+        if from_ == "latest":
+            if self._tail is None:
+                self._tail = self._new_tail()
+                self._tail_scope = self._run_tail(self._tail)
+            tail = self._tail
+        else:
+            # A replay reads on its own, so catching up never delays the others.
+            tail = self._new_tail()
+            self._own_tails[receiver] = (tail, self._run_tail(tail))
+        for topic, keys, start in starts:
+            tail.add(topic.name, keys, receiver, start)
+
+    def _new_tail(self) -> StreamTail:
+        assert self._factory is not None
+        client = self._factory.unretried_client(socket_timeout=_TAIL_BLOCK + 10)
+        self._closeables.append(client)
+        return StreamTail(client, self._codec, self._hub, block=_TAIL_BLOCK)
+
+    def _run_tail(self, tail: StreamTail) -> anyio.CancelScope:
+        assert self._tg is not None
+        scope = anyio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await tail.run()
+
+        self._tg.start_soon(run)
+        return scope
+
+    def _detach_streams(self, topics: tuple[Topic[Any], ...], receiver: Receiver) -> None:
+        own = self._own_tails.pop(receiver, None)
+        if own is not None:
+            own[1].cancel()
+            return
+        if self._tail is not None:
+            for topic in topics:
+                if topic.durable:
+                    self._tail.remove(self._keys(topic), receiver)
+
+    def _keys(self, topic: Topic[Any]) -> TopicKeys:
+        self._durable_topics.setdefault(topic.name, topic)
+        return topic_keys(self._prefix, topic.name)
+
+    def _detach(self, topics: tuple[Topic[Any], ...], receiver: Receiver) -> None:
+        self._detach_streams(topics, receiver)
+        for topic in topics:
+            if topic.durable:
+                continue
             for route, kind, _name in self._routes(topic):
                 self._detach_route(route, kind is not None, receiver)
 
@@ -455,13 +625,52 @@ class EventBus:
 
     # -- subscribing -------------------------------------------------------------------
 
+    @overload
+    def subscribe(
+        self,
+        topic: Topic[T] | str,
+        *more: Topic[T] | str,
+        buffer: int = ...,
+        overflow: Overflow = ...,
+        from_: object = ...,
+        group: None = ...,
+    ) -> Subscription[T]: ...
+    @overload
+    def subscribe(
+        self,
+        topic: Topic[T],
+        *,
+        group: str,
+        consumer: str | None = ...,
+        concurrency: int = ...,
+        max_attempts: int | None = ...,
+        claim_idle: float | timedelta | None = ...,
+        retry: RetryPolicy = ...,
+        claim: ClaimPolicy = ...,
+        batch: int = ...,
+        block: float | timedelta = ...,
+        start: StartPosition = ...,
+        dedupe: float | timedelta | None = ...,
+    ) -> GroupSubscription[T]: ...
     def subscribe(
         self,
         topic: Topic[T] | str,
         *more: Topic[T] | str,
         buffer: int = DEFAULT_BUFFER,
         overflow: Overflow = "drop_oldest",
-    ) -> Subscription[T]:
+        from_: object = "latest",
+        group: str | None = None,
+        consumer: str | None = None,
+        concurrency: int = 1,
+        max_attempts: int | None = None,
+        claim_idle: float | timedelta | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        claim: ClaimPolicy = DEFAULT_CLAIM_POLICY,
+        batch: int = 10,
+        block: float | timedelta = 2.0,
+        start: StartPosition = "earliest",
+        dedupe: float | timedelta | None = None,
+    ) -> Subscription[T] | GroupSubscription[T]:
         """Subscribe to one or more topics (or patterns) as an async iterator.
 
         ::
@@ -484,17 +693,49 @@ class EventBus:
         Drops are counted in :meth:`Subscription.statistics` and sent as
         ``signals.overflowed``.
 
-        :raises eventbus.errors.ConfigurationError: bad buffer or policy, or topics of
-            different event types.
+        Durable topic without ``group``: the subscription reads the topic's stream
+        (``XREAD``, one shared reader per bus), from ``from_``: ``"latest"`` (the
+        default: events stored after the subscription starts), ``"earliest"`` (the
+        whole stream), a ``datetime`` (seek by time), or an event's stream id or
+        event id (that event and those after it). Nothing is lost while the bus is
+        reconnecting; a full buffer still follows ``overflow`` (``"block"`` is safe
+        here: it slows only this subscription's reader).
+
+        With ``group=`` (durable topics only) the subscription is a member of that
+        consumer group and returns a :class:`GroupSubscription`: each event goes to
+        one member of the group, at least once; the group options are those of
+        :meth:`on`.
+
+        :raises eventbus.errors.ConfigurationError: bad buffer or policy, topics of
+            different event types, ``from_`` or ``group`` on a live topic.
         :raises eventbus.errors.PermissionDenied: (on entry) the ACL refuses the channel.
         """
+        if group is not None:
+            t = self._durable_only(topic, more, "group")
+            options = self._group_options(
+                t,
+                group=group,
+                consumer=consumer,
+                concurrency=concurrency,
+                max_attempts=max_attempts,
+                claim_idle=claim_idle,
+                retry=retry,
+                claim=claim,
+                batch=batch,
+                block=block,
+                start=start,
+                publish_to=None,
+                dedupe=dedupe,
+            )
+            return self._group_subscription(t, options)
         _check_overflow(buffer, overflow)
         topics = self._topics(topic, more)
+        self._check_from(topics, from_)
         receiver = self._receiver(topics, buffer, overflow)
 
         async def attach(r: Receiver) -> None:
             self._require_open("subscribe")
-            await self._attach(topics, r)
+            await self._attach(topics, r, from_)
             self._open_receivers.add(r)
 
         def detach(r: Receiver) -> None:
@@ -512,12 +753,110 @@ class EventBus:
         receiver.owner = subscription
         return subscription
 
+    @staticmethod
+    def _check_from(topics: tuple[Topic[Any], ...], from_: object) -> None:
+        if from_ != "latest" and not all(t.durable for t in topics):
+            raise ConfigurationError(
+                "from_ (replay) needs durable topics: a live topic keeps no history"
+            )
+
+    @staticmethod
+    def _durable_only(
+        topic: Topic[Any] | str, more: tuple[Topic[Any] | str, ...], what: str
+    ) -> Topic[Any]:
+        t = as_topic(topic)
+        if more:
+            raise ConfigurationError(f"{what}= takes one durable topic")
+        if not t.durable:
+            raise ConfigurationError(
+                f"topic {t.name!r}: {what}= needs a durable topic (Topic(..., durable=True))"
+            )
+        return t
+
+    @staticmethod
+    def _group_options(
+        topic: Topic[Any],
+        *,
+        group: str,
+        consumer: str | None,
+        concurrency: int,
+        max_attempts: int | None,
+        claim_idle: float | timedelta | None,
+        retry: RetryPolicy,
+        claim: ClaimPolicy,
+        batch: int,
+        block: float | timedelta,
+        start: StartPosition,
+        publish_to: Topic[Any] | str | None,
+        dedupe: float | timedelta | None,
+    ) -> GroupOptions:
+        _check_group_name("group", group)
+        name = _check_group_name("consumer", consumer or _default_consumer_name())
+        for label, value in (("concurrency", concurrency), ("batch", batch)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigurationError(
+                    f"topic {topic.name!r}: {label} must be a positive int, got {value!r}"
+                )
+        if start not in ("earliest", "latest"):
+            raise ConfigurationError(f"start must be 'earliest' or 'latest', got {start!r}")
+        if max_attempts is not None:
+            retry = attrs.evolve(retry, max_attempts=max_attempts)
+        if claim_idle is not None:
+            claim = attrs.evolve(claim, idle=claim_idle)
+        target = None if publish_to is None else as_topic(publish_to)
+        if target is not None and target.pattern:
+            raise ConfigurationError("publish_to must be a topic, not a pattern")
+        return GroupOptions(
+            group=group,
+            consumer=name,
+            concurrency=concurrency,
+            batch=batch,
+            block=seconds(block, name="block"),
+            retry=retry,
+            claim=claim,
+            start=start,
+            publish_to=target,
+            dedupe=None if dedupe is None else seconds(dedupe, name="dedupe"),
+        )
+
+    def _group_subscription(
+        self, topic: Topic[Any], options: GroupOptions
+    ) -> GroupSubscription[Any]:
+        sub: GroupSubscription[Any]
+
+        async def start(spec: Any) -> GroupConsumer:
+            self._require_open("subscribe")
+            reg = _GroupRegistration(spec=spec, topic=topic, options=options)
+            consumer = await self._start_group(reg)
+            self._group_subscriptions.add(sub)
+            return consumer
+
+        async def stop(consumer: GroupConsumer) -> None:
+            self._group_subscriptions.discard(sub)
+            await consumer.stop(anyio.current_time() + self._shutdown_grace)
+
+        sub = GroupSubscription._create(payload_type=topic.type, start=start, stop=stop)
+        return sub
+
     def on(
         self,
         topic: Topic[Any] | str,
         *more: Topic[Any] | str,
         buffer: int = DEFAULT_BUFFER,
         overflow: Overflow = "drop_oldest",
+        from_: object = "latest",
+        group: str | None = None,
+        consumer: str | None = None,
+        concurrency: int = 10,
+        max_attempts: int | None = None,
+        claim_idle: float | timedelta | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        claim: ClaimPolicy = DEFAULT_CLAIM_POLICY,
+        batch: int = 100,
+        block: float | timedelta = 2.0,
+        start: StartPosition = "earliest",
+        publish_to: Topic[Any] | str | None = None,
+        dedupe: float | timedelta | None = None,
     ) -> Callable[[F], F]:
         """Decorator: call the function for every event of the topic(s).
 
@@ -540,13 +879,79 @@ class EventBus:
         Declared before ``async with bus:``, the handler is subscribed (and
         confirmed) before the bus opens; declared on an open bus, it is
         subscribed in the background.
+
+        **Consumer groups** (durable topics, ``group="billing"``): each event is
+        handled by one member of each group, **at least once**:
+
+        * the group is created on first use, starting at ``start``: ``"earliest"``
+          (default: every event in the stream, including those published before
+          the group existed) or ``"latest"`` (only events published after);
+        * one reader per member reads batches of ``batch`` (``XREADGROUP``,
+          ``BLOCK`` ``block`` seconds); up to ``concurrency`` handler calls run at
+          once; acks are batched in the background;
+        * on start, a member first takes back what it still held under the same
+          ``consumer`` name (after a crash), then reads new events;
+        * a handler that raises is retried with backoff (``retry``, a
+          :class:`RetryPolicy`); after ``max_attempts`` deliveries the event goes
+          to the topic's dead-letter stream, atomically with its ack; an entry that
+          cannot be decoded goes there at once;
+        * entries held longer than ``claim_idle`` by a crashed or hung member are
+          claimed by the others (``claim``, a :class:`ClaimPolicy`). A handler
+          slower than ``claim_idle`` therefore runs twice: handlers must be
+          idempotent, and ``Delivery.id`` is the key to deduplicate on
+          (``dedupe=seconds`` does it for you: event ids handled by this group in
+          that window are acked without calling the handler);
+        * with ``publish_to``, what the handler returns (an event, or a list of
+          them) is published to that topic atomically with the ack of the input
+          (durable target: one script; the output events' ids derive from the
+          input's, so a redelivery cannot publish different copies).
+
+        Leaving the bus stops reading at once, hands prefetched events back to the
+        group (others take them on their next claim pass, with no delivery
+        charged), lets running handlers finish within ``shutdown_grace``, then
+        flushes acks; handlers still running are cancelled and their events stay
+        pending for another member.
         """
+        if group is not None:
+            t = self._durable_only(topic, more, "group")
+            options = self._group_options(
+                t,
+                group=group,
+                consumer=consumer,
+                concurrency=concurrency,
+                max_attempts=max_attempts,
+                claim_idle=claim_idle,
+                retry=retry,
+                claim=claim,
+                batch=batch,
+                block=block,
+                start=start,
+                publish_to=publish_to,
+                dedupe=dedupe,
+            )
+
+            def group_decorator(fn: F) -> F:
+                spec = inspect_handler(fn, t.type)
+                reg = _GroupRegistration(spec=spec, topic=t, options=options)
+                if self._state in (BusState.CLOSING, BusState.CLOSED):
+                    raise BusStateError("cannot add a handler to a closed EventBus")
+                self._groups.append(reg)
+                if self._state is BusState.OPEN and self._tg is not None:
+                    self._tg.start_soon(self._start_group_later, reg)
+                return fn
+
+            return group_decorator
+        if publish_to is not None:
+            raise ConfigurationError("publish_to needs a consumer group (group=...)")
         _check_overflow(buffer, overflow)
         topics = self._topics(topic, more)
+        self._check_from(topics, from_)
 
         def decorator(fn: F) -> F:
             spec = inspect_handler(fn, topics[0].type)
-            reg = _HandlerRegistration(spec=spec, topics=topics, buffer=buffer, overflow=overflow)
+            reg = _HandlerRegistration(
+                spec=spec, topics=topics, buffer=buffer, overflow=overflow, from_=from_
+            )
             self._handlers.append(reg)
             if self._state is BusState.OPEN and self._tg is not None:
                 self._tg.start_soon(self._start_handler_later, reg)
@@ -555,6 +960,69 @@ class EventBus:
             return fn
 
         return decorator
+
+    async def _start_group(self, reg: _GroupRegistration) -> GroupConsumer:
+        """Create the group if needed and start the member; returns once it is reading."""
+        assert self._tg is not None
+        assert self._factory is not None
+        topic = reg.topic
+        target = reg.options.publish_to
+        blocking = self._factory.unretried_client(socket_timeout=reg.options.block + 10)
+        self._closeables.append(blocking)
+        consumer = GroupConsumer(
+            topic=topic,
+            keys=self._keys(topic),
+            options=reg.options,
+            spec=reg.spec,
+            codec=self._codec,
+            limits=self._limits,
+            client=self._client,
+            blocking_client=blocking,
+            encode_output=self._encode_output,
+            target_keys=self._keys(target) if target is not None and target.durable else None,
+            publish_output=self.publish,
+            note_output=self._note_output,
+            sender=self,
+        )
+        with map_exceptions(topic=topic.name, command="XGROUP"):
+            await self._tg.start(consumer.run)
+        reg.consumer = consumer
+        return consumer
+
+    async def _start_group_later(self, reg: _GroupRegistration) -> None:
+        try:
+            await self._start_group(reg)
+        except EventBusError as exc:
+            if reg in self._groups:
+                self._groups.remove(reg)
+            logger.error("group handler %s could not start: %s", reg.spec.name, exc)
+
+    def _encode_output(
+        self, target: Topic[Any], event: Any, event_id: str, cause: Envelope
+    ) -> bytes:
+        """Encode a handler's output event (chaining), caused by ``cause``."""
+        seq = self._seq.get(target.name, 0) + 1
+        self._seq[target.name] = seq
+        raw, _ms = self._codec.encode(
+            target.name,
+            event,
+            event_id=event_id,
+            publisher=self._publisher_id,
+            seq=seq,
+            headers={},
+            cause=cause.id,
+            corr=cause.corr or cause.id,
+        )
+        return raw
+
+    def consumer_statistics(self, handler: Handler) -> list[ConsumerStatistics]:
+        """Counters of each consumer-group member running ``handler`` (see
+        :class:`ConsumerStatistics`); empty before the bus opened."""
+        return [
+            g.consumer.statistics()
+            for g in self._groups
+            if g.spec.fn is handler and g.consumer is not None
+        ]
 
     async def off(self, handler: Handler) -> None:
         """Unsubscribe every registration of ``handler``. Safe from inside the handler:
@@ -588,7 +1056,7 @@ class EventBus:
         assert self._tg is not None
         receiver = self._receiver(reg.topics, reg.buffer, reg.overflow)
         receiver.owner = reg.spec.fn
-        await self._attach(reg.topics, receiver)
+        await self._attach(reg.topics, receiver, reg.from_)
         reg.receiver = receiver
 
         async def serve() -> None:
@@ -624,8 +1092,18 @@ class EventBus:
         subscribers directly; subscribers with ``overflow="block"`` make this call
         wait for room.
 
+        Durable topic: returns once Redis stored the event (``XADD``), with its
+        stream id in the receipt; it reaches every consumer group at least once.
+        Concurrent calls are batched into pipelines (only what is already waiting:
+        an idle bus sends at once). A dropped connection is retried with backoff
+        for up to ``publish_timeout``; before re-sending, the bus checks whether
+        Redis stored the event after all, so a lost reply does not store it twice.
+        It raises only if the event was not stored, or if Redis could not be reached
+        again to find out.
+
         Cancellation: if cancelled while the command is in flight, the event may
-        or may not have been published.
+        or may not have been published (a durable event is still sent: check the
+        stream for its id).
 
         :return: a :class:`Receipt` with the event id.
         :raises eventbus.errors.PayloadTooLarge: over ``Limits.max_payload_bytes``, before any I/O.
@@ -644,6 +1122,8 @@ class EventBus:
         seq = self._seq.get(t.name, 0) + 1
         if t.local:
             return await self._publish_local(t, event, event_id, seq, hdrs)
+        if t.durable:
+            return (await self._publish_durable(t, [event], hdrs))[0]
         raw, ms = self._codec.encode(
             t.name, event, event_id=event_id, publisher=self._publisher_id, seq=seq, headers=hdrs
         )
@@ -660,6 +1140,78 @@ class EventBus:
             published_at=datetime.fromtimestamp(ms / 1000, tz=timezone.utc),
             receivers=int(reached),
         )
+
+    async def publish_many(
+        self,
+        topic: Topic[T] | str,
+        events: Iterable[T],
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> list[Receipt]:
+        """Publish ``events`` in order; returns their receipts.
+
+        Durable topic: encoded first (a bad event raises before anything is sent),
+        then stored with pipelined ``XADD`` in batches of up to 1,000, under the
+        same retry rules as :meth:`publish`. Live and local topics: one
+        :meth:`publish` per event, pipelined for live topics.
+
+        :raises: as :meth:`publish`.
+        """
+        t = as_topic(topic)
+        if t.pattern:
+            raise ConfigurationError(f"cannot publish to pattern {t.name!r}: publish to a topic")
+        self._require_open("publish")
+        if t.durable:
+            hdrs = self._codec.check_headers(t.name, headers)
+            return await self._publish_durable(t, list(events), hdrs)
+        if t.local:
+            return [await self.publish(t, event, headers=headers) for event in events]
+        results: list[Receipt] = []
+        async with anyio.create_task_group() as tg:
+            for index, event in enumerate(events):
+                results.append(None)  # type: ignore[arg-type]
+
+                async def one(i: int = index, e: Any = event) -> None:
+                    results[i] = await self.publish(t, e, headers=headers)
+
+                tg.start_soon(one)
+        return results
+
+    async def _publish_durable(
+        self, t: Topic[Any], events: Sequence[Any], hdrs: dict[str, str]
+    ) -> list[Receipt]:
+        assert self._writer is not None
+        encoded: list[tuple[str, bytes]] = []
+        times: list[int] = []
+        seq = self._seq.get(t.name, 0)
+        for event in events:
+            event_id = uuid.uuid4().hex
+            seq += 1
+            raw, ms = self._codec.encode(
+                t.name,
+                event,
+                event_id=event_id,
+                publisher=self._publisher_id,
+                seq=seq,
+                headers=hdrs,
+            )
+            encoded.append((event_id, raw))
+            times.append(ms)
+        self._seq[t.name] = seq
+        stream_ids = await self._writer.add(t, self._keys(t), encoded)
+        if signals.published.receivers:
+            for event_id, _raw in encoded:
+                emit(signals.published, self, topic=t.name, event_id=event_id)
+        return [
+            Receipt(
+                id=event_id,
+                topic=t.name,
+                published_at=datetime.fromtimestamp(ms / 1000, tz=timezone.utc),
+                receivers=0,
+                stream_id=stream_id,
+            )
+            for (event_id, _raw), ms, stream_id in zip(encoded, times, stream_ids, strict=True)
+        ]
 
     async def _publish_local(
         self, t: Topic[Any], event: Any, event_id: str, seq: int, hdrs: dict[str, str]
@@ -687,6 +1239,72 @@ class EventBus:
         if signals.published.receivers:
             emit(signals.published, self, topic=t.name, event_id=event_id)
         return Receipt(id=event_id, topic=t.name, published_at=now, receivers=len(receivers))
+
+    # -- durable topics: inspection ---------------------------------------------------
+
+    async def stats(self, *topics: Topic[Any] | str) -> BusStats:
+        """Statistics of durable topics, read from Redis (frozen records).
+
+        Per topic: stream length, first and last ids, dead letters; per consumer
+        group: members, pending, lag, age of the oldest pending event, dead letters.
+        Without arguments: every durable topic this bus has published to,
+        subscribed to, or declared a handler for.
+
+        :raises eventbus.errors.ConfigurationError: a topic that is not durable.
+        """
+        self._require_open("read stats")
+        wanted: list[Topic[Any]] = []
+        if topics:
+            wanted += [self._durable_only(topic, (), "stats") for topic in topics]
+        else:
+            for reg in self._groups:
+                self._keys(reg.topic)
+            wanted = list(self._durable_topics.values())
+        results = []
+        for topic in sorted(wanted, key=lambda t: t.name):
+            with map_exceptions(topic=topic.name, command="XINFO"):
+                results.append(await topic_stats(self._client, topic.name, self._keys(topic)))
+        return BusStats(topics=tuple(results))
+
+    async def dead_letters(
+        self, topic: Topic[Any] | str, *, count: int = 100, after: str | None = None
+    ) -> list[DeadLetter]:
+        """Up to ``count`` dead letters of ``topic``, oldest first (after id ``after``)."""
+        self._require_open("read dead letters")
+        t = self._durable_only(topic, (), "dead_letters")
+        with map_exceptions(topic=t.name, command="XRANGE"):
+            return await list_dead_letters(self._client, self._keys(t), count=count, after=after)
+
+    async def replay_dead_letters(
+        self, topic: Topic[Any] | str, ids: Sequence[str] | None = None
+    ) -> int:
+        """Publish dead letters back into ``topic`` and remove them from the dead-letter
+        stream, atomically per entry. Each keeps its event id (consumers that dedupe
+        still recognise it) and gains a ``redriven_from`` field. ``ids``: dead-letter
+        ids (``DeadLetter.id``); ``None``: all. Undecodable dead letters carry no
+        envelope and are skipped. Returns how many were replayed."""
+        self._require_open("replay dead letters")
+        t = self._durable_only(topic, (), "replay_dead_letters")
+        with map_exceptions(topic=t.name, command="EVALSHA"):
+            return await replay_dead_letters(self._client, self._keys(t), ids)
+
+    async def purge_dead_letters(
+        self, topic: Topic[Any] | str, ids: Sequence[str] | None = None
+    ) -> int:
+        """Delete dead letters of ``topic`` (``ids``, or all); returns how many."""
+        self._require_open("purge dead letters")
+        t = self._durable_only(topic, (), "purge_dead_letters")
+        with map_exceptions(topic=t.name, command="XDEL"):
+            return await purge_dead_letters(self._client, self._keys(t), ids)
+
+    async def trim(self, topic: Topic[Any]) -> int:
+        """Trim ``topic`` now by its ``maxlen``/``retention`` (the bus also does it in
+        the background as it publishes); returns the entries removed."""
+        self._require_open("trim")
+        t = self._durable_only(topic, (), "trim")
+        assert self._trimmer is not None
+        with map_exceptions(topic=t.name, command="XTRIM"):
+            return await self._trimmer.trim(t, self._keys(t))
 
     # -- introspection -----------------------------------------------------------------
 

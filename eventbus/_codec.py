@@ -107,8 +107,10 @@ class Codec:
         publisher: str,
         seq: int,
         headers: dict[str, str],
+        cause: str = "",
+        corr: str = "",
     ) -> tuple[bytes, int]:
-        """Encode one event as a live envelope; return (bytes, published_at_ms).
+        """Encode one event as an envelope; return (bytes, published_at_ms).
 
         :raises eventbus.errors.PayloadTooLarge: before any I/O.
         """
@@ -125,6 +127,9 @@ class Codec:
         }
         if headers:
             doc["h"] = headers
+        if cause:
+            doc["cause"] = cause
+            doc["corr"] = corr or cause
         try:
             raw = orjson.dumps(doc)
         except TypeError as exc:
@@ -185,6 +190,8 @@ class Codec:
                 reason="decode_error",
                 event_id=event_id if isinstance(event_id, str) else None,
             ) from exc
+        cause = doc.get("cause")
+        corr = doc.get("corr")
         return Envelope(
             topic=topic,
             id=event_id,
@@ -194,7 +201,79 @@ class Codec:
             headers=headers,
             content_type=content_type,
             data=data,
+            cause=cause if isinstance(cause, str) else "",
+            corr=corr if isinstance(corr, str) else "",
         )
+
+    def decode_entry(self, topic: str, stream_id: str, fields: Mapping[bytes, bytes]) -> Envelope:
+        """Decode one stream entry of a durable topic (fields ``id`` and ``env``).
+
+        An entry with a ``data`` field and no ``env`` (written by another client)
+        is a bare payload: its JSON value if it parses, else its bytes.
+
+        :raises eventbus.errors.DecodeError: with ``reason`` one of
+            ``too_many_fields``, ``too_large``, ``decode_error``,
+            ``unsupported_version``: the entry can never be handled, retrying
+            cannot help (it goes to the dead-letter stream at once).
+        """
+        limit = self.limits.max_payload_bytes
+        if len(fields) > self.limits.max_entry_fields:
+            raise DecodeError(
+                f"entry {stream_id} has {len(fields)} fields, the limit is"
+                f" {self.limits.max_entry_fields}",
+                topic=topic,
+                reason="too_many_fields",
+            )
+        size = sum(len(k) + len(v) for k, v in fields.items())
+        if size > limit + 1024:
+            raise DecodeError(
+                f"entry {stream_id} is {size} bytes, the limit is {limit}",
+                topic=topic,
+                reason="too_large",
+            )
+        raw = fields.get(b"env")
+        if raw is not None:
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise DecodeError(
+                    f"entry {stream_id}: envelope is not JSON: {exc}",
+                    topic=topic,
+                    reason="decode_error",
+                ) from exc
+            if type(doc) is not dict or "eventbus" not in doc:
+                raise DecodeError(
+                    f"entry {stream_id}: env is not an eventbus envelope",
+                    topic=topic,
+                    reason="decode_error",
+                )
+            if doc["eventbus"] != WIRE_VERSION:
+                raise DecodeError(
+                    f"entry {stream_id}: envelope version {doc['eventbus']!r} is not supported"
+                    f" (this eventbus reads version {WIRE_VERSION})",
+                    topic=topic,
+                    reason="unsupported_version",
+                )
+            env = self._from_doc(topic, doc)
+        elif b"data" in fields:
+            data = fields[b"data"]
+            try:
+                env = Envelope.bare(topic, orjson.loads(data), CONTENT_JSON)
+                env.cache[bytes] = data
+            except orjson.JSONDecodeError:
+                env = Envelope.bare(topic, data, CONTENT_BYTES)
+            event_id = fields.get(b"id")
+            if event_id is not None:
+                env.id = event_id.decode("utf-8", "replace")
+        else:
+            names = b", ".join(list(fields)[:5]).decode("utf-8", "replace")
+            raise DecodeError(
+                f"entry {stream_id} has no 'env' or 'data' field (fields: {names or 'none'})",
+                topic=topic,
+                reason="decode_error",
+            )
+        env.stream_id = stream_id
+        return env
 
     def structure(self, envelope: Envelope, tp: Any) -> Any:
         """The payload of ``envelope`` as ``tp``; computed once per (message, type).

@@ -12,12 +12,16 @@ from .errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_BUFFER",
+    "DEFAULT_CLAIM_POLICY",
     "DEFAULT_LIMITS",
     "DEFAULT_LIVE_POLICY",
+    "DEFAULT_RETRY_POLICY",
     "UNSET",
+    "ClaimPolicy",
     "Limits",
     "LivePolicy",
     "Overflow",
+    "RetryPolicy",
     "Unset",
     "seconds",
 ]
@@ -65,6 +69,10 @@ class Limits:
     """Longest subscription pattern (very long globs crash old redis-server, CVE-2024-31228)."""
     max_headers: int = attrs.field(default=32, validator=_positive)
     """Most headers on one event."""
+    max_entry_fields: int = attrs.field(default=32, validator=_positive)
+    """Most fields of a stream entry a consumer will decode (more: dead-lettered)."""
+    dead_letter_maxlen: int = attrs.field(default=100_000, validator=_positive)
+    """About how many entries a topic's dead-letter stream keeps (``MAXLEN ~``)."""
 
 
 DEFAULT_LIMITS: Final = Limits()
@@ -98,3 +106,71 @@ class LivePolicy:
 
 
 DEFAULT_LIVE_POLICY: Final = LivePolicy()
+
+
+def _at_least_one(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if value < 1:
+        raise ConfigurationError(f"{attribute.name} must be at least 1, got {value}")
+
+
+def _fraction(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ConfigurationError(f"{attribute.name} must be within [0, 1], got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """How a consumer group retries an event whose handler raised.
+
+    Attempt ``n`` (``n >= 1``) that fails is retried after
+    ``min(backoff * multiplier ** (n - 1), backoff_max)`` seconds, stretched by a
+    random factor in ``[1, 1 + jitter]`` so failing consumers do not retry in step.
+    Each retry goes through Redis (``XCLAIM`` by the same consumer), so the attempt
+    number is Redis's delivery count and survives a crash. After ``max_attempts``
+    the event goes to the topic's dead-letter stream, atomically with its ack.
+
+    A retry waits at most half of the group's ``claim_idle``, so another consumer
+    does not claim an event that is only waiting for its retry.
+
+    .. versionadded:: 0.2
+    """
+
+    max_attempts: int = attrs.field(default=5, validator=_positive)
+    """Handler invocations before the event is dead-lettered (1: never retry)."""
+    backoff: float = attrs.field(default=0.2, converter=_duration)
+    """Delay before the first retry, in seconds."""
+    multiplier: float = attrs.field(default=2.0, validator=_at_least_one)
+    """Factor applied to the delay per further attempt."""
+    backoff_max: float = attrs.field(default=30.0, converter=_duration)
+    """Cap of the delay, in seconds."""
+    jitter: float = attrs.field(default=0.1, validator=_fraction)
+    """Random stretch of each delay, as a fraction of it."""
+
+    def delay(self, attempt: int, rand: float) -> float:
+        """Seconds to wait after failed attempt ``attempt``; ``rand`` in ``[0, 1)``."""
+        base = min(self.backoff * self.multiplier ** (attempt - 1), self.backoff_max)
+        return base * (1.0 + self.jitter * rand)
+
+
+@attrs.frozen(kw_only=True)
+class ClaimPolicy:
+    """When a consumer takes over entries stuck with crashed or hung consumers.
+
+    Every ``interval`` seconds a consumer runs ``XAUTOCLAIM`` for entries idle
+    longer than ``idle`` (following its cursor through the whole pending list, at
+    most ``count`` entries per call). ``idle`` must exceed your slowest handler:
+    an entry still being worked on past it is handed to another consumer too.
+
+    .. versionadded:: 0.2
+    """
+
+    idle: float = attrs.field(default=30.0, converter=_duration)
+    """Seconds an entry may stay unacknowledged before others may claim it."""
+    interval: float = attrs.field(default=5.0, converter=_duration)
+    """Seconds between claim passes."""
+    count: int = attrs.field(default=100, validator=_positive)
+    """``COUNT`` of one ``XAUTOCLAIM`` call (it scans up to 10x that many entries)."""
+
+
+DEFAULT_RETRY_POLICY: Final = RetryPolicy()
+DEFAULT_CLAIM_POLICY: Final = ClaimPolicy()

@@ -252,10 +252,25 @@ class ClientFactory:
         self._socket_timeout = socket_timeout
 
     def command_client(self) -> aioredis.Redis:
-        """Pooled client for commands: bounded retries with jittered backoff, no auth retry."""
+        """Pooled client for commands: bounded retries with jittered backoff, no auth retry.
+
+        Only for commands that are safe to send twice (a retry after a lost reply
+        repeats the command): ``PUBLISH`` (receivers dedupe by sequence number),
+        ``XACK``, ``XCLAIM``, reads, and scripts that check before they write."""
         retry = _Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), retries=3)
         return aioredis.Redis.from_url(
             self.url, socket_timeout=self._socket_timeout, retry=retry, **self._options
+        )
+
+    def unretried_client(self, socket_timeout: float | None) -> aioredis.Redis:
+        """Pooled client that never retries by itself: for ``XADD *`` (a blind retry
+        after a lost reply stores the event twice) and blocking reads (whose loops
+        reconnect, and re-read what a lost reply may have delivered).
+
+        ``socket_timeout`` must exceed any ``BLOCK`` sent on it (redis-py applies it
+        to the blocked read too)."""
+        return aioredis.Redis.from_url(
+            self.url, socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0), **self._options
         )
 
     def push_pool(self) -> aioredis.ConnectionPool:

@@ -34,11 +34,21 @@ class Delivery:
     published_at: datetime | None
     """The publisher's clock when it published (UTC), ``None`` for a raw publish."""
     attempt: int
-    """1 for live delivery: pub/sub is at most once, never redelivered."""
+    """Which delivery this is: always 1 for a live subscriber (never redelivered); in a
+    consumer group, Redis's delivery count of the entry (2 and up: a retry, or a
+    redelivery after a consumer crashed or hung)."""
     publisher: str
     """Id of the publishing bus instance; with ``seq``, orders and dedupes its events."""
     seq: int
     """Per publisher and topic sequence number, from 1 (0 for a raw publish)."""
+    stream_id: str = ""
+    """Durable topic: the entry id in the topic's stream (empty for a live topic)."""
+    group: str | None = None
+    """Consumer group that is handling the event, ``None`` outside a group."""
+    causation_id: str = ""
+    """Id of the event whose handler published this one (chaining), else empty."""
+    correlation_id: str = ""
+    """Id of the first event of a chain, inherited by every event it caused, else empty."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -58,6 +68,9 @@ class Envelope:
     content_type: str
     data: Any
     cache: dict[Any, Any] = attrs.field(factory=dict)
+    stream_id: str = ""
+    cause: str = ""
+    corr: str = ""
     _delivery: Delivery | None = None
 
     @classmethod
@@ -88,5 +101,12 @@ class Envelope:
                 attempt=1,
                 publisher=self.publisher,
                 seq=self.seq,
+                stream_id=self.stream_id,
+                causation_id=self.cause,
+                correlation_id=self.corr,
             )
         return d
+
+    def group_delivery(self, group: str, attempt: int) -> Delivery:
+        """The delivery context of this entry handed to a consumer group member."""
+        return attrs.evolve(self.delivery(), group=group, attempt=attempt)

@@ -3,8 +3,14 @@
 Layout (``prefix`` defaults to ``eb``; a topic name never contains ``:``, ``{`` or
 ``}``, so two different (prefix, topic) pairs can never build the same name)::
 
-    {prefix}:{<topic>}          pub/sub channel of a live topic
-    {prefix}:{<pattern>}        pub/sub pattern of a pattern subscription
+    {prefix}:{<topic>}               pub/sub channel of a live topic
+    {prefix}:{<pattern>}             pub/sub pattern of a pattern subscription
+    {prefix}:{<topic>}:stream        Redis Stream of a durable topic (its events)
+    {prefix}:{<topic>}:dlq           dead-letter stream of a durable topic
+    {prefix}:{<topic>}:dlq-count     hash: group -> events it dead-lettered
+    {prefix}:{<topic>}:cursors       hash: group -> id below which its events were handled
+    {prefix}:{<topic>}:seen:<group>:<event id>
+                                     dedupe mark (``dedupe=`` groups), expires
 
 The topic sits in a ``{hash tag}`` so every name of one topic maps to one Redis
 Cluster slot. ``docs/wire-format.md`` is written from this module.
@@ -13,11 +19,19 @@ Cluster slot. ``docs/wire-format.md`` is written from this module.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Final, NamedTuple
 
 from .errors import ConfigurationError
 
-__all__ = ["DEFAULT_PREFIX", "channel_topic", "live_channel", "live_pattern", "validate_prefix"]
+__all__ = [
+    "DEFAULT_PREFIX",
+    "TopicKeys",
+    "channel_topic",
+    "live_channel",
+    "live_pattern",
+    "topic_keys",
+    "validate_prefix",
+]
 
 DEFAULT_PREFIX: Final = "eb"
 _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -52,3 +66,26 @@ def channel_topic(prefix: str, channel: str) -> str | None:
     if channel.startswith(head) and channel.endswith("}"):
         return channel[len(head) : -1]
     return None
+
+
+class TopicKeys(NamedTuple):
+    """The keys of one durable topic; all share the topic's hash tag (one Cluster slot)."""
+
+    stream: str
+    dlq: str
+    dlq_count: str
+    cursors: str
+    seen: str
+    """Prefix of dedupe marks: ``seen + group + ":" + event_id``."""
+
+
+def topic_keys(prefix: str, topic: str) -> TopicKeys:
+    """The Redis keys of durable topic ``topic``."""
+    base = f"{prefix}:{{{topic}}}"
+    return TopicKeys(
+        stream=f"{base}:stream",
+        dlq=f"{base}:dlq",
+        dlq_count=f"{base}:dlq-count",
+        cursors=f"{base}:cursors",
+        seen=f"{base}:seen:",
+    )

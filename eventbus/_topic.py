@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import builtins
 import re
-from typing import Any, Final, Generic, TypeVar, final, overload
+from datetime import timedelta
+from typing import Any, Final, Generic, Literal, TypeVar, final, overload
 
-from ._config import DEFAULT_LIMITS, Limits
+from ._config import DEFAULT_LIMITS, Limits, seconds
 from .errors import ConfigurationError, InvalidTopic
 
-__all__ = ["Topic", "TopicLike", "as_topic", "validate_name", "validate_pattern"]
+__all__ = ["Topic", "TopicLike", "Trim", "as_topic", "validate_name", "validate_pattern"]
+
+Trim = Literal["acked", "hard"]
 
 T = TypeVar("T")
 
@@ -78,24 +81,56 @@ class Topic(Generic[T]):
         can structure; ``object`` (the default) means the raw JSON value.
     :param local: deliver within this process only, with no Redis round trip.
     :param pattern: ``name`` is a glob pattern (``*``, ``?``, ``[...]``).
+    :param durable: store events in a Redis Stream (``Topic("orders", Order,
+        durable=True)``): consumer groups get every event at least once, live
+        subscribers can replay, nothing is lost while a consumer is down.
+    :param maxlen: durable only: keep about this many entries (``XTRIM MAXLEN ~``).
+    :param retention: durable only: keep entries about this long (``XTRIM MINID ~``).
+    :param trim: durable only: ``"acked"`` (default) never trims an entry some
+        consumer group has not acknowledged yet, so the stream may exceed
+        ``maxlen`` while a group lags; ``"hard"`` trims on every publish
+        regardless, and consumers count (and signal) pending entries it removed.
     :raises eventbus.errors.InvalidTopic: the name is not allowed.
+    :raises eventbus.errors.ConfigurationError: contradictory options.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 ``durable``, ``maxlen``, ``retention``, ``trim``.
     """
 
-    __slots__ = ("local", "name", "pattern", "type")
+    __slots__ = ("durable", "local", "maxlen", "name", "pattern", "retention", "trim", "type")
     name: str
     type: builtins.type[T]
     local: bool
     pattern: bool
+    durable: bool
+    maxlen: int | None
+    retention: float | None
+    trim: Trim
 
     @overload
     def __init__(
-        self: Topic[Any], name: str, *, local: bool = ..., pattern: bool = ...
+        self: Topic[Any],
+        name: str,
+        *,
+        local: bool = ...,
+        pattern: bool = ...,
+        durable: bool = ...,
+        maxlen: int | None = ...,
+        retention: float | timedelta | None = ...,
+        trim: Trim = ...,
     ) -> None: ...
     @overload
     def __init__(
-        self, name: str, type: builtins.type[T], *, local: bool = ..., pattern: bool = ...
+        self,
+        name: str,
+        type: builtins.type[T],
+        *,
+        local: bool = ...,
+        pattern: bool = ...,
+        durable: bool = ...,
+        maxlen: int | None = ...,
+        retention: float | timedelta | None = ...,
+        trim: Trim = ...,
     ) -> None: ...
     def __init__(
         self,
@@ -104,21 +139,50 @@ class Topic(Generic[T]):
         *,
         local: bool = False,
         pattern: bool = False,
+        durable: bool = False,
+        maxlen: int | None = None,
+        retention: float | timedelta | None = None,
+        trim: Trim = "acked",
     ) -> None:
         if pattern:
             validate_pattern(name)
         else:
             validate_name(name)
+        if durable and (local or pattern):
+            raise ConfigurationError(
+                f"topic {name!r}: a durable topic cannot be local or a pattern"
+            )
+        if not durable and (maxlen is not None or retention is not None):
+            raise ConfigurationError(f"topic {name!r}: maxlen and retention need durable=True")
+        if maxlen is not None and (not isinstance(maxlen, int) or maxlen < 1):
+            raise ConfigurationError(f"topic {name!r}: maxlen must be a positive int")
+        if trim not in ("acked", "hard"):
+            raise ConfigurationError(f"topic {name!r}: trim must be 'acked' or 'hard'")
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "type", object if type is None else type)
         object.__setattr__(self, "local", bool(local))
         object.__setattr__(self, "pattern", bool(pattern))
+        object.__setattr__(self, "durable", bool(durable))
+        object.__setattr__(self, "maxlen", maxlen)
+        object.__setattr__(
+            self, "retention", None if retention is None else seconds(retention, name="retention")
+        )
+        object.__setattr__(self, "trim", trim)
 
     def __setattr__(self, key: str, value: object) -> None:
         raise AttributeError("Topic is immutable")
 
     def _key(self) -> tuple[object, ...]:
-        return (self.name, self.type, self.local, self.pattern)
+        return (
+            self.name,
+            self.type,
+            self.local,
+            self.pattern,
+            self.durable,
+            self.maxlen,
+            self.retention,
+            self.trim,
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Topic):
@@ -130,7 +194,13 @@ class Topic(Generic[T]):
 
     def __repr__(self) -> str:
         tp = getattr(self.type, "__qualname__", repr(self.type))
-        flags = "".join(f", {flag}=True" for flag in ("local", "pattern") if getattr(self, flag))
+        flags = "".join(
+            f", {flag}=True" for flag in ("local", "pattern", "durable") if getattr(self, flag)
+        )
+        if self.maxlen is not None:
+            flags += f", maxlen={self.maxlen}"
+        if self.retention is not None:
+            flags += f", retention={self.retention}"
         return f"Topic({self.name!r}, {tp}{flags})"
 
 

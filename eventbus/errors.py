@@ -104,7 +104,9 @@ class EncodeError(PayloadError):
 class DecodeError(PayloadError):
     """Bytes received could not be decoded or structured into the expected type.
 
-    :ivar reason: a short machine-readable reason: ``decode_error`` or ``validation_error``.
+    :ivar reason: a short machine-readable reason: ``decode_error``,
+        ``validation_error``, ``unsupported_version``, ``too_large`` or
+        ``too_many_fields`` (the last three for stream entries).
     """
 
     def __init__(

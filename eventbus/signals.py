@@ -23,6 +23,12 @@ signal             keyword arguments
 ``reconnected``    ``reconnects`` (total), ``downtime`` (seconds):
                    messages published while the push connection was down are
                    lost; every live subscription's ``reconnects`` counter rose
+``dead_lettered``  ``topic``, ``event_id``, ``group``, ``reason``, ``error``
+                   (the exception, or ``None``), ``dead_letter_id``: a consumer
+                   group gave up on an event and moved it to the dead-letter stream
+``trimmed``        ``topic``, ``group``, ``entry_ids``: entries still pending in
+                   a group were removed by trimming before anyone handled them
+                   (only possible with ``trim="hard"``); counted as ``lost_to_trim``
 =================  ==========================================================
 """
 
@@ -34,6 +40,7 @@ from typing import Any
 from blinker import Namespace, Signal
 
 __all__ = [
+    "dead_lettered",
     "delivered",
     "disconnected",
     "emit",
@@ -42,6 +49,7 @@ __all__ = [
     "overflowed",
     "published",
     "reconnected",
+    "trimmed",
 ]
 
 logger = logging.getLogger("eventbus")
@@ -57,6 +65,12 @@ overflowed = _signals.signal("eventbus.overflowed", doc="A subscriber's buffer o
 gap = _signals.signal("eventbus.gap", doc="A subscriber missed a run of a publisher's events.")
 disconnected = _signals.signal("eventbus.disconnected", doc="The push connection was lost.")
 reconnected = _signals.signal("eventbus.reconnected", doc="The push connection came back.")
+dead_lettered = _signals.signal(
+    "eventbus.dead_lettered", doc="A consumer group moved an event to the dead-letter stream."
+)
+trimmed = _signals.signal(
+    "eventbus.trimmed", doc="Trimming removed entries a consumer group had not handled."
+)
 
 
 def emit(signal: Signal, sender: object, **kwargs: Any) -> None:

@@ -1,0 +1,964 @@
+"""One member of a consumer group of a durable topic.
+
+Tasks of one :class:`GroupConsumer` (all in its own task group):
+
+* the reader: first this consumer's own pending entries (what it held when it
+  last stopped or crashed), then ``XREADGROUP ... >`` batches with ``BLOCK``;
+  it reads only while the prefetch buffer has room;
+* ``concurrency`` workers: decode, run the handler, ack (or retry, or
+  dead-letter);
+* the claimer: every ``claim.interval``, ``XAUTOCLAIM`` of entries idle past
+  ``claim.idle`` in crashed or hung consumers, following the cursor;
+* the acker: ``XACK`` of everything handled since its last flush, in one call.
+
+Every entry this consumer holds (buffered, running, waiting for a retry or for
+its ack) is in ``_held``, so a re-read of its own pending list or a claim never
+starts a second copy of an entry already in progress here.
+
+Delivery counts come from Redis (``XPENDING``), never from memory: they survive
+crashes, and a retry is an ``XCLAIM`` by the same consumer, which Redis counts.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Literal
+
+import anyio
+import anyio.abc
+import attrs
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+
+from .. import signals
+from .._codec import Codec
+from .._config import ClaimPolicy, Limits, RetryPolicy
+from .._envelope import Envelope
+from .._handlers import HandlerSpec
+from .._keys import TopicKeys
+from .._scripts import ACK_PUBLISH, DEAD_LETTER
+from .._topic import Topic
+from ..errors import DecodeError
+from ..signals import emit
+
+__all__ = ["ConsumerStatistics", "GroupConsumer", "GroupOptions", "Release", "StartPosition"]
+
+logger = logging.getLogger("eventbus")
+
+StartPosition = Literal["earliest", "latest"]
+
+_CONNECTION_ERRORS: Final = (rex.ConnectionError, rex.TimeoutError, OSError)
+_CHAIN_NAMESPACE: Final = uuid.UUID("6f1c5f7e-8a1b-4d0e-9a57-2f4b3c9e0d11")
+_MAX_ERROR_MESSAGE: Final = 1024
+_MAX_TRACEBACK: Final = 4096
+_MAX_RAW: Final = 64 * 1024
+_CLAIM_CALLS_PER_TICK: Final = 10
+_RELEASE_IDLE_MS: Final = 10**12
+"""``XCLAIM ... IDLE`` of a released entry: idle past any ``claim_idle``."""
+
+
+@attrs.frozen
+class ConsumerStatistics:
+    """Counters of one consumer-group member since the bus opened.
+
+    .. versionadded:: 0.2
+    """
+
+    group: str
+    """The consumer group."""
+    consumer: str
+    """This member's consumer name."""
+    handled: int
+    """Events the handler completed (acked, or acked with their chained outputs)."""
+    failed: int
+    """Handler invocations that raised."""
+    retried: int
+    """Retries started (after a failure and its backoff)."""
+    dead_lettered: int
+    """Events this member moved to the dead-letter stream (failures and undecodable)."""
+    claimed: int
+    """Entries taken over from other (crashed, hung) members with ``XAUTOCLAIM``."""
+    acked: int
+    """Entries ``XACK`` removed from the group's pending list."""
+    ack_lost_ownership: int
+    """Acks that found the entry no longer pending: another member claimed and
+    finished it first (Redis acks have no owner check), so it ran twice."""
+    lost_to_trim: int
+    """Pending entries trimmed from the stream before they were handled
+    (``XAUTOCLAIM``'s deleted ids, or a re-read that found them gone)."""
+    released: int
+    """Prefetched entries handed back unstarted on shutdown."""
+    reads: int
+    """``XREADGROUP`` calls made (own pending list and new entries)."""
+    deduplicated: int
+    """Events skipped because their id was already handled (``dedupe=``)."""
+    group_recreated: int
+    """Times the group had vanished (``NOGROUP``) and was recreated."""
+
+
+class Release(Exception):
+    """Raised by a handler to hand its entry back to the group instead of finishing it.
+
+    ``charge``: whether this counts as a delivery (the event was started).
+    """
+
+    def __init__(self, *, charge: bool) -> None:
+        super().__init__("released")
+        self.charge = charge
+
+
+@attrs.frozen
+class GroupOptions:
+    """How one handler consumes a durable topic as a member of a group."""
+
+    group: str
+    consumer: str
+    concurrency: int
+    batch: int
+    block: float
+    retry: RetryPolicy
+    claim: ClaimPolicy
+    start: StartPosition
+    publish_to: Topic[Any] | None
+    dedupe: float | None
+
+
+class _Work:
+    """One entry held by this consumer."""
+
+    __slots__ = ("count", "fields", "id")
+
+    def __init__(self, entry_id: str, fields: dict[bytes, bytes], count: int) -> None:
+        self.id = entry_id
+        self.fields = fields
+        self.count = count
+
+
+def _previous_id(entry_id: str) -> str:
+    ms, seq = entry_id.split("-")
+    if int(seq) > 0:
+        return f"{ms}-{int(seq) - 1}"
+    return f"{max(int(ms) - 1, 0)}-18446744073709551615"
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+def _entries(response: Any) -> list[tuple[str, dict[bytes, bytes]]]:
+    """Entries of a one-stream XREADGROUP/XREAD reply (RESP2 list or RESP3 dict)."""
+    if not response:
+        return []
+    if isinstance(response, dict):
+        (batches,) = response.values()
+        entries = batches[0] if batches else []
+    else:
+        entries = response[0][1]
+    return [(eid.decode(), fields or {}) for eid, fields in entries]
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _raw_fields(fields: dict[bytes, bytes]) -> bytes:
+    """The fields of an undecodable entry, kept for inspection (bounded)."""
+    shown: dict[str, str] = {}
+    size = 0
+    for key, value in fields.items():
+        name = key.decode("utf-8", "replace")
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "base64:" + base64.b64encode(value).decode("ascii")
+        size += len(name) + len(text)
+        if size > _MAX_RAW:
+            shown["..."] = f"truncated: {len(fields)} fields in all"
+            break
+        shown[name] = text
+    return orjson.dumps(shown)
+
+
+class GroupConsumer:
+    """A consumer-group member feeding one handler (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        topic: Topic[Any],
+        keys: TopicKeys,
+        options: GroupOptions,
+        spec: HandlerSpec,
+        codec: Codec,
+        limits: Limits,
+        client: aioredis.Redis,
+        blocking_client: aioredis.Redis,
+        encode_output: Callable[[Topic[Any], Any, str, Envelope], bytes],
+        target_keys: TopicKeys | None,
+        publish_output: Callable[[Topic[Any], Any], Awaitable[object]],
+        note_output: Callable[[Topic[Any], int], None],
+        sender: object,
+    ) -> None:
+        self.topic = topic
+        self.keys = keys
+        self.options = options
+        self.spec = spec
+        self._codec = codec
+        self._limits = limits
+        self._client: Any = client  # redis-py's stubs type replies as unions
+        self._blocking: Any = blocking_client
+        self._encode_output = encode_output
+        self._target_keys = target_keys
+        self._publish_output = publish_output
+        self._note_output = note_output
+        self._sender = sender
+        self._dead_letter_script = client.register_script(DEAD_LETTER)
+        self._ack_publish_script = client.register_script(ACK_PUBLISH)
+        self._rand = random.Random()
+
+        self._buffer: deque[_Work] = deque()
+        self._held: dict[str, _Work] = {}
+        self._running: dict[str, _Work] = {}
+        self._retrying: dict[str, _Work] = {}
+        self._handed_back: list[tuple[_Work, bool]] = []
+        self._acks: list[str] = []
+        self._marks: list[str] = []
+        self._work_ready = anyio.Event()
+        self._space = anyio.Event()
+        self._ack_ready = anyio.Event()
+        self._ack_idle = anyio.Event()
+        self._ack_idle.set()
+        self._stopping = False
+        self._closed = False
+        self._acks_closed = False
+        self._read_scope = anyio.CancelScope()
+        self._claim_scope = anyio.CancelScope()
+        self._retry_scope = anyio.CancelScope()
+        self._worker_scope = anyio.CancelScope()
+        self._ack_scope = anyio.CancelScope()
+        self._retry_tg: anyio.abc.TaskGroup | None = None
+        self._reader_done = anyio.Event()
+        self._workers_done = anyio.Event()
+        self._acker_done = anyio.Event()
+        self._last_read_id: str | None = None
+        self._claim_cursor = "0-0"
+        self._recreate_times: deque[float] = deque(maxlen=5)
+        self._nogroup_logged = False
+        self._capacity = max(options.batch, options.concurrency)
+
+        self.handled = 0
+        self.failed = 0
+        self.retried = 0
+        self.dead_lettered = 0
+        self.claimed = 0
+        self.acked = 0
+        self.ack_lost_ownership = 0
+        self.lost_to_trim = 0
+        self.released = 0
+        self.reads = 0
+        self.deduplicated = 0
+        self.group_recreated = 0
+
+    def statistics(self) -> ConsumerStatistics:
+        return ConsumerStatistics(
+            group=self.options.group,
+            consumer=self.options.consumer,
+            handled=self.handled,
+            failed=self.failed,
+            retried=self.retried,
+            dead_lettered=self.dead_lettered,
+            claimed=self.claimed,
+            acked=self.acked,
+            ack_lost_ownership=self.ack_lost_ownership,
+            lost_to_trim=self.lost_to_trim,
+            released=self.released,
+            reads=self.reads,
+            deduplicated=self.deduplicated,
+            group_recreated=self.group_recreated,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        """Create the group (and the stream) unless it exists."""
+        start = "0" if self.options.start == "earliest" else "$"
+        try:
+            await self._client.xgroup_create(
+                self.keys.stream, self.options.group, id=start, mkstream=True
+            )
+        except rex.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Consume until :meth:`stop` has finished."""
+        await self.ensure_group()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._ack_loop)
+            tg.start_soon(self._retries)
+            tg.start_soon(self._workers)
+            tg.start_soon(self._read_loop)
+            tg.start_soon(self._claim_loop)
+            task_status.started()
+
+    async def stop(self, deadline: float) -> None:
+        """Stop reading, release what was prefetched, let running handlers finish until
+        ``deadline`` (``anyio.current_time()`` based), then flush acks."""
+        self._stopping = True
+        self._read_scope.cancel()
+        self._claim_scope.cancel()
+        self._retry_scope.cancel()
+        await self._reader_done.wait()
+        unstarted = list(self._buffer)
+        self._buffer.clear()
+        retrying = list(self._retrying.values())
+        self._retrying.clear()
+        self._closed = True
+        self._work_ready.set()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+            await self._release(unstarted, retrying)
+        with anyio.move_on_after(max(deadline - anyio.current_time(), 0)):
+            await self._workers_done.wait()
+        if not self._workers_done.is_set():
+            abandoned = sorted(self._running)
+            logger.warning(
+                "group %r of topic %r: %d handlers still running after the shutdown grace;"
+                " cancelled, their entries stay pending for another consumer: %s",
+                self.options.group,
+                self.topic.name,
+                len(abandoned),
+                ", ".join(abandoned[:20]) + (" ..." if len(abandoned) > 20 else ""),
+            )
+            self._worker_scope.cancel()
+            await self._workers_done.wait()
+        if self._handed_back:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                await self._release(
+                    [w for w, charge in self._handed_back if not charge],
+                    [w for w, charge in self._handed_back if charge],
+                )
+        self._acks_closed = True
+        self._ack_ready.set()
+        with anyio.move_on_after(max(deadline - anyio.current_time(), 1.0)):
+            await self._acker_done.wait()
+        if not self._acker_done.is_set():
+            logger.warning(
+                "group %r: %d acks could not be sent before shutdown; those entries stay"
+                " pending and are handled again by another consumer",
+                self.options.group,
+                len(self._acks),
+            )
+            self._ack_scope.cancel()
+
+    async def _release(self, unstarted: list[_Work], retrying: list[_Work]) -> None:
+        """Hand entries back to the group, claimable by others at once, without
+        charging a delivery to the unstarted ones (``RETRYCOUNT`` = count - 1)."""
+        by_count: dict[int, list[str]] = {}
+        for work in unstarted:
+            by_count.setdefault(max(work.count - 1, 0), []).append(work.id)
+        for work in retrying:
+            by_count.setdefault(work.count, []).append(work.id)
+        for count, ids in by_count.items():
+            try:
+                await self._client.xclaim(
+                    self.keys.stream,
+                    self.options.group,
+                    self.options.consumer,
+                    0,
+                    ids,
+                    idle=_RELEASE_IDLE_MS,
+                    retrycount=count,
+                    justid=True,
+                )
+            except Exception as exc:
+                logger.warning(
+                    "group %r: could not release %d entries on shutdown (others claim them"
+                    " after claim_idle): %s",
+                    self.options.group,
+                    len(ids),
+                    exc,
+                )
+                continue
+            self.released += len(ids)
+            for entry_id in ids:
+                self._held.pop(entry_id, None)
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        try:
+            with self._read_scope:
+                await self._read_own_pending()
+                backoff = 0.05
+                while not self._stopping:
+                    free = self._capacity - len(self._buffer)
+                    if free <= 0:
+                        await self._wait_space()
+                        continue
+                    try:
+                        self.reads += 1
+                        response = await self._blocking.xreadgroup(
+                            self.options.group,
+                            self.options.consumer,
+                            {self.keys.stream: ">"},
+                            count=min(self.options.batch, free),
+                            block=max(int(self.options.block * 1000), 1),
+                        )
+                    except rex.ResponseError as exc:
+                        if "NOGROUP" not in str(exc):
+                            raise
+                        await self._recreate_group()
+                        continue
+                    except _CONNECTION_ERRORS as exc:
+                        logger.warning(
+                            "group %r of topic %r: read failed (%s); reconnecting",
+                            self.options.group,
+                            self.topic.name,
+                            exc,
+                        )
+                        await anyio.sleep(backoff * (1 + self._rand.random()))
+                        backoff = min(backoff * 2, 2.0)
+                        # A reply lost with the connection may have put entries in
+                        # this consumer's pending list that it never saw.
+                        await self._read_own_pending()
+                        continue
+                    backoff = 0.05
+                    entries = _entries(response)
+                    if entries:
+                        self._last_read_id = entries[-1][0]
+                        for entry_id, fields in entries:
+                            self._add(_Work(entry_id, fields, 1))
+        finally:
+            self._reader_done.set()
+
+    async def _wait_space(self) -> None:
+        """Wait until a worker took an entry from the buffer (reader and claimer share it)."""
+        space = self._space
+        if space.is_set():
+            self._space = space = anyio.Event()
+        await space.wait()
+
+    def _add(self, work: _Work, *, front: bool = False) -> None:
+        if work.id in self._held and self._held[work.id] is not work:
+            return  # already here (running, or waiting for its ack)
+        self._held[work.id] = work
+        if front:
+            self._buffer.appendleft(work)
+        else:
+            self._buffer.append(work)
+        self._work_ready.set()
+
+    async def _read_own_pending(self) -> None:
+        """Take back this consumer's own pending entries (after a restart or a lost reply)."""
+        start = "-"
+        page = max(self.options.batch, 10)
+        while not self._stopping:
+            try:
+                self.reads += 1
+                pending = await self._client.xpending_range(
+                    self.keys.stream,
+                    self.options.group,
+                    min=start,
+                    max="+",
+                    count=page,
+                    consumername=self.options.consumer,
+                )
+            except rex.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._recreate_group()
+                return
+            except _CONNECTION_ERRORS:
+                await anyio.sleep(0.2)
+                continue
+            counts = {
+                p["message_id"].decode(): int(p["times_delivered"])
+                for p in pending
+                if p["message_id"].decode() not in self._held
+            }
+            if counts:
+                await self._take(list(counts), counts, min_idle_ms=0)
+            if len(pending) < page:
+                return
+            start = "(" + pending[-1]["message_id"].decode()
+
+    async def _take(self, ids: list[str], counts: dict[str, int], *, min_idle_ms: int) -> None:
+        """XCLAIM ``ids`` to this consumer (a new delivery: Redis counts it) and queue them."""
+        while len(self._buffer) >= self._capacity and not self._stopping:
+            await self._wait_space()
+        claimed = await self._client.xclaim(
+            self.keys.stream, self.options.group, self.options.consumer, min_idle_ms, ids
+        )
+        got = set()
+        for entry_id, fields in claimed:
+            eid = entry_id.decode()
+            got.add(eid)
+            if not fields:
+                self._count_trimmed([eid])
+                continue
+            self._add(_Work(eid, fields, counts.get(eid, 0) + 1))
+        gone = [i for i in ids if i not in got]
+        if gone and min_idle_ms == 0:
+            # Redis >= 7 drops deleted entries from the pending list on XCLAIM.
+            self._count_trimmed(gone)
+
+    def _count_trimmed(self, ids: list[str]) -> None:
+        self.lost_to_trim += len(ids)
+        logger.error(
+            "topic %r group %r: %d pending entries were trimmed before they were handled: %s",
+            self.topic.name,
+            self.options.group,
+            len(ids),
+            ", ".join(ids[:10]),
+        )
+        if signals.trimmed.receivers:
+            emit(
+                signals.trimmed,
+                self._sender,
+                topic=self.topic.name,
+                group=self.options.group,
+                entry_ids=tuple(ids),
+            )
+
+    async def _recreate_group(self) -> None:
+        """The group vanished (FLUSHALL, failover): recreate it at the durable cursor."""
+        now = time.monotonic()
+        if len(self._recreate_times) == self._recreate_times.maxlen:
+            wait = self._recreate_times[0] + 1.0 - now
+            if wait > 0:  # at most 5 attempts per second
+                await anyio.sleep(wait)
+        self._recreate_times.append(time.monotonic())
+        candidates: list[str] = []
+        try:
+            stored = await self._client.hget(self.keys.cursors, self.options.group)
+        except _CONNECTION_ERRORS:
+            stored = None
+        if stored:
+            candidates.append(stored.decode())
+        own = self._watermark()
+        if own is not None:
+            candidates.append(own)
+        start = min(candidates, key=_id_key) if candidates else "0"
+        if not self._nogroup_logged:
+            self._nogroup_logged = True
+            logger.error(
+                "consumer group %r of topic %r vanished (NOGROUP: flushed, deleted, or lost in a"
+                " failover); recreating it at %s",
+                self.options.group,
+                self.topic.name,
+                start,
+            )
+        try:
+            await self._client.xgroup_create(
+                self.keys.stream, self.options.group, id=start, mkstream=True
+            )
+        except rex.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        else:
+            self.group_recreated += 1
+
+    def _watermark(self) -> str | None:
+        """An id at or below which everything this consumer read is handled."""
+        if self._held:
+            return _previous_id(min(self._held, key=_id_key))
+        return self._last_read_id
+
+    # -- claiming ------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        claim = self.options.claim
+        with self._claim_scope:
+            while not self._stopping:
+                await anyio.sleep(claim.interval)
+                try:
+                    await self._claim_pass()
+                except rex.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        logger.warning("group %r: claim failed: %s", self.options.group, exc)
+                except _CONNECTION_ERRORS as exc:
+                    logger.debug("group %r: claim failed: %s", self.options.group, exc)
+
+    async def _claim_pass(self) -> None:
+        """Follow the XAUTOCLAIM cursor for up to ``_CLAIM_CALLS_PER_TICK`` calls."""
+        min_idle = int(self.options.claim.idle * 1000)
+        for _ in range(_CLAIM_CALLS_PER_TICK):
+            space = self._capacity - len(self._buffer)
+            if space <= 0:
+                return
+            cursor, entries, deleted = await self._client.xautoclaim(
+                self.keys.stream,
+                self.options.group,
+                self.options.consumer,
+                min_idle,
+                self._claim_cursor,
+                count=min(self.options.claim.count, space),
+            )
+            self._claim_cursor = cursor.decode()
+            if deleted:
+                self._count_trimmed([d.decode() for d in deleted])
+            fresh = [(e.decode(), f) for e, f in entries if e.decode() not in self._held]
+            if fresh:
+                counts = await self._counts([e for e, _ in fresh])
+                self.claimed += len(fresh)
+                for entry_id, fields in fresh:
+                    if not fields:
+                        self._count_trimmed([entry_id])
+                        continue
+                    self._add(_Work(entry_id, fields, counts.get(entry_id, 1)))
+            if self._claim_cursor == "0-0":
+                return
+
+    async def _counts(self, ids: list[str]) -> dict[str, int]:
+        """Redis's delivery counts of ``ids`` (pending with this consumer)."""
+        first, last = min(ids, key=_id_key), max(ids, key=_id_key)
+        pending = await self._client.xpending_range(
+            self.keys.stream,
+            self.options.group,
+            min=first,
+            max=last,
+            count=len(ids) + 100,
+            consumername=self.options.consumer,
+        )
+        return {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
+
+    # -- handling ------------------------------------------------------------------------
+
+    async def _workers(self) -> None:
+        try:
+            with self._worker_scope:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(self.options.concurrency):
+                        tg.start_soon(self._worker)
+        finally:
+            self._workers_done.set()
+
+    async def _worker(self) -> None:
+        buffer = self._buffer
+        while True:
+            if buffer:
+                work = buffer.popleft()
+                if len(buffer) < self._capacity:
+                    self._space.set()
+            elif self._closed:
+                return
+            else:
+                # Workers share one event; the first to find it set replaces it.
+                ready = self._work_ready
+                if ready.is_set():
+                    self._work_ready = ready = anyio.Event()
+                await ready.wait()
+                continue
+            self._running[work.id] = work
+            try:
+                await self._process(work)
+            finally:
+                self._running.pop(work.id, None)
+
+    async def _process(self, work: _Work) -> None:
+        topic = self.topic.name
+        spec = self.spec
+        try:
+            env = self._codec.decode_entry(topic, work.id, work.fields)
+            tp = spec.payload_type
+            payload = env.data if tp is object or tp is Any else self._codec.structure(env, tp)
+        except DecodeError as exc:
+            await self._dead_letter(work, None, reason=exc.reason, error=exc)
+            return
+        max_attempts = self.options.retry.max_attempts
+        if work.count > max_attempts:
+            # Delivered more often than allowed without a verdict: the handler
+            # keeps crashing (or hanging) its process. Do not run it again.
+            await self._dead_letter(work, env, reason="max_deliveries", error=None)
+            return
+        if (
+            self.options.dedupe is not None
+            and env.id
+            and await self._client.exists(self.keys.seen + self.options.group + ":" + env.id)
+        ):
+            self.deduplicated += 1
+            self._ack(work.id, None)
+            return
+        try:
+            if spec.wants_delivery:
+                result = spec.fn(payload, env.group_delivery(self.options.group, work.count))
+            else:
+                result = spec.fn(payload)
+            if spec.is_async:
+                result = await result
+        except Release as release:
+            self._handed_back.append((work, release.charge))
+            return
+        except Exception as exc:
+            self.failed += 1
+            self._report(env, exc, work.count)
+            if work.count >= max_attempts:
+                await self._dead_letter(work, env, reason="handler_error", error=exc)
+            else:
+                self._schedule_retry(work)
+            return
+        if result is not None and self.options.publish_to is not None:
+            await self._chain(work, env, result)
+        else:
+            self._ack(work.id, env.id)
+        self.handled += 1
+        if signals.delivered.receivers:
+            emit(
+                signals.delivered,
+                self._sender,
+                topic=topic,
+                event_id=env.id,
+                subscription=spec.fn,
+            )
+
+    def _report(self, env: Envelope, error: BaseException, attempt: int) -> None:
+        if self.failed == 1 or self.failed % 100 == 0:
+            logger.error(
+                "handler %s of %r (group %r) failed on attempt %d (%d failures so far;"
+                " logged once per 100): %s",
+                self.spec.name,
+                self.topic.name,
+                self.options.group,
+                attempt,
+                self.failed,
+                error,
+                exc_info=error if self.failed == 1 else None,
+            )
+        if signals.failed.receivers:
+            emit(
+                signals.failed,
+                self._sender,
+                topic=self.topic.name,
+                event_id=env.id,
+                subscription=self.spec.fn,
+                error=error,
+            )
+
+    def _ack(self, entry_id: str, event_id: str | None) -> None:
+        self._acks.append(entry_id)
+        if event_id and self.options.dedupe is not None:
+            self._marks.append(event_id)
+        self._ack_ready.set()
+
+    def _schedule_retry(self, work: _Work) -> None:
+        attempt = work.count
+        delay = min(
+            self.options.retry.delay(attempt, self._rand.random()), self.options.claim.idle / 2
+        )
+        self._retrying[work.id] = work
+
+        async def retry() -> None:
+            await anyio.sleep(delay)
+            if self._stopping or work.id not in self._retrying:
+                return
+            try:
+                claimed = await self._client.xclaim(
+                    self.keys.stream,
+                    self.options.group,
+                    self.options.consumer,
+                    max(int(delay * 1000 * 0.8), 0),
+                    [work.id],
+                )
+            except Exception as exc:
+                logger.warning(
+                    "group %r: retry of %s failed (%s); another consumer claims it after"
+                    " claim_idle",
+                    self.options.group,
+                    work.id,
+                    exc,
+                )
+                self._retrying.pop(work.id, None)
+                self._held.pop(work.id, None)
+                return
+            self._retrying.pop(work.id, None)
+            if not claimed:
+                # Claimed by another consumer meanwhile, or acked: not ours now.
+                self._held.pop(work.id, None)
+                return
+            _entry_id, fields = claimed[0]
+            if not fields:
+                self._held.pop(work.id, None)
+                self._count_trimmed([work.id])
+                return
+            self.retried += 1
+            work.fields = fields
+            work.count = attempt + 1
+            self._add(work, front=True)
+
+        assert self._retry_tg is not None
+        self._retry_tg.start_soon(retry)
+
+    async def _retries(self) -> None:
+        """Owns the tasks waiting out a retry's backoff (cancelled together on stop)."""
+        with self._retry_scope:
+            async with anyio.create_task_group() as tg:
+                self._retry_tg = tg
+                await anyio.sleep_forever()
+
+    async def _dead_letter(
+        self, work: _Work, env: Envelope | None, *, reason: str, error: BaseException | None
+    ) -> None:
+        fields: list[Any] = [
+            "topic", self.topic.name,
+            "original_id", work.id,
+            "group", self.options.group,
+            "consumer", self.options.consumer,
+            "attempts", work.count,
+            "reason", reason,
+            "failed_at", int(time.time() * 1000),
+        ]  # fmt: skip
+        if env is not None:
+            fields += ["id", env.id, "env", work.fields.get(b"env") or orjson.dumps(env.data)]
+        else:
+            event_id = work.fields.get(b"id")
+            if event_id is not None and len(event_id) <= 256:
+                fields += ["id", event_id]
+            fields += ["raw", _raw_fields(work.fields)]
+        if error is not None:
+            fields += [
+                "error_type",
+                type(error).__qualname__,
+                "error_message",
+                _truncate(str(error), _MAX_ERROR_MESSAGE),
+                "traceback",
+                _truncate(
+                    "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+                    _MAX_TRACEBACK,
+                ),
+            ]
+        try:
+            dlq_id = await self._dead_letter_script(
+                keys=[self.keys.stream, self.keys.dlq, self.keys.dlq_count],
+                args=[self.options.group, work.id, self._limits.dead_letter_maxlen, *fields],
+            )
+        except Exception as exc:
+            logger.error(
+                "group %r: could not dead-letter %s (%s); it stays pending and is retried",
+                self.options.group,
+                work.id,
+                exc,
+            )
+            self._held.pop(work.id, None)
+            return
+        self._held.pop(work.id, None)
+        if dlq_id is None:
+            self.ack_lost_ownership += 1
+            return
+        self.dead_lettered += 1
+        logged_id = env.id if env is not None else ""
+        logger.warning(
+            "topic %r group %r: event %s (entry %s) dead-lettered after %d deliveries: %s%s",
+            self.topic.name,
+            self.options.group,
+            logged_id or "?",
+            work.id,
+            work.count,
+            reason,
+            f" ({type(error).__name__}: {error})" if error is not None else "",
+        )
+        if signals.dead_lettered.receivers:
+            emit(
+                signals.dead_lettered,
+                self._sender,
+                topic=self.topic.name,
+                event_id=logged_id,
+                group=self.options.group,
+                reason=reason,
+                error=error,
+                dead_letter_id=dlq_id.decode() if isinstance(dlq_id, bytes) else dlq_id,
+            )
+
+    async def _chain(self, work: _Work, env: Envelope, result: Any) -> None:
+        target = self.options.publish_to
+        assert target is not None
+        events = list(result) if isinstance(result, list | tuple) else [result]
+        if self._target_keys is None:
+            # A live or local target: publish, then ack (at least once).
+            for event in events:
+                await self._publish_output(target, event)
+            self._ack(work.id, env.id)
+            return
+        args: list[Any] = [self.options.group, work.id, ""]
+        if target.trim == "hard" and target.maxlen is not None:
+            args[2] = target.maxlen
+        parent = env.id or work.id
+        for index, event in enumerate(events):
+            child_id = uuid.uuid5(_CHAIN_NAMESPACE, f"{parent}/{index}").hex
+            args += [child_id, self._encode_output(target, event, child_id, env)]
+        ids = await self._ack_publish_script(
+            keys=[self.keys.stream, self._target_keys.stream], args=args
+        )
+        self._held.pop(work.id, None)
+        if ids is None:
+            self.ack_lost_ownership += 1
+        else:
+            self.acked += 1
+            self._note_output(target, len(ids))
+
+    # -- acking --------------------------------------------------------------------------
+
+    async def _ack_loop(self) -> None:
+        try:
+            with self._ack_scope:
+                await self._ack_until_closed()
+        finally:
+            self._acker_done.set()
+
+    async def _ack_until_closed(self) -> None:
+        while True:
+            if not self._acks:
+                if self._acks_closed:
+                    return
+                self._ack_ready = anyio.Event()
+                await self._ack_ready.wait()
+                continue
+            ids, self._acks = self._acks, []
+            marks, self._marks = self._marks, []
+            await self._flush(ids, marks)
+
+    async def _flush(self, ids: list[str], marks: list[str]) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.xack(self.keys.stream, self.options.group, *ids)
+                    if marks and self.options.dedupe is not None:
+                        ttl = max(int(self.options.dedupe * 1000), 1)
+                        for event_id in marks:
+                            pipe.set(
+                                self.keys.seen + self.options.group + ":" + event_id, 1, px=ttl
+                            )
+                    self._held_after_ack(ids)
+                    watermark = self._watermark()
+                    if watermark is not None:
+                        pipe.hset(self.keys.cursors, self.options.group, watermark)
+                    results = await pipe.execute(raise_on_error=False)
+                break
+            except _CONNECTION_ERRORS as exc:
+                logger.warning("group %r: ack failed (%s); retrying", self.options.group, exc)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        if isinstance(results[0], BaseException):
+            # NOGROUP: the group vanished with its pending list; the reader recreates it.
+            logger.warning("group %r: ack failed: %s", self.options.group, results[0])
+            acked = 0
+        else:
+            acked = int(results[0])
+        self.acked += acked
+        if acked < len(ids):
+            self.ack_lost_ownership += len(ids) - acked
+
+    def _held_after_ack(self, ids: list[str]) -> None:
+        for entry_id in ids:
+            self._held.pop(entry_id, None)

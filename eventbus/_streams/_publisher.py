@@ -1,0 +1,306 @@
+"""Publishing to durable topics: coalesced XADD pipelines, safe retries, trimming.
+
+Concurrent ``publish()`` calls share pipelines: the first caller to find the
+writer idle sends everything queued (up to ``MAX_BATCH`` per pipeline) until the
+queue is empty, while later callers only queue and wait. An idle bus therefore
+sends a lone publish at once, as one command; only what is already waiting is
+batched. No background task, no linger timer.
+
+A pipeline that dies with the connection is *ambiguous*: Redis may have stored
+some of its entries. Before anything is sent again the writer looks for the
+batch's event ids in the stream (``XRANGE`` from shortly before the send, by
+the server's clock), resolves those it finds, and re-sends only the rest, so a
+lost reply does not turn into a duplicate. If the lookup cannot finish (Redis
+still down at the deadline) the call raises; a re-send that raced a late
+execution (a server frozen with our bytes in its socket buffer) can still
+duplicate, with the same event id, which consumers can deduplicate on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Final
+
+import anyio
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+
+from .._connection import translate
+from .._keys import TopicKeys
+from .._scripts import TRIM_ACKED
+from .._topic import Topic
+from ..errors import RedisUnavailable
+
+__all__ = ["StreamWriter", "Trimmer"]
+
+logger = logging.getLogger("eventbus")
+
+MAX_BATCH: Final = 1000
+_SCAN_PAGE: Final = 1000
+_SCAN_LIMIT: Final = 200_000
+"""Most entries read back to resolve one ambiguous batch; past it, re-send."""
+_TRIM_PROBE: Final = 10_000
+
+_CONNECTION_ERRORS: Final = (rex.ConnectionError, rex.TimeoutError, OSError)
+
+
+class _Item:
+    __slots__ = ("event_id", "fields", "fut", "keys", "topic")
+
+    def __init__(
+        self,
+        topic: Topic[Any],
+        keys: TopicKeys,
+        event_id: str,
+        env: bytes,
+        fut: asyncio.Future[str],
+    ) -> None:
+        self.topic = topic
+        self.keys = keys
+        self.event_id = event_id
+        self.fields = (b"id", event_id.encode(), b"env", env)
+        self.fut = fut
+
+
+def _xadd_args(item: _Item) -> tuple[Any, ...]:
+    topic = item.topic
+    if topic.trim == "hard" and topic.maxlen is not None:
+        return ("XADD", item.keys.stream, "MAXLEN", "~", topic.maxlen, "*", *item.fields)
+    return ("XADD", item.keys.stream, "*", *item.fields)
+
+
+class StreamWriter:
+    """Sends XADDs for durable topics, batching concurrent callers into pipelines.
+
+    :param client: a client WITHOUT redis-py retries: a blind retry of ``XADD *``
+        after a lost reply stores the event twice; this class retries itself.
+    :param timeout: seconds a publish may spend retrying before it raises.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, timeout: float, trimmer: Trimmer) -> None:
+        self._client: Any = client  # redis-py's stubs type replies as unions
+        self._timeout = timeout
+        self._trimmer = trimmer
+        self._queue: list[_Item] = []
+        self._busy = False
+
+    async def add(
+        self, topic: Topic[Any], keys: TopicKeys, entries: Iterable[tuple[str, bytes]]
+    ) -> list[str]:
+        """Store ``(event id, envelope)`` entries in ``topic``'s stream, in order.
+
+        Returns the stream ids. Cancellation: once called, the entries are sent
+        even if the caller is cancelled (their outcome is then unknown to it).
+
+        :raises eventbus.errors.RedisUnavailable: Redis could not be reached within
+            the timeout; the entries were not stored (or, if Redis executed a
+            command whose reply was lost and could not be checked, see the module doc).
+        :raises eventbus.errors.BackendError: Redis refused the command (OOM, NOPERM, ...).
+        """
+        loop = asyncio.get_running_loop()
+        items = [_Item(topic, keys, eid, env, loop.create_future()) for eid, env in entries]
+        self._queue.extend(items)
+        if not self._busy:
+            self._busy = True
+            try:
+                # Shielded: this task writes for every queued caller now.
+                with anyio.CancelScope(shield=True):
+                    while self._queue:
+                        batch = self._queue[:MAX_BATCH]
+                        del self._queue[:MAX_BATCH]
+                        await self._send(batch)
+            finally:
+                self._busy = False
+        if len(items) == 1:
+            return [await items[0].fut]
+        return list(await asyncio.gather(*(i.fut for i in items)))
+
+    async def _send(self, batch: list[_Item]) -> None:
+        deadline = time.monotonic() + self._timeout
+        attempt = 0
+        remaining = batch
+        while remaining:
+            sent_at = time.monotonic()
+            try:
+                results = await self._pipeline(remaining)
+            except _CONNECTION_ERRORS as exc:
+                remaining = await self._recover(remaining, exc, sent_at, deadline, attempt)
+                attempt += 1
+                continue
+            except Exception as exc:  # e.g. a cancelled shield cannot happen; be safe
+                self._fail(remaining, exc)
+                return
+            for item, result in zip(remaining, results, strict=True):
+                if item.fut.done():
+                    continue
+                if isinstance(result, BaseException):
+                    self._fail([item], result)
+                else:
+                    item.fut.set_result(
+                        result.decode() if isinstance(result, bytes) else str(result)
+                    )
+            self._trimmer.note(remaining)
+            remaining = []
+
+    async def _pipeline(self, items: list[_Item]) -> list[Any]:
+        if len(items) == 1:
+            return [await self._client.execute_command(*_xadd_args(items[0]))]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for item in items:
+                pipe.execute_command(*_xadd_args(item))
+            return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+
+    async def _recover(
+        self,
+        items: list[_Item],
+        error: BaseException,
+        sent_at: float,
+        deadline: float,
+        attempt: int,
+    ) -> list[_Item]:
+        """After an ambiguous failure: resolve what Redis stored, return what it did not."""
+        while True:
+            delay = min(0.05 * 2**attempt, 1.0) * (1 + random.random() * 0.2)
+            if time.monotonic() + delay > deadline:
+                self._fail(items, error)
+                return []
+            await anyio.sleep(delay)
+            attempt += 1
+            try:
+                return await self._unstored(items, sent_at)
+            except _CONNECTION_ERRORS as exc:
+                error = exc
+
+    async def _unstored(self, items: list[_Item], sent_at: float) -> list[_Item]:
+        seconds, micros = await self._client.time()
+        server_ms = int(seconds) * 1000 + int(micros) // 1000
+        since_ms = server_ms - int((time.monotonic() - sent_at) * 1000) - 2000
+        by_stream: dict[str, dict[bytes, _Item]] = {}
+        for item in items:
+            by_stream.setdefault(item.keys.stream, {})[item.fields[1]] = item
+        for stream, wanted in by_stream.items():
+            start: str = f"{max(since_ms, 0)}-0"
+            scanned = 0
+            while wanted and scanned < _SCAN_LIMIT:
+                page = await self._client.xrange(stream, min=start, count=_SCAN_PAGE)
+                for entry_id, fields in page:
+                    found = wanted.pop(fields.get(b"id", b""), None)
+                    if found is not None and not found.fut.done():
+                        found.fut.set_result(entry_id.decode())
+                if len(page) < _SCAN_PAGE:
+                    break
+                scanned += len(page)
+                start = "(" + page[-1][0].decode()
+        resolved = [i for i in items if i.fut.done()]
+        if resolved:
+            logger.info(
+                "publish retry: %d of %d events were stored before the connection dropped",
+                len(resolved),
+                len(items),
+            )
+            self._trimmer.note(resolved)
+        return [i for i in items if not i.fut.done()]
+
+    @staticmethod
+    def _fail(items: list[_Item], error: BaseException) -> None:
+        for item in items:
+            if item.fut.done():
+                continue
+            mapped = translate(error, topic=item.topic.name, command="XADD")
+            if mapped is error and not isinstance(error, rex.RedisError):
+                mapped = RedisUnavailable(f"publish failed: {error}", topic=item.topic.name)
+            if mapped is not error:
+                mapped.__cause__ = error
+            item.fut.set_exception(mapped)
+
+
+class Trimmer:
+    """Trims durable topics published by this bus, in the background.
+
+    ``trim="acked"`` topics are trimmed by a script that never removes what a
+    consumer group still needs; ``trim="hard"`` topics trim inline on XADD
+    (``MAXLEN ~``) and here only by age. A pass runs after a topic received a
+    tenth of its ``maxlen`` (at most 1,000) new entries, or every second when it
+    has a retention age. Its task starts with the first pass that is due
+    (``start`` schedules it in the bus's task group).
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, start: Callable[[Callable[[], Awaitable[None]]], None]
+    ) -> None:
+        self._client: Any = client
+        self._start = start
+        self._started = False
+        self._script = client.register_script(TRIM_ACKED)
+        self._counts: dict[str, int] = {}
+        self._topics: dict[str, tuple[Topic[Any], TopicKeys]] = {}
+        self._due: set[str] = set()
+        self._wake = anyio.Event()
+        self._last: dict[str, float] = {}
+        self.trimmed = 0
+        self.held_back = 0
+
+    def note(self, items: Iterable[_Item]) -> None:
+        """Count stored entries; a topic that got enough new ones becomes due."""
+        for item in items:
+            self.note_topic(item.topic, item.keys, 1)
+
+    def note_topic(self, topic: Topic[Any], keys: TopicKeys, added: int) -> None:
+        if topic.maxlen is None and topic.retention is None:
+            return
+        if topic.trim == "hard" and topic.retention is None:
+            return  # trimmed inline by XADD MAXLEN ~
+        name = topic.name
+        count = self._counts.get(name, 0) + added
+        self._counts[name] = count
+        self._topics[name] = (topic, keys)
+        every = min(max(topic.maxlen // 10, 1), 1000) if topic.maxlen else 1000
+        now = time.monotonic()
+        if count >= every or (
+            topic.retention is not None and now - self._last.get(name, 0.0) >= 1.0
+        ):
+            self._due.add(name)
+            self._wake.set()
+            if not self._started:
+                self._started = True
+                self._start(self.run)
+
+    async def run(self) -> None:
+        """Trim what is due until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            due, self._due = self._due, set()
+            for name in due:
+                self._counts[name] = 0
+                self._last[name] = time.monotonic()
+                topic, keys = self._topics[name]
+                try:
+                    await self.trim(topic, keys)
+                except Exception as exc:  # trimming is housekeeping: log, retry next time
+                    logger.warning("trimming topic %r failed: %s", name, exc)
+
+    async def trim(self, topic: Topic[Any], keys: TopicKeys) -> int:
+        """One trim pass of ``topic``; returns the entries removed."""
+        minid = ""
+        if topic.retention is not None:
+            seconds, micros = await self._client.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            minid = f"{max(now_ms - int(topic.retention * 1000), 0)}-0"
+        if topic.trim == "hard":
+            if not minid:
+                return 0
+            removed = int(await self._client.xtrim(keys.stream, minid=minid, approximate=True))
+            self.trimmed += removed
+            return removed
+        maxlen = "" if topic.maxlen is None else str(topic.maxlen)
+        removed, held = await self._script(keys=[keys.stream], args=[maxlen, minid, _TRIM_PROBE])
+        self.trimmed += int(removed)
+        if held:
+            self.held_back += 1
+            logger.debug("topic %r: trim held back by a consumer group that lags", topic.name)
+        return int(removed)
