@@ -316,16 +316,19 @@ class GroupConsumer:
         """Stop reading, release what was prefetched, let running handlers finish until
         ``deadline`` (``anyio.current_time()`` based), then flush acks."""
         self._stopping = True
+        self._closed = True
+        # Taken before any await, so no worker starts another prefetched entry.
+        unstarted = list(self._buffer)
+        self._buffer.clear()
+        self._work_ready.set()
         self._read_scope.cancel()
         self._claim_scope.cancel()
         self._retry_scope.cancel()
         await self._reader_done.wait()
-        unstarted = list(self._buffer)
+        unstarted += self._buffer  # what a read that was already returning added
         self._buffer.clear()
         retrying = list(self._retrying.values())
         self._retrying.clear()
-        self._closed = True
-        self._work_ready.set()
         with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
             await self._release(unstarted, retrying)
         with anyio.move_on_after(max(deadline - anyio.current_time(), 0)):

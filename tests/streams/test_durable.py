@@ -1,0 +1,421 @@
+"""Durable topics end to end: publish, consumer groups, iterators, replay, stats, wire."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+from eventbus import (
+    ClaimPolicy,
+    Delivery,
+    EventBus,
+    GroupSubscription,
+    RetryPolicy,
+    Subscription,
+    Topic,
+    errors,
+)
+from tests.helpers import control_client, wait_until
+
+FAST_CLAIM = ClaimPolicy(idle=2.0, interval=0.5)
+
+
+@attrs.frozen
+class Order:
+    id: int
+    amount: int
+
+
+def stream_key(bus: EventBus, topic: str) -> str:
+    return f"{bus.prefix}:{{{topic}}}:stream"
+
+
+async def test_publish_returns_the_stream_id_and_a_group_handles_each_event_once(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    orders = Topic("orders", Order, durable=True)
+    bus = bus_factory()
+    seen: list[tuple[Order, Delivery]] = []
+
+    @bus.on(orders, group="billing", concurrency=4, claim=FAST_CLAIM)
+    async def bill(order: Order, delivery: Delivery) -> None:
+        seen.append((order, delivery))
+
+    async with bus:
+        receipt = await bus.publish(orders, Order(1, 10), headers={"trace": "t1"})
+        receipts = await bus.publish_many(orders, [Order(i, i) for i in range(2, 102)])
+        await wait_until(lambda: len(seen) == 101)
+        stats = await bus.stats(orders)
+
+    assert receipt.stream_id is not None
+    ids = [tuple(map(int, str(r.stream_id).split("-"))) for r in receipts]
+    assert ids == sorted(ids)  # stored in order
+    by_id = {d.id: (o, d) for o, d in seen}
+    assert len(by_id) == 101
+    order, delivery = by_id[receipt.id]
+    assert order == Order(1, 10)
+    assert delivery.stream_id == receipt.stream_id
+    assert delivery.attempt == 1
+    assert delivery.group == "billing"
+    assert delivery.headers == {"trace": "t1"}
+    topic = stats.topic("orders")
+    assert topic.length == 101
+    (group,) = topic.groups
+    assert (group.name, group.pending, group.dead_letters) == ("billing", 0, 0)
+    async with control_client(redis_url) as admin:
+        assert await admin.xlen(stream_key(bus, "orders")) == 101
+
+
+async def test_every_group_gets_every_event_and_members_share_one_group(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    orders = Topic("orders", durable=True)
+    a, b = bus_factory(), bus_factory()
+    b = bus_factory(prefix=a.prefix)
+    got: dict[str, list[int]] = {"billing-a": [], "billing-b": [], "audit": []}
+
+    @a.on(orders, group="billing", consumer="a", claim=FAST_CLAIM)
+    async def bill_a(n: int) -> None:
+        got["billing-a"].append(n)
+
+    @b.on(orders, group="billing", consumer="b", claim=FAST_CLAIM)
+    async def bill_b(n: int) -> None:
+        got["billing-b"].append(n)
+
+    @b.on(orders, group="audit", claim=FAST_CLAIM)
+    def audit(n: int) -> None:  # sync handlers work too
+        got["audit"].append(n)
+
+    async with a, b:
+        for i in range(300):
+            await a.publish(orders, i)
+        await wait_until(
+            lambda: (
+                len(got["billing-a"]) + len(got["billing-b"]) == 300 and len(got["audit"]) == 300
+            )
+        )
+    billing = got["billing-a"] + got["billing-b"]
+    assert sorted(billing) == list(range(300))  # each event to one member
+    assert got["billing-a"] and got["billing-b"]  # both members took a share
+    assert sorted(got["audit"]) == list(range(300))
+
+
+async def test_concurrent_publishers_are_coalesced_into_pipelines(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    orders = Topic("orders", durable=True)
+    bus = bus_factory()
+    async with bus, control_client(redis_url) as admin:
+        before = await admin.info("stats")
+        receipts: list[Any] = []
+
+        async def publisher(k: int) -> None:
+            for i in range(50):
+                receipts.append(await bus.publish(orders, {"k": k, "i": i}))
+
+        async with anyio.create_task_group() as tg:
+            for k in range(64):
+                tg.start_soon(publisher, k)
+        after = await admin.info("stats")
+        assert await admin.xlen(stream_key(bus, "orders")) == 64 * 50
+    assert len({r.stream_id for r in receipts}) == 64 * 50
+    # 3,200 XADDs in far fewer reads of the server: pipelined, not one round trip each.
+    reads = after["total_net_input_bytes"] - before["total_net_input_bytes"]
+    assert reads > 0
+    commands = after["total_commands_processed"] - before["total_commands_processed"]
+    assert commands >= 64 * 50
+
+
+async def test_iterator_member_acks_when_the_next_event_is_requested(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    orders = Topic("orders", Order, durable=True)
+    bus = bus_factory()
+    async with bus, control_client(redis_url) as admin:
+        await bus.publish_many(orders, [Order(i, i) for i in range(5)])
+        key = stream_key(bus, "orders")
+        sub = bus.subscribe(orders, group="iter", claim=FAST_CLAIM)
+        assert isinstance(sub, GroupSubscription)
+        async with sub as events:
+            got = []
+            async for order in events:
+                got.append(order)
+                assert events.delivery is not None
+                assert events.delivery.attempt == 1
+                # The event being processed is pending until the loop asks for more.
+                pending = await admin.xpending(key, "iter")
+                assert pending["pending"] >= 1
+                if len(got) == 5:
+                    break
+        assert got == [Order(i, i) for i in range(5)]
+        await wait_until(lambda: _pending(admin, key, "iter", 0))
+
+
+async def _pending(admin: Any, key: str, group: str, want: int) -> bool:
+    return int((await admin.xpending(key, group))["pending"]) == want
+
+
+async def test_iterator_body_error_hands_the_event_back_for_redelivery(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    orders = Topic("orders", durable=True)
+    bus = bus_factory()
+    async with bus:
+        await bus.publish(orders, "first")
+        with pytest.raises(RuntimeError):
+            async with bus.subscribe(orders, group="g", claim=FAST_CLAIM) as events:
+                async for _event in events:
+                    raise RuntimeError("body failed")
+        # Released: a new member gets it at once (next claim pass), as attempt 2.
+        async with bus.subscribe(orders, group="g", claim=FAST_CLAIM) as events:
+            with anyio.fail_after(5):
+                async for event in events:
+                    assert event == "first"
+                    assert events.delivery is not None
+                    assert events.delivery.attempt == 2
+                    break
+
+
+async def test_live_subscription_replays_from_earliest_a_time_and_an_id(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    orders = Topic("orders", durable=True)
+    bus = bus_factory()
+    async with bus:
+        first = await bus.publish_many(orders, list(range(5)))
+        await anyio.sleep(0.01)  # distinct milliseconds for the time seek
+        middle = datetime.now(timezone.utc)
+        await anyio.sleep(0.01)
+        second = await bus.publish_many(orders, list(range(5, 10)))
+
+        async def take(sub: Subscription[Any], n: int) -> list[Any]:
+            out = []
+            with anyio.fail_after(5):
+                async with sub as events:
+                    async for event in events:
+                        out.append(event)
+                        if len(out) == n:
+                            return out
+            return out
+
+        assert await take(bus.subscribe(orders, from_="earliest"), 10) == list(range(10))
+        assert await take(bus.subscribe(orders, from_=middle), 5) == list(range(5, 10))
+        assert second[0].stream_id is not None
+        assert await take(bus.subscribe(orders, from_=second[0].stream_id), 5) == list(range(5, 10))
+        assert await take(bus.subscribe(orders, from_=first[3].id), 7) == list(range(3, 10))
+        with pytest.raises(errors.ConfigurationError):
+            async with bus.subscribe(orders, from_="no-such-event"):
+                pass
+
+        async with bus.subscribe(orders) as latest:  # "latest": only what follows
+            await bus.publish(orders, 99)
+            with anyio.fail_after(5):
+                assert await latest.receive() == 99
+
+
+async def test_live_handler_on_a_durable_topic_and_decorator_replay(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    orders = Topic("orders", durable=True)
+    seed = bus_factory()
+    async with seed:
+        await seed.publish_many(orders, [1, 2, 3])
+    bus = bus_factory(prefix=seed.prefix)
+    replayed: list[int] = []
+    live: list[int] = []
+
+    @bus.on(orders, from_="earliest")
+    def replay(n: int) -> None:
+        replayed.append(n)
+
+    @bus.on(orders)
+    def tail(n: int) -> None:
+        live.append(n)
+
+    async with bus:
+        await bus.publish(orders, 4)
+        await wait_until(lambda: replayed == [1, 2, 3, 4] and live == [4])
+
+
+async def test_raw_redis_clients_interoperate_both_ways(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    orders = Topic("orders", Order, durable=True)
+    bus = bus_factory()
+    got: list[tuple[Order, Delivery]] = []
+
+    @bus.on(orders, group="g", claim=FAST_CLAIM)
+    def handle(order: Order, delivery: Delivery) -> None:
+        got.append((order, delivery))
+
+    async with bus, control_client(redis_url) as admin:
+        key = stream_key(bus, "orders")
+        # Another client writes a bare payload (field "data"), and a full envelope.
+        await admin.xadd(key, {"data": json.dumps({"id": 7, "amount": 70})})
+        envelope = {
+            "eventbus": 1,
+            "id": "ext-1",
+            "pub": "other-service",
+            "seq": 1,
+            "ts": 1700000000000,
+            "ct": "application/json",
+            "data": {"id": 8, "amount": 80},
+        }
+        await admin.xadd(key, {"id": "ext-1", "env": json.dumps(envelope)})
+        await wait_until(lambda: len(got) == 2)
+        assert [o for o, _ in got] == [Order(7, 70), Order(8, 80)]
+        assert got[1][1].id == "ext-1"
+        assert got[1][1].publisher == "other-service"
+
+        # And eventbus output is readable by a raw XREAD + json.loads.
+        receipt = await bus.publish(orders, Order(9, 90))
+        entries = await admin.xrange(key, min=receipt.stream_id, max=receipt.stream_id)
+        ((entry_id, fields),) = entries
+        doc = json.loads(fields["env"])
+        assert fields["id"] == receipt.id == doc["id"]
+        assert doc["data"] == {"id": 9, "amount": 90}
+        assert doc["eventbus"] == 1 and doc["ct"] == "application/json"
+
+
+async def test_shutdown_hands_prefetched_events_back_without_charging_a_delivery(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    orders = Topic("orders", durable=True)
+    slow = bus_factory(shutdown_grace=5)
+    started = anyio.Event()
+    release = anyio.Event()
+    handled_slow: list[int] = []
+
+    @slow.on(orders, group="g", consumer="slow", concurrency=1, batch=20, claim=FAST_CLAIM)
+    async def one_at_a_time(n: int) -> None:
+        started.set()
+        await release.wait()
+        handled_slow.append(n)
+
+    async def finish_once_closing() -> None:
+        await wait_until(lambda: "closing" in repr(slow) or "closed" in repr(slow))
+        release.set()
+
+    async with control_client(redis_url) as admin, anyio.create_task_group() as tg:
+        async with slow:
+            await slow.publish_many(orders, list(range(20)))
+            with anyio.fail_after(5):
+                await started.wait()
+            key = stream_key(slow, "orders")
+            await wait_until(lambda: _pending(admin, key, "g", 20))
+            # Leave while one handler runs and 19 are prefetched: the running one
+            # finishes (within the grace), the 19 go back to the group.
+            tg.start_soon(finish_once_closing)
+        stats = slow.consumer_statistics(one_at_a_time)[0]
+        assert handled_slow == [0]
+        assert stats.released == 19
+        assert stats.reads >= 1
+        assert await _pending(admin, key, "g", 19)
+
+        other = bus_factory(prefix=slow.prefix)
+        attempts: dict[int, int] = {}
+
+        @other.on(orders, group="g", consumer="other", claim=FAST_CLAIM)
+        def take(n: int, delivery: Delivery) -> None:
+            attempts[n] = delivery.attempt
+
+        async with other:
+            elapsed = await wait_until(lambda: len(attempts) == 19, timeout=5)
+        print(f"released entries taken over in {elapsed:.2f}s")
+        assert elapsed <= FAST_CLAIM.interval + 1.0
+        assert sorted(attempts) == list(range(1, 20))
+        assert set(attempts.values()) == {1}  # no delivery charged for the release
+        assert await _pending(admin, key, "g", 0)
+
+
+async def test_a_restarted_member_finishes_its_own_pending_entries_first(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    orders = Topic("orders", durable=True)
+    bus = bus_factory()
+    async with control_client(redis_url) as admin:
+        key = stream_key(bus, "orders")
+        async with bus:
+            await bus.publish_many(orders, [1, 2, 3])
+        # A member that crashed holding three entries (read, never acked).
+        await admin.xgroup_create(key, "g", id="0")
+        await admin.xreadgroup("g", "worker-1", {key: ">"}, count=3)
+        restarted = bus_factory(prefix=bus.prefix)
+        seen: list[tuple[int, int]] = []
+
+        @restarted.on(orders, group="g", consumer="worker-1", claim=ClaimPolicy(idle=60))
+        def handle(n: int, delivery: Delivery) -> None:
+            seen.append((n, delivery.attempt))
+
+        async with restarted:
+            elapsed = await wait_until(lambda: len(seen) == 3, timeout=5)
+        assert elapsed < 1.0  # long before claim_idle (60 s)
+        assert seen == [(1, 2), (2, 2), (3, 2)]  # Redis counted the second delivery
+        assert await _pending(admin, key, "g", 0)
+
+
+async def test_retry_policy_and_max_attempts_reach_the_dead_letter_stream(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    orders = Topic("orders", durable=True)
+    bus = bus_factory()
+    attempts: list[int] = []
+
+    @bus.on(
+        orders,
+        group="g",
+        max_attempts=3,
+        retry=RetryPolicy(backoff=0.05, jitter=0),
+        claim=FAST_CLAIM,
+    )
+    def always_fails(n: int, delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        raise ValueError(f"bad {n}")
+
+    async with bus:
+        receipt = await bus.publish(orders, 1)
+        await wait_until(lambda: len(attempts) == 3)
+        letters: list[Any] = []
+
+        async def dead_lettered() -> bool:
+            letters[:] = await bus.dead_letters(orders)
+            return len(letters) == 1
+
+        await wait_until(dead_lettered)
+    assert attempts == [1, 2, 3]
+    (letter,) = letters
+    assert letter.event_id == receipt.id
+    assert letter.original_id == receipt.stream_id
+    assert (letter.group, letter.attempts, letter.reason) == ("g", 3, "handler_error")
+    assert (letter.error_type, letter.error_message) == ("ValueError", "bad 1")
+
+
+def test_durable_options_are_validated_before_any_io(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    with pytest.raises(errors.ConfigurationError):
+        Topic("x", maxlen=10)  # maxlen needs durable
+    with pytest.raises(errors.ConfigurationError):
+        Topic("x", durable=True, local=True)
+    with pytest.raises(errors.ConfigurationError):
+        Topic("x", durable=True, maxlen=0)
+    with pytest.raises(errors.ConfigurationError):
+        Topic("x", durable=True, trim="sometimes")  # type: ignore[arg-type]
+    assert Topic("x", durable=True, retention=timedelta(hours=1)).retention == 3600.0
+    bus = bus_factory()
+    with pytest.raises(errors.ConfigurationError):
+        bus.on(Topic("live"), group="g")  # groups need a durable topic
+    with pytest.raises(errors.ConfigurationError):
+        bus.subscribe(Topic("live"), from_="earliest")  # a live topic keeps no history
+    with pytest.raises(errors.ConfigurationError):
+        bus.on(Topic("d", durable=True), group="g", concurrency=0)
+    with pytest.raises(errors.ConfigurationError):
+        bus.on(Topic("d", durable=True), group="has space")
+    with pytest.raises(errors.ConfigurationError):
+        bus.on(Topic("d", durable=True), publish_to=Topic("e", durable=True))
