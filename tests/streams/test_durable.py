@@ -102,34 +102,36 @@ async def test_every_group_gets_every_event_and_members_share_one_group(
         )
     billing = got["billing-a"] + got["billing-b"]
     assert sorted(billing) == list(range(300))  # each event to one member
-    assert got["billing-a"] and got["billing-b"]  # both members took a share
+    assert got["billing-a"]  # both members took a share
+    assert got["billing-b"]
     assert sorted(got["audit"]) == list(range(300))
 
 
-async def test_concurrent_publishers_are_coalesced_into_pipelines(
+async def test_concurrent_publishers_each_get_their_own_stored_event(
     bus_factory: Callable[..., EventBus], redis_url: str
 ) -> None:
+    # 64 tasks share the coalescing writer (pipelined batches, measured in
+    # bench/publish.py): each call still returns its own event's stream id.
     orders = Topic("orders", durable=True)
     bus = bus_factory()
+    receipts: list[Any] = []
+
+    async def publisher(k: int) -> None:
+        for i in range(50):
+            receipt = await bus.publish(orders, {"k": k, "i": i})
+            receipts.append((k, i, receipt))
+
     async with bus, control_client(redis_url) as admin:
-        before = await admin.info("stats")
-        receipts: list[Any] = []
-
-        async def publisher(k: int) -> None:
-            for i in range(50):
-                receipts.append(await bus.publish(orders, {"k": k, "i": i}))
-
         async with anyio.create_task_group() as tg:
             for k in range(64):
                 tg.start_soon(publisher, k)
-        after = await admin.info("stats")
-        assert await admin.xlen(stream_key(bus, "orders")) == 64 * 50
-    assert len({r.stream_id for r in receipts}) == 64 * 50
-    # 3,200 XADDs in far fewer reads of the server: pipelined, not one round trip each.
-    reads = after["total_net_input_bytes"] - before["total_net_input_bytes"]
-    assert reads > 0
-    commands = after["total_commands_processed"] - before["total_commands_processed"]
-    assert commands >= 64 * 50
+        entries = await admin.xrange(stream_key(bus, "orders"))
+    assert len(entries) == 64 * 50
+    stored = {entry_id: json.loads(fields["env"]) for entry_id, fields in entries}
+    for k, i, receipt in receipts:
+        doc = stored[receipt.stream_id]
+        assert doc["id"] == receipt.id
+        assert doc["data"] == {"k": k, "i": i}
 
 
 async def test_iterator_member_acks_when_the_next_event_is_requested(
@@ -168,10 +170,14 @@ async def test_iterator_body_error_hands_the_event_back_for_redelivery(
     bus = bus_factory()
     async with bus:
         await bus.publish(orders, "first")
-        with pytest.raises(RuntimeError):
+
+        async def fail_on_first() -> None:
             async with bus.subscribe(orders, group="g", claim=FAST_CLAIM) as events:
                 async for _event in events:
                     raise RuntimeError("body failed")
+
+        with pytest.raises(RuntimeError):
+            await fail_on_first()
         # Released: a new member gets it at once (next claim pass), as attempt 2.
         async with bus.subscribe(orders, group="g", claim=FAST_CLAIM) as events:
             with anyio.fail_after(5):
@@ -280,7 +286,8 @@ async def test_raw_redis_clients_interoperate_both_ways(
         doc = json.loads(fields["env"])
         assert fields["id"] == receipt.id == doc["id"]
         assert doc["data"] == {"id": 9, "amount": 90}
-        assert doc["eventbus"] == 1 and doc["ct"] == "application/json"
+        assert doc["eventbus"] == 1
+        assert doc["ct"] == "application/json"
 
 
 async def test_shutdown_hands_prefetched_events_back_without_charging_a_delivery(
