@@ -282,7 +282,7 @@ async def test_raw_redis_clients_interoperate_both_ways(
         # And eventbus output is readable by a raw XREAD + json.loads.
         receipt = await bus.publish(orders, Order(9, 90))
         entries = await admin.xrange(key, min=receipt.stream_id, max=receipt.stream_id)
-        ((entry_id, fields),) = entries
+        ((_entry_id, fields),) = entries
         doc = json.loads(fields["env"])
         assert fields["id"] == receipt.id == doc["id"]
         assert doc["data"] == {"id": 9, "amount": 90}
