@@ -253,7 +253,10 @@ class GroupConsumer:
         self._claim_cursor = "0-0"
         self._recreate_times: deque[float] = deque(maxlen=5)
         self._nogroup_logged = False
-        self._capacity = max(options.batch, options.concurrency)
+        # Double buffering: the next batch is read while the workers still have
+        # one, and a read always asks for a whole batch (no trickle of tiny reads).
+        self._capacity = 2 * max(options.batch, options.concurrency)
+        self._refill_at = self._capacity - max(options.batch, options.concurrency)
 
         self.handled = 0
         self.failed = 0
@@ -406,7 +409,7 @@ class GroupConsumer:
                 backoff = 0.05
                 while not self._stopping:
                     free = self._capacity - len(self._buffer)
-                    if free <= 0:
+                    if len(self._buffer) > self._refill_at:
                         await self._wait_space()
                         continue
                     try:
@@ -652,7 +655,7 @@ class GroupConsumer:
         while True:
             if buffer:
                 work = buffer.popleft()
-                if len(buffer) < self._capacity:
+                if len(buffer) <= self._refill_at:
                     self._space.set()
             elif self._closed:
                 return
