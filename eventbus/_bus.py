@@ -235,6 +235,7 @@ class EventBus:
         self._groups: list[_GroupRegistration] = []
         self._group_subscriptions: set[GroupSubscription[Any]] = set()
         self._durable_topics: dict[str, Topic[Any]] = {}
+        self._topic_keys: dict[str, TopicKeys] = {}
         self._stream_client: Any = None
         self._writer: StreamWriter | None = None
         self._trimmer: Trimmer | None = None
@@ -328,7 +329,7 @@ class EventBus:
             factory = self._factory = ClientFactory(self._url, **self._client_options)
             self._client = factory.command_client()
             self._publisher = OrderedPublisher(self._client)
-            self._stream_client = factory.unretried_client(socket_timeout=self._publish_timeout)
+            self._stream_client = factory.unretried_client(socket_timeout=None)
             self._trimmer = Trimmer(self._client, self._start_background)
             self._writer = StreamWriter(
                 self._stream_client, timeout=self._publish_timeout, trimmer=self._trimmer
@@ -569,8 +570,11 @@ class EventBus:
                     self._tail.remove(self._keys(topic), receiver)
 
     def _keys(self, topic: Topic[Any]) -> TopicKeys:
-        self._durable_topics.setdefault(topic.name, topic)
-        return topic_keys(self._prefix, topic.name)
+        keys = self._topic_keys.get(topic.name)
+        if keys is None:
+            self._durable_topics.setdefault(topic.name, topic)
+            keys = self._topic_keys[topic.name] = topic_keys(self._prefix, topic.name)
+        return keys
 
     def _detach(self, topics: tuple[Topic[Any], ...], receiver: Receiver) -> None:
         self._detach_streams(topics, receiver)
@@ -1120,10 +1124,10 @@ class EventBus:
         hdrs = self._codec.check_headers(t.name, headers)
         event_id = uuid.uuid4().hex
         seq = self._seq.get(t.name, 0) + 1
+        if t.durable:
+            return (await self._publish_durable(t, [event], hdrs, event_id))[0]
         if t.local:
             return await self._publish_local(t, event, event_id, seq, hdrs)
-        if t.durable:
-            return (await self._publish_durable(t, [event], hdrs))[0]
         raw, ms = self._codec.encode(
             t.name, event, event_id=event_id, publisher=self._publisher_id, seq=seq, headers=hdrs
         )
@@ -1178,14 +1182,19 @@ class EventBus:
         return results
 
     async def _publish_durable(
-        self, t: Topic[Any], events: Sequence[Any], hdrs: dict[str, str]
+        self,
+        t: Topic[Any],
+        events: Sequence[Any],
+        hdrs: dict[str, str],
+        first_id: str | None = None,
     ) -> list[Receipt]:
         assert self._writer is not None
         encoded: list[tuple[str, bytes]] = []
         times: list[int] = []
         seq = self._seq.get(t.name, 0)
         for event in events:
-            event_id = uuid.uuid4().hex
+            event_id = first_id or uuid.uuid4().hex
+            first_id = None
             seq += 1
             raw, ms = self._codec.encode(
                 t.name,

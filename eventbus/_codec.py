@@ -224,14 +224,17 @@ class Codec:
                 topic=topic,
                 reason="too_many_fields",
             )
-        size = sum(len(k) + len(v) for k, v in fields.items())
+        raw = fields.get(b"env")
+        if raw is not None and len(fields) <= 2:
+            size = len(raw) + len(fields.get(b"id", b""))  # the usual entry: id + env
+        else:
+            size = sum(len(k) + len(v) for k, v in fields.items())
         if size > limit + 1024:
             raise DecodeError(
                 f"entry {stream_id} is {size} bytes, the limit is {limit}",
                 topic=topic,
                 reason="too_large",
             )
-        raw = fields.get(b"env")
         if raw is not None:
             try:
                 doc = orjson.loads(raw)

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 import anyio
+import anyio.lowlevel
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
@@ -76,8 +77,9 @@ def _xadd_args(item: _Item) -> tuple[Any, ...]:
 class StreamWriter:
     """Sends XADDs for durable topics, batching concurrent callers into pipelines.
 
-    :param client: a client WITHOUT redis-py retries: a blind retry of ``XADD *``
-        after a lost reply stores the event twice; this class retries itself.
+    :param client: a client WITHOUT redis-py retries (a blind retry of ``XADD *``
+        after a lost reply stores the event twice; this class retries itself) and
+        without a socket timeout (this class bounds each pipeline as a whole).
     :param timeout: seconds a publish may spend retrying before it raises.
     """
 
@@ -109,6 +111,9 @@ class StreamWriter:
             try:
                 # Shielded: this task writes for every queued caller now.
                 with anyio.CancelScope(shield=True):
+                    # One turn of the event loop first: publishers that are ready
+                    # to run right now join this batch (microseconds, not a linger).
+                    await anyio.lowlevel.checkpoint()
                     while self._queue:
                         batch = self._queue[:MAX_BATCH]
                         del self._queue[:MAX_BATCH]
@@ -126,7 +131,10 @@ class StreamWriter:
         while remaining:
             sent_at = time.monotonic()
             try:
-                results = await self._pipeline(remaining)
+                # One deadline per pipeline, not redis-py's socket timeout: that
+                # one re-arms a timer for every reply read, which halved throughput.
+                with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
+                    results = await self._pipeline(remaining)
             except _CONNECTION_ERRORS as exc:
                 remaining = await self._recover(remaining, exc, sent_at, deadline, attempt)
                 attempt += 1
@@ -171,7 +179,8 @@ class StreamWriter:
             await anyio.sleep(delay)
             attempt += 1
             try:
-                return await self._unstored(items, sent_at)
+                with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
+                    return await self._unstored(items, sent_at)
             except _CONNECTION_ERRORS as exc:
                 error = exc
 
