@@ -170,20 +170,30 @@ def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _truncate_start(text: str, limit: int) -> str:
+    """Keep the end (of a traceback: the innermost frames and the error line)."""
+    return text if len(text) <= limit else "..." + text[len(text) - limit + 3 :]
+
+
 def _raw_fields(fields: dict[bytes, bytes]) -> bytes:
-    """The fields of an undecodable entry, kept for inspection (bounded)."""
+    """The fields of an undecodable entry as JSON, kept for inspection.
+
+    At most ``_MAX_RAW`` bytes of JSON: the size counted is each item's encoded
+    size (quotes and escapes included), so control characters cannot inflate it.
+    """
     shown: dict[str, str] = {}
-    size = 0
+    size = 2
     for key, value in fields.items():
         name = key.decode("utf-8", "replace")
         try:
             text = value.decode("utf-8")
         except UnicodeDecodeError:
             text = "base64:" + base64.b64encode(value).decode("ascii")
-        size += len(name) + len(text)
-        if size > _MAX_RAW:
+        item = len(orjson.dumps(name)) + len(orjson.dumps(text)) + 2
+        if size + item > _MAX_RAW - 64:
             shown["..."] = f"truncated: {len(fields)} fields in all"
             break
+        size += item
         shown[name] = text
     return orjson.dumps(shown)
 
@@ -838,7 +848,7 @@ class GroupConsumer:
                 "error_message",
                 _truncate(str(error), _MAX_ERROR_MESSAGE),
                 "traceback",
-                _truncate(
+                _truncate_start(
                     "".join(traceback.format_exception(type(error), error, error.__traceback__)),
                     _MAX_TRACEBACK,
                 ),
@@ -862,7 +872,12 @@ class GroupConsumer:
             self.ack_lost_ownership += 1
             return
         self.dead_lettered += 1
-        logged_id = env.id if env is not None else ""
+        if env is not None:
+            logged_id = env.id
+        elif isinstance(error, DecodeError) and error.event_id:
+            logged_id = error.event_id
+        else:
+            logged_id = work.fields.get(b"id", b"")[:256].decode("utf-8", "replace")
         logger.warning(
             "topic %r group %r: event %s (entry %s) dead-lettered after %d deliveries: %s%s",
             self.topic.name,
