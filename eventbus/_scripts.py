@@ -43,7 +43,7 @@ ACK_PUBLISH: Final = """
 -- Publish a handler's result events and ack its input, atomically (chaining).
 -- KEYS[1] input stream, KEYS[2] output stream
 -- ARGV[1] group, ARGV[2] input entry id, ARGV[3] output MAXLEN ('' for none),
--- ARGV[4..] event id, envelope pairs of the output events (at most 64 per call)
+-- ARGV[4..] event id, envelope pairs of the output events
 -- returns the output entry ids, or false if the input is no longer pending
 -- (claimed and acked elsewhere: its outputs were published there, not again here)
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)

@@ -260,6 +260,7 @@ class GroupConsumer:
         self._workers_done = anyio.Event()
         self._acker_done = anyio.Event()
         self._last_read_id: str | None = None
+        self._last_heartbeat = time.monotonic()
         self._claim_cursor = "0-0"
         self._recreate_times: deque[float] = deque(maxlen=5)
         self._nogroup_logged = False
@@ -432,9 +433,19 @@ class GroupConsumer:
                             block=max(int(self.options.block * 1000), 1),
                         )
                     except rex.ResponseError as exc:
-                        if "NOGROUP" not in str(exc):
-                            raise
-                        await self._recreate_group()
+                        if "NOGROUP" in str(exc):
+                            await self._recreate_group()
+                            continue
+                        # E.g. an ACL changed under a running member: say so, keep
+                        # trying (bounded rate), do not bring the bus down.
+                        logger.error(
+                            "group %r of topic %r: XREADGROUP refused: %s",
+                            self.options.group,
+                            self.topic.name,
+                            exc,
+                        )
+                        await anyio.sleep(backoff * (1 + self._rand.random()))
+                        backoff = min(backoff * 2, 5.0)
                         continue
                     except _CONNECTION_ERRORS as exc:
                         logger.warning(
@@ -491,9 +502,12 @@ class GroupConsumer:
                     consumername=self.options.consumer,
                 )
             except rex.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self._recreate_group()
+                if "NOGROUP" in str(exc):
+                    await self._recreate_group()
+                else:
+                    logger.error(
+                        "group %r: reading own pending entries: %s", self.options.group, exc
+                    )
                 return
             except _CONNECTION_ERRORS:
                 await anyio.sleep(0.2)
@@ -504,7 +518,11 @@ class GroupConsumer:
                 if p["message_id"].decode() not in self._held
             }
             if counts:
-                await self._take(list(counts), counts, min_idle_ms=0)
+                try:
+                    await self._take(list(counts), counts, min_idle_ms=0)
+                except _CONNECTION_ERRORS:
+                    await anyio.sleep(0.2)
+                    continue
             if len(pending) < page:
                 return
             start = "(" + pending[-1]["message_id"].decode()
@@ -581,7 +599,9 @@ class GroupConsumer:
             )
         except rex.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
-                raise
+                logger.error("group %r: recreating failed: %s", self.options.group, exc)
+        except _CONNECTION_ERRORS as exc:
+            logger.warning("group %r: recreating failed: %s", self.options.group, exc)
         else:
             self.group_recreated += 1
 
@@ -599,12 +619,46 @@ class GroupConsumer:
             while not self._stopping:
                 await anyio.sleep(claim.interval)
                 try:
+                    await self._heartbeat()
                     await self._claim_pass()
                 except rex.ResponseError as exc:
                     if "NOGROUP" not in str(exc):
                         logger.warning("group %r: claim failed: %s", self.options.group, exc)
                 except _CONNECTION_ERRORS as exc:
                     logger.debug("group %r: claim failed: %s", self.options.group, exc)
+
+    async def _heartbeat(self) -> None:
+        """Reset the idle time of entries this member holds, so that a live member's
+        slow handler (or long prefetch queue) is not claimed by others: only a
+        crashed or hung member stops doing this. ``JUSTID`` leaves delivery counts
+        alone; entries other members claimed meanwhile are left to them."""
+        now = time.monotonic()
+        if now - self._last_heartbeat < self.options.claim.idle / 3:
+            return
+        self._last_heartbeat = now
+        ids = [i for i in self._held if i not in self._retrying]
+        if not ids:
+            return
+        pending = await self._client.xpending_range(
+            self.keys.stream,
+            self.options.group,
+            min=min(ids, key=_id_key),
+            max=max(ids, key=_id_key),
+            count=len(ids) + 1000,
+            consumername=self.options.consumer,
+        )
+        held = set(ids)
+        mine = [p["message_id"].decode() for p in pending]
+        mine = [i for i in mine if i in held]
+        for i in range(0, len(mine), 500):
+            await self._client.xclaim(
+                self.keys.stream,
+                self.options.group,
+                self.options.consumer,
+                0,
+                mine[i : i + 500],
+                justid=True,
+            )
 
     async def _claim_pass(self) -> None:
         """Follow the XAUTOCLAIM cursor for up to ``_CLAIM_CALLS_PER_TICK`` calls."""
@@ -679,6 +733,18 @@ class GroupConsumer:
             self._running[work.id] = work
             try:
                 await self._process(work)
+            except (rex.RedisError, OSError) as exc:
+                # Redis failed us mid-way (after the bounded retries of the command
+                # client): the entry stays pending and comes back, by a re-read of
+                # this member's pending list or a claim. Never fatal for the bus.
+                self._held.pop(work.id, None)
+                logger.error(
+                    "group %r of topic %r: entry %s left pending: %s",
+                    self.options.group,
+                    self.topic.name,
+                    work.id,
+                    exc,
+                )
             finally:
                 self._running.pop(work.id, None)
 
@@ -834,8 +900,23 @@ class GroupConsumer:
             "reason", reason,
             "failed_at", int(time.time() * 1000),
         ]  # fmt: skip
-        if env is not None:
-            fields += ["id", env.id, "env", work.fields.get(b"env") or orjson.dumps(env.data)]
+        original = work.fields.get(b"env")
+        if env is not None and original is None:
+            # A bare payload (written by another client): store it as an envelope,
+            # so that a replay is read like any event.
+            try:
+                original, _ms = self._codec.encode(
+                    self.topic.name,
+                    env.data,
+                    event_id=env.id or work.id,
+                    publisher=env.publisher,
+                    seq=0,
+                    headers=env.headers,
+                )
+            except Exception:
+                original = None
+        if env is not None and original is not None:
+            fields += ["id", env.id or work.id, "env", original]
         else:
             event_id = work.fields.get(b"id")
             if event_id is not None and len(event_id) <= 256:
@@ -926,6 +1007,11 @@ class GroupConsumer:
         else:
             self.acked += 1
             self._note_output(target, len(ids))
+            if self.options.dedupe is not None and env.id:
+                ttl = max(int(self.options.dedupe * 1000), 1)
+                await self._client.set(
+                    self.keys.seen + self.options.group + ":" + env.id, 1, px=ttl
+                )
 
     # -- acking --------------------------------------------------------------------------
 

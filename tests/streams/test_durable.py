@@ -426,3 +426,70 @@ def test_durable_options_are_validated_before_any_io(
         bus.on(Topic("d", durable=True), group="has space")
     with pytest.raises(errors.ConfigurationError):
         bus.on(Topic("d", durable=True), publish_to=Topic("e", durable=True))
+
+
+async def test_a_live_member_keeps_its_slow_handler_s_entry_from_being_claimed(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    # F3c: a handler running 3x claim_idle on a live member is not handed to
+    # another member (the member heartbeats what it holds), and Redis's delivery
+    # count is not raised by it.
+    orders = Topic("orders", durable=True)
+    claim = ClaimPolicy(idle=1.0, interval=0.2)
+    slow_bus, other_bus = bus_factory(), bus_factory()
+    other_bus = bus_factory(prefix=slow_bus.prefix)
+    calls: list[tuple[str, int, int]] = []
+
+    @slow_bus.on(orders, group="g", consumer="slow", concurrency=1, claim=claim)
+    async def slow(n: int, delivery: Delivery) -> None:
+        calls.append(("slow", n, delivery.attempt))
+        await anyio.sleep(3 * claim.idle)
+
+    @other_bus.on(orders, group="g", consumer="other", claim=claim)
+    def other(n: int, delivery: Delivery) -> None:
+        calls.append(("other", n, delivery.attempt))
+
+    async with slow_bus, control_client(redis_url) as admin:
+        await slow_bus.publish(orders, 1)
+        await wait_until(lambda: len(calls) == 1)
+        key = stream_key(slow_bus, "orders")
+        async with other_bus:
+            await anyio.sleep(2.5 * claim.idle)  # the point: time passing, not ordering
+            (held,) = await admin.xpending_range(key, "g", min="-", max="+", count=10)
+            await wait_until(lambda: _pending(admin, key, "g", 0), timeout=10)
+        stats = other_bus.consumer_statistics(other)[0]
+    assert calls == [("slow", 1, 1)]
+    assert stats.claimed == 0
+    assert held["consumer"] == "slow"
+    assert held["times_delivered"] == 1  # not re-counted while it ran
+
+
+async def test_a_dead_lettered_bare_payload_replays_as_an_event(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    # Another client wrote a bare, non-JSON payload; the handler gives up on it.
+    orders = Topic("orders", durable=True)
+    bus = bus_factory()
+    seen: list[tuple[Any, int]] = []
+    fail = True
+
+    @bus.on(orders, group="g", max_attempts=1, claim=FAST_CLAIM)
+    def handle(payload: bytes, delivery: Delivery) -> None:
+        seen.append((payload, delivery.attempt))
+        if fail:
+            raise ValueError("not yet")
+
+    async with bus, control_client(redis_url) as admin:
+        await admin.xadd(stream_key(bus, "orders"), {"data": b"\xff raw bytes"})
+        letters: list[Any] = []
+
+        async def dead_lettered() -> bool:
+            letters[:] = await bus.dead_letters(orders)
+            return len(letters) == 1
+
+        await wait_until(dead_lettered)
+        assert letters[0].envelope is not None
+        fail = False
+        assert await bus.replay_dead_letters(orders) == 1
+        await wait_until(lambda: len(seen) == 2)
+    assert seen == [(b"\xff raw bytes", 1), (b"\xff raw bytes", 1)]
