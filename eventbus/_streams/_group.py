@@ -89,8 +89,9 @@ class ConsumerStatistics:
     acked: int
     """Entries ``XACK`` removed from the group's pending list."""
     ack_lost_ownership: int
-    """Acks that found the entry no longer pending: another member claimed and
-    finished it first (Redis acks have no owner check), so it ran twice."""
+    """Acks that found nothing to ack. Usually another member claimed and finished
+    the entry first (Redis acks have no owner check), so it ran twice; also an ack
+    retried after its reply was lost, or an entry trimmed while it was held."""
     lost_to_trim: int
     """Pending entries trimmed from the stream before they were handled
     (``XAUTOCLAIM``'s deleted ids, or a re-read that found them gone)."""
@@ -418,6 +419,7 @@ class GroupConsumer:
             with self._read_scope:
                 await self._read_own_pending()
                 backoff = 0.05
+                failures = 0
                 while not self._stopping:
                     free = self._capacity - len(self._buffer)
                     if len(self._buffer) > self._refill_at:
@@ -433,7 +435,9 @@ class GroupConsumer:
                             block=max(int(self.options.block * 1000), 1),
                         )
                     except rex.ResponseError as exc:
-                        if "NOGROUP" in str(exc):
+                        # NOGROUP: the group is gone. UNBLOCKED: the stream was
+                        # deleted (DEL, FLUSHALL) under a blocked read (Redis >= 7).
+                        if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
                             await self._recreate_group()
                             continue
                         # E.g. an ACL changed under a running member: say so, keep
@@ -448,19 +452,22 @@ class GroupConsumer:
                         backoff = min(backoff * 2, 5.0)
                         continue
                     except _CONNECTION_ERRORS as exc:
+                        failures += 1
                         logger.warning(
                             "group %r of topic %r: read failed (%s); reconnecting",
                             self.options.group,
                             self.topic.name,
                             exc,
                         )
-                        await anyio.sleep(backoff * (1 + self._rand.random()))
-                        backoff = min(backoff * 2, 2.0)
+                        if failures > 1:  # the first reconnect is immediate
+                            await anyio.sleep(backoff * (1 + self._rand.random()))
+                            backoff = min(backoff * 2, 2.0)
                         # A reply lost with the connection may have put entries in
                         # this consumer's pending list that it never saw.
                         await self._read_own_pending()
                         continue
                     backoff = 0.05
+                    failures = 0
                     entries = _entries(response)
                     if entries:
                         self._last_read_id = entries[-1][0]
@@ -1046,11 +1053,13 @@ class GroupConsumer:
                             pipe.set(
                                 self.keys.seen + self.options.group + ":" + event_id, 1, px=ttl
                             )
-                    self._held_after_ack(ids)
                     watermark = self._watermark()
                     if watermark is not None:
                         pipe.hset(self.keys.cursors, self.options.group, watermark)
                     results = await pipe.execute(raise_on_error=False)
+                # Held until the ack is through: a re-read of this member's pending
+                # list meanwhile must not take them for new (or trimmed) entries.
+                self._held_after_ack(ids)
                 break
             except _CONNECTION_ERRORS as exc:
                 logger.warning("group %r: ack failed (%s); retrying", self.options.group, exc)
