@@ -262,6 +262,7 @@ class GroupConsumer:
         self._acker_done = anyio.Event()
         self._last_read_id: str | None = None
         self._last_heartbeat = time.monotonic()
+        self._cursor_written = 0.0
         self._claim_cursor = "0-0"
         self._recreate_times: deque[float] = deque(maxlen=5)
         self._nogroup_logged = False
@@ -491,7 +492,8 @@ class GroupConsumer:
             self._buffer.appendleft(work)
         else:
             self._buffer.append(work)
-        self._work_ready.set()
+        if not self._work_ready.is_set():
+            self._work_ready.set()
 
     async def _read_own_pending(self) -> None:
         """Take back this consumer's own pending entries (after a restart or a lost reply)."""
@@ -657,12 +659,15 @@ class GroupConsumer:
         held = set(ids)
         mine = [p["message_id"].decode() for p in pending]
         mine = [i for i in mine if i in held]
+        # min-idle: an entry another member claimed since the XPENDING above has
+        # just had its idle time reset, and is left to that member.
+        min_idle = int(self.options.claim.idle * 1000 / 6)
         for i in range(0, len(mine), 500):
             await self._client.xclaim(
                 self.keys.stream,
                 self.options.group,
                 self.options.consumer,
-                0,
+                min_idle,
                 mine[i : i + 500],
                 justid=True,
             )
@@ -670,8 +675,11 @@ class GroupConsumer:
     async def _claim_pass(self) -> None:
         """Follow the XAUTOCLAIM cursor for up to ``_CLAIM_CALLS_PER_TICK`` calls."""
         min_idle = int(self.options.claim.idle * 1000)
+        # At least a batch per pass, even over a full buffer: a crashed member's
+        # entries are already late, and they go to the front of the queue.
+        budget = max(self._capacity - len(self._buffer), self.options.batch)
         for _ in range(_CLAIM_CALLS_PER_TICK):
-            space = self._capacity - len(self._buffer)
+            space = budget
             if space <= 0:
                 return
             cursor, entries, deleted = await self._client.xautoclaim(
@@ -689,11 +697,12 @@ class GroupConsumer:
             if fresh:
                 counts = await self._counts([e for e, _ in fresh])
                 self.claimed += len(fresh)
-                for entry_id, fields in fresh:
+                budget -= len(fresh)
+                for entry_id, fields in reversed(fresh):
                     if not fields:
                         self._count_trimmed([entry_id])
                         continue
-                    self._add(_Work(entry_id, fields, counts.get(entry_id, 1)))
+                    self._add(_Work(entry_id, fields, counts.get(entry_id, 1)), front=True)
             if self._claim_cursor == "0-0":
                 return
 
@@ -726,7 +735,7 @@ class GroupConsumer:
         while True:
             if buffer:
                 work = buffer.popleft()
-                if len(buffer) <= self._refill_at:
+                if len(buffer) <= self._refill_at and not self._space.is_set():
                     self._space.set()
             elif self._closed:
                 return
@@ -838,7 +847,8 @@ class GroupConsumer:
         self._acks.append(entry_id)
         if event_id and self.options.dedupe is not None:
             self._marks.append(event_id)
-        self._ack_ready.set()
+        if not self._ack_ready.is_set():
+            self._ack_ready.set()
 
     def _schedule_retry(self, work: _Work) -> None:
         attempt = work.count
@@ -1053,8 +1063,12 @@ class GroupConsumer:
                             pipe.set(
                                 self.keys.seen + self.options.group + ":" + event_id, 1, px=ttl
                             )
+                    now = time.monotonic()
                     watermark = self._watermark()
-                    if watermark is not None:
+                    if watermark is not None and now - self._cursor_written >= 1.0:
+                        # The durable cursor trails by up to a second: it only bounds
+                        # what a recreated group re-delivers.
+                        self._cursor_written = now
                         pipe.hset(self.keys.cursors, self.options.group, watermark)
                     results = await pipe.execute(raise_on_error=False)
                 # Held until the ack is through: a re-read of this member's pending
