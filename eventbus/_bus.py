@@ -132,6 +132,11 @@ class _GroupRegistration:
     consumer: GroupConsumer | None = None
 
 
+def _new_event_id() -> str:
+    """128 random bits as 32 hex digits (a uuid4's worth of randomness, faster)."""
+    return os.urandom(16).hex()
+
+
 def _default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -242,7 +247,6 @@ class EventBus:
         self._tail: StreamTail | None = None
         self._tail_scope: anyio.CancelScope | None = None
         self._own_tails: dict[Receiver, tuple[StreamTail, anyio.CancelScope]] = {}
-        self._closeables: list[Any] = []
         self._publisher_id = uuid.uuid4().hex[:16]
         self._seq: dict[str, int] = {}
         self._hub = Hub()
@@ -383,9 +387,6 @@ class EventBus:
                 if self._stream_client is not None:
                     await self._stream_client.aclose()
                     self._stream_client = None
-                for client in self._closeables:
-                    await client.aclose()
-                self._closeables.clear()
                 if self._live is not None:
                     await self._live.aclose()
                 if self._server is not None:
@@ -545,7 +546,6 @@ class EventBus:
     def _new_tail(self) -> StreamTail:
         assert self._factory is not None
         client = self._factory.unretried_client(socket_timeout=_TAIL_BLOCK + 10)
-        self._closeables.append(client)
         return StreamTail(client, self._codec, self._hub, block=_TAIL_BLOCK)
 
     def _run_tail(self, tail: StreamTail) -> anyio.CancelScope:
@@ -553,8 +553,12 @@ class EventBus:
         scope = anyio.CancelScope()
 
         async def run() -> None:
-            with scope:
-                await tail.run()
+            try:
+                with scope:
+                    await tail.run()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await tail.aclose()  # a replay's connection goes with it
 
         self._tg.start_soon(run)
         return scope
@@ -971,8 +975,8 @@ class EventBus:
         assert self._factory is not None
         topic = reg.topic
         target = reg.options.publish_to
+        # The member's own connection for blocking reads; it closes it when it stops.
         blocking = self._factory.unretried_client(socket_timeout=reg.options.block + 10)
-        self._closeables.append(blocking)
         consumer = GroupConsumer(
             topic=topic,
             keys=self._keys(topic),
@@ -1122,7 +1126,7 @@ class EventBus:
             raise ConfigurationError(f"cannot publish to pattern {t.name!r}: publish to a topic")
         self._require_open("publish")
         hdrs = self._codec.check_headers(t.name, headers)
-        event_id = uuid.uuid4().hex
+        event_id = _new_event_id()
         seq = self._seq.get(t.name, 0) + 1
         if t.durable:
             return (await self._publish_durable(t, [event], hdrs, event_id))[0]
@@ -1193,7 +1197,7 @@ class EventBus:
         times: list[int] = []
         seq = self._seq.get(t.name, 0)
         for event in events:
-            event_id = first_id or uuid.uuid4().hex
+            event_id = first_id or _new_event_id()
             first_id = None
             seq += 1
             raw, ms = self._codec.encode(

@@ -28,6 +28,7 @@ from .errors import ConfigurationError, DecodeError, EncodeError, PayloadTooLarg
 __all__ = ["Codec", "configure_converter", "make_converter"]
 
 _MAX_HEADER_LEN: Final = 8192
+_JSON_NATIVE: Final = frozenset({dict, list, str, int, float, bool, type(None)})
 
 
 def configure_converter(converter: cattrs.Converter) -> None:
@@ -114,7 +115,13 @@ class Codec:
 
         :raises eventbus.errors.PayloadTooLarge: before any I/O.
         """
-        content_type, data = self.unstructure(topic, event)
+        if type(event) in _JSON_NATIVE:
+            # orjson writes these as they are; cattrs would only copy them. If a
+            # container holds something orjson cannot write (bytes, a set, an
+            # attrs instance), the cattrs path below handles it.
+            content_type, data = CONTENT_JSON, event
+        else:
+            content_type, data = self.unstructure(topic, event)
         now_ms = time.time_ns() // 1_000_000
         doc: dict[str, Any] = {
             "eventbus": WIRE_VERSION,
@@ -133,7 +140,13 @@ class Codec:
         try:
             raw = orjson.dumps(doc)
         except TypeError as exc:
-            raise EncodeError(f"event is not JSON-representable: {exc}", topic=topic) from exc
+            if data is not event:
+                raise EncodeError(f"event is not JSON-representable: {exc}", topic=topic) from exc
+            doc["ct"], doc["data"] = self.unstructure(topic, event)
+            try:
+                raw = orjson.dumps(doc)
+            except TypeError as exc2:
+                raise EncodeError(f"event is not JSON-representable: {exc2}", topic=topic) from exc2
         if len(raw) > self.limits.max_payload_bytes:
             raise PayloadTooLarge(
                 topic=topic, size=len(raw), limit=self.limits.max_payload_bytes, event_id=event_id
