@@ -318,7 +318,14 @@ class GroupConsumer:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Consume until :meth:`stop` has finished."""
+        """Consume until :meth:`stop` has finished; closes the blocking connection."""
+        try:
+            await self._run(task_status)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._blocking.aclose()
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         await self.ensure_group()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._ack_loop)

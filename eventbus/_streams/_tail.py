@@ -107,6 +107,10 @@ class StreamTail:
         self._read_scope: anyio.CancelScope | None = None
         self.reads = 0
 
+    async def aclose(self) -> None:
+        """Close this tail's connection (after :meth:`run` ended)."""
+        await self._client.aclose()
+
     def add(self, topic: str, keys: TopicKeys, receiver: Receiver, last_id: str) -> None:
         """Offer ``topic``'s entries after ``last_id`` to ``receiver``.
 

@@ -493,3 +493,35 @@ async def test_a_dead_lettered_bare_payload_replays_as_an_event(
         assert await bus.replay_dead_letters(orders) == 1
         await wait_until(lambda: len(seen) == 2)
     assert seen == [(b"\xff raw bytes", 1), (b"\xff raw bytes", 1)]
+
+
+async def test_replays_and_iterator_members_give_their_connections_back(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    orders = Topic("orders", durable=True)
+    bus = bus_factory(client_name="conn-check")
+    async with control_client(redis_url) as admin:
+
+        async def connections() -> int:
+            return sum(1 for c in await admin.client_list() if c["name"] == "conn-check")
+
+        async with bus:
+            await bus.publish(orders, 1)
+            baseline = -1
+            for i in range(6):
+                if i == 1:  # after one round, the bus's own connections are all open
+                    baseline = await connections()
+                async with bus.subscribe(orders, from_="earliest") as replay:
+                    with anyio.fail_after(5):
+                        assert await replay.receive() == 1
+                async with bus.subscribe(orders, group=f"g{i}", claim=FAST_CLAIM) as member:
+                    with anyio.fail_after(5):
+                        async for event in member:
+                            assert event == 1
+                            break
+
+            async def back_to_baseline() -> bool:
+                return await connections() <= baseline
+
+            await wait_until(back_to_baseline)
+        assert await connections() == 0
