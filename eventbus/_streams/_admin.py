@@ -223,8 +223,9 @@ async def topic_stats(client: Any, name: str, keys: TopicKeys) -> TopicStats:
             oldest: float | None = None
             if int(info["pending"]):
                 summary = await client.xpending(keys.stream, group)
-                oldest_ms = int(_decode(summary["min"]).split("-")[0])
-                oldest = max(now_ms - oldest_ms, 0) / 1000
+                if summary["min"] is not None:  # None: acked since XINFO
+                    oldest_ms = int(_decode(summary["min"]).split("-")[0])
+                    oldest = max(now_ms - oldest_ms, 0) / 1000
             lag = info.get("lag")
             groups.append(
                 GroupStats(

@@ -552,6 +552,8 @@ class GroupConsumer:
         )
         got = set()
         for entry_id, fields in claimed:
+            if entry_id is None:  # Redis 6.2: a deleted entry comes back as nil
+                continue
             eid = entry_id.decode()
             got.add(eid)
             if not fields:
@@ -689,7 +691,7 @@ class GroupConsumer:
             space = budget
             if space <= 0:
                 return
-            cursor, entries, deleted = await self._client.xautoclaim(
+            reply = await self._client.xautoclaim(
                 self.keys.stream,
                 self.options.group,
                 self.options.consumer,
@@ -697,10 +699,18 @@ class GroupConsumer:
                 self._claim_cursor,
                 count=min(self.options.claim.count, space),
             )
+            # Redis >= 7 adds the ids it found deleted (trimmed); 6.2 returns two
+            # elements and hands deleted entries back with no fields.
+            cursor, entries = reply[0], reply[1]
+            deleted = reply[2] if len(reply) > 2 else []
             self._claim_cursor = cursor.decode()
             if deleted:
                 self._count_trimmed([d.decode() for d in deleted])
-            fresh = [(e.decode(), f) for e, f in entries if e.decode() not in self._held]
+            fresh = [
+                (e.decode(), f)
+                for e, f in entries
+                if e is not None and e.decode() not in self._held
+            ]
             if fresh:
                 counts = await self._counts([e for e, _ in fresh])
                 self.claimed += len(fresh)
@@ -892,8 +902,8 @@ class GroupConsumer:
                 # Claimed by another consumer meanwhile, or acked: not ours now.
                 self._held.pop(work.id, None)
                 return
-            _entry_id, fields = claimed[0]
-            if not fields:
+            entry_id, fields = claimed[0]
+            if entry_id is None or not fields:
                 self._held.pop(work.id, None)
                 self._count_trimmed([work.id])
                 return

@@ -529,12 +529,19 @@ async def test_f25_acked_trim_keeps_pending_entries(bus_factory) -> None:
     assert 1000 <= length_trimmed <= 1000 + 100 + 10
 
 
-async def test_f25_hard_trim_counts_trimmed_pending_entries_exactly(bus_factory) -> None:
+async def test_f25_hard_trim_counts_trimmed_pending_entries_exactly(
+    bus_factory, server_version: tuple[int, ...]
+) -> None:
     """``trim="hard"``: the group is stalled by two members that crashed holding 30
     and 20 entries. 5,000 publishes trim them all. When the group runs again, one
     member restarts under a crashed name (own pending re-read: XCLAIM finds the
     entries gone) and one is new (XAUTOCLAIM's deleted list): each trimmed pending
     entry is counted once in ``lost_to_trim`` and signalled once."""
+    if server_version < (7,):
+        pytest.skip(
+            "Redis < 7 returns trimmed pending entries as nil, without their ids, and"
+            " keeps them pending: lost_to_trim is counted on Redis >= 7 only"
+        )
     topic = Topic("f25h", durable=True, maxlen=1000, trim="hard")
     pub, sub = bus_factory(), bus_factory()
     stream = topic_keys(pub.prefix, "f25h").stream
