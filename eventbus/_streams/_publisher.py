@@ -139,7 +139,7 @@ class StreamWriter:
                 remaining = await self._recover(remaining, exc, sent_at, deadline, attempt)
                 attempt += 1
                 continue
-            except Exception as exc:  # e.g. a cancelled shield cannot happen; be safe
+            except Exception as exc:  # not a connection problem: fail these, keep writing
                 self._fail(remaining, exc)
                 return
             for item, result in zip(remaining, results, strict=True):
