@@ -48,6 +48,7 @@ from .._scripts import ACK_PUBLISH, DEAD_LETTER
 from .._topic import Topic
 from ..errors import DecodeError
 from ..signals import emit
+from ._ids import id_key, previous_id, read_batches
 
 __all__ = ["ConsumerStatistics", "GroupConsumer", "GroupOptions", "Release", "StartPosition"]
 
@@ -143,27 +144,10 @@ class _Work:
         self.count = count
 
 
-def _previous_id(entry_id: str) -> str:
-    ms, seq = entry_id.split("-")
-    if int(seq) > 0:
-        return f"{ms}-{int(seq) - 1}"
-    return f"{max(int(ms) - 1, 0)}-18446744073709551615"
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, seq = entry_id.split("-")
-    return int(ms), int(seq)
-
-
 def _entries(response: Any) -> list[tuple[str, dict[bytes, bytes]]]:
-    """Entries of a one-stream XREADGROUP/XREAD reply (RESP2 list or RESP3 dict)."""
-    if not response:
-        return []
-    if isinstance(response, dict):
-        (batches,) = response.values()
-        entries = batches[0] if batches else []
-    else:
-        entries = response[0][1]
+    """Entries of a one-stream XREADGROUP reply."""
+    batches = read_batches(response)
+    entries = batches[0][1] if batches else []
     return [(eid.decode(), fields or {}) for eid, fields in entries]
 
 
@@ -535,7 +519,7 @@ class GroupConsumer:
             }
             if counts:
                 try:
-                    await self._take(list(counts), counts, min_idle_ms=0)
+                    await self._take(list(counts), counts)
                 except _CONNECTION_ERRORS:
                     await anyio.sleep(0.2)
                     continue
@@ -543,12 +527,12 @@ class GroupConsumer:
                 return
             start = "(" + pending[-1]["message_id"].decode()
 
-    async def _take(self, ids: list[str], counts: dict[str, int], *, min_idle_ms: int) -> None:
+    async def _take(self, ids: list[str], counts: dict[str, int]) -> None:
         """XCLAIM ``ids`` to this consumer (a new delivery: Redis counts it) and queue them."""
         while len(self._buffer) >= self._capacity and not self._stopping:
             await self._wait_space()
         claimed = await self._client.xclaim(
-            self.keys.stream, self.options.group, self.options.consumer, min_idle_ms, ids
+            self.keys.stream, self.options.group, self.options.consumer, 0, ids
         )
         got = set()
         for entry_id, fields in claimed:
@@ -561,7 +545,7 @@ class GroupConsumer:
                 continue
             self._add(_Work(eid, fields, counts.get(eid, 0) + 1))
         gone = [i for i in ids if i not in got]
-        if gone and min_idle_ms == 0:
+        if gone:
             # Redis >= 7 drops deleted entries from the pending list on XCLAIM.
             self._count_trimmed(gone)
 
@@ -601,7 +585,7 @@ class GroupConsumer:
         own = self._watermark()
         if own is not None:
             candidates.append(own)
-        start = min(candidates, key=_id_key) if candidates else "0"
+        start = min(candidates, key=id_key) if candidates else "0"
         if not self._nogroup_logged:
             self._nogroup_logged = True
             logger.error(
@@ -626,7 +610,7 @@ class GroupConsumer:
     def _watermark(self) -> str | None:
         """An id at or below which everything this consumer read is handled."""
         if self._held:
-            return _previous_id(min(self._held, key=_id_key))
+            return previous_id(min(self._held, key=id_key))
         return self._last_read_id
 
     # -- claiming ------------------------------------------------------------------------
@@ -657,17 +641,8 @@ class GroupConsumer:
         ids = [i for i in self._held if i not in self._retrying]
         if not ids:
             return
-        pending = await self._client.xpending_range(
-            self.keys.stream,
-            self.options.group,
-            min=min(ids, key=_id_key),
-            max=max(ids, key=_id_key),
-            count=len(ids) + 1000,
-            consumername=self.options.consumer,
-        )
         held = set(ids)
-        mine = [p["message_id"].decode() for p in pending]
-        mine = [i for i in mine if i in held]
+        mine = [i for i in await self._counts(ids, slack=1000) if i in held]
         # min-idle: an entry another member claimed since the XPENDING above has
         # just had its idle time reset, and is left to that member.
         min_idle = int(self.options.claim.idle * 1000 / 6)
@@ -723,15 +698,16 @@ class GroupConsumer:
             if self._claim_cursor == "0-0":
                 return
 
-    async def _counts(self, ids: list[str]) -> dict[str, int]:
-        """Redis's delivery counts of ``ids`` (pending with this consumer)."""
-        first, last = min(ids, key=_id_key), max(ids, key=_id_key)
+    async def _counts(self, ids: list[str], *, slack: int = 100) -> dict[str, int]:
+        """Redis's delivery counts of those of ``ids`` still pending with this consumer
+        (one XPENDING over their range, reading up to ``slack`` other entries in it)."""
+        first, last = min(ids, key=id_key), max(ids, key=id_key)
         pending = await self._client.xpending_range(
             self.keys.stream,
             self.options.group,
             min=first,
             max=last,
-            count=len(ids) + 100,
+            count=len(ids) + slack,
             consumername=self.options.consumer,
         )
         return {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}

@@ -27,6 +27,7 @@ from .._codec import Codec
 from .._hub import Hub, Receiver
 from .._keys import TopicKeys
 from ..errors import ConfigurationError, DecodeError
+from ._ids import previous_id, read_batches
 
 __all__ = ["StreamTail", "resolve_position"]
 
@@ -35,13 +36,6 @@ logger = logging.getLogger("eventbus")
 _STREAM_ID: Final = re.compile(r"\d+-\d+")
 _CONNECTION_ERRORS: Final = (rex.ConnectionError, rex.TimeoutError, OSError)
 _SEEK_PAGE: Final = 1000
-
-
-def _before(entry_id: str) -> str:
-    ms, seq = (int(x) for x in entry_id.split("-"))
-    if seq > 0:
-        return f"{ms}-{seq - 1}"
-    return f"{ms - 1}-18446744073709551615" if ms > 0 else "0-0"
 
 
 async def resolve_position(client: Any, topic: str, keys: TopicKeys, from_: object) -> str:
@@ -62,9 +56,9 @@ async def resolve_position(client: Any, topic: str, keys: TopicKeys, from_: obje
         return "0-0"
     if isinstance(from_, datetime):
         moment = from_ if from_.tzinfo else from_.replace(tzinfo=timezone.utc)
-        return _before(f"{max(int(moment.timestamp() * 1000), 0)}-0")
+        return previous_id(f"{max(int(moment.timestamp() * 1000), 0)}-0")
     if isinstance(from_, str) and _STREAM_ID.fullmatch(from_):
-        return _before(from_)
+        return previous_id(from_)
     if isinstance(from_, str) and from_:
         wanted = from_.encode()
         start = "-"
@@ -72,7 +66,7 @@ async def resolve_position(client: Any, topic: str, keys: TopicKeys, from_: obje
             page = await client.xrange(keys.stream, min=start, count=_SEEK_PAGE)
             for entry_id, fields in page:
                 if fields.get(b"id") == wanted:
-                    return _before(entry_id.decode())
+                    return previous_id(entry_id.decode())
             if len(page) < _SEEK_PAGE:
                 break
             start = "(" + page[-1][0].decode()
@@ -170,11 +164,7 @@ class StreamTail:
                 await self._dispatch(response)
 
     async def _dispatch(self, response: Any) -> None:
-        if isinstance(response, dict):
-            batches = [(key, value[0] if value else []) for key, value in response.items()]
-        else:
-            batches = [(key, entries) for key, entries in response]
-        for raw_key, entries in batches:
+        for raw_key, entries in read_batches(response):
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
             cursor = self._cursors.get(key)
             if cursor is None:
