@@ -1129,7 +1129,18 @@ class EventBus:
         event_id = _new_event_id()
         seq = self._seq.get(t.name, 0) + 1
         if t.durable:
-            return (await self._publish_durable(t, [event], hdrs, event_id))[0]
+            assert self._writer is not None
+            raw, ms = self._codec.encode(
+                t.name,
+                event,
+                event_id=event_id,
+                publisher=self._publisher_id,
+                seq=seq,
+                headers=hdrs,
+            )
+            self._seq[t.name] = seq
+            stream_id = await self._writer.add_one(t, self._keys(t), event_id, raw)
+            return self._durable_receipt(t.name, event_id, ms, stream_id)
         if t.local:
             return await self._publish_local(t, event, event_id, seq, hdrs)
         raw, ms = self._codec.encode(
@@ -1186,19 +1197,14 @@ class EventBus:
         return results
 
     async def _publish_durable(
-        self,
-        t: Topic[Any],
-        events: Sequence[Any],
-        hdrs: dict[str, str],
-        first_id: str | None = None,
+        self, t: Topic[Any], events: Sequence[Any], hdrs: dict[str, str]
     ) -> list[Receipt]:
         assert self._writer is not None
         encoded: list[tuple[str, bytes]] = []
         times: list[int] = []
         seq = self._seq.get(t.name, 0)
         for event in events:
-            event_id = first_id or _new_event_id()
-            first_id = None
+            event_id = _new_event_id()
             seq += 1
             raw, ms = self._codec.encode(
                 t.name,
@@ -1212,19 +1218,21 @@ class EventBus:
             times.append(ms)
         self._seq[t.name] = seq
         stream_ids = await self._writer.add(t, self._keys(t), encoded)
-        if signals.published.receivers:
-            for event_id, _raw in encoded:
-                emit(signals.published, self, topic=t.name, event_id=event_id)
         return [
-            Receipt(
-                id=event_id,
-                topic=t.name,
-                published_at=datetime.fromtimestamp(ms / 1000, tz=timezone.utc),
-                receivers=0,
-                stream_id=stream_id,
-            )
+            self._durable_receipt(t.name, event_id, ms, stream_id)
             for (event_id, _raw), ms, stream_id in zip(encoded, times, stream_ids, strict=True)
         ]
+
+    def _durable_receipt(self, topic: str, event_id: str, ms: int, stream_id: str) -> Receipt:
+        if signals.published.receivers:
+            emit(signals.published, self, topic=topic, event_id=event_id)
+        return Receipt(
+            id=event_id,
+            topic=topic,
+            published_at=datetime.fromtimestamp(ms / 1000, tz=timezone.utc),
+            receivers=0,
+            stream_id=stream_id,
+        )
 
     async def _publish_local(
         self, t: Topic[Any], event: Any, event_id: str, seq: int, hdrs: dict[str, str]

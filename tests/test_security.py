@@ -491,6 +491,11 @@ async def test_s3_valid_ca_runs_pubsub_over_tls_only(
                 ids = {int(c["id"]) for c in await admin.client_list()}
                 assert bus.push_client_id in ids  # the push connection, over TLS
                 assert len(ids) == 3  # admin, command client, push connection
+                # The durable writer's own connection (hiredis-packed) is TLS too.
+                durable = Topic("audit", durable=True)
+                receipt = await bus.publish(durable, {"p": 2})
+                stream = _keys.topic_keys(bus.prefix, "audit").stream
+                assert [e[0] for e in await admin.xrange(stream)] == [receipt.stream_id]
     assert handshake_failures(server, PLAINTEXT_MARKER) == 0
 
 

@@ -331,8 +331,9 @@ class FaultProxy:
             for rule in link.armed():
                 self._rearm(rule)
             self._streams.difference_update((client, server))
-            await client.aclose()
-            await server.aclose()
+            with anyio.CancelScope(shield=True):  # closing the proxy cancels us: close both
+                await client.aclose()
+                await server.aclose()
 
     async def _forward(self, dst: anyio.abc.SocketStream, data: bytes) -> None:
         await self._flowing.wait()

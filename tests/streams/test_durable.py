@@ -140,6 +140,44 @@ async def test_concurrent_publishers_each_get_their_own_stored_event(
         assert doc["data"] == {"k": k, "i": i}
 
 
+async def test_a_refused_xadd_fails_only_its_own_publish_in_a_shared_batch(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    # Publishes to two topics share pipelines; Redis refuses the XADDs to one
+    # (its key holds a string: WRONGTYPE). Those callers get a typed error naming
+    # their topic; every other caller in the same batches gets its stream id, and
+    # the writer's connection stays in step (replies are not shifted by one).
+    good, bad = Topic("good", durable=True), Topic("bad", durable=True)
+    bus = bus_factory()
+    outcomes: dict[tuple[str, int], Any] = {}
+
+    async def publisher(topic: Topic[Any], i: int) -> None:
+        try:
+            outcomes[topic.name, i] = await bus.publish(topic, {"i": i})
+        except errors.BackendError as exc:
+            outcomes[topic.name, i] = exc
+
+    async with bus, control_client(redis_url) as admin:
+        await admin.set(stream_key(bus, "bad"), "not a stream")
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(publisher, good if i % 3 else bad, i)
+        after = await bus.publish(good, {"i": "after"})
+        entries = await admin.xrange(stream_key(bus, "good"))
+
+    refused = {key: v for key, v in outcomes.items() if isinstance(v, errors.BackendError)}
+    assert set(refused) == {("bad", i) for i in range(0, 200, 3)}
+    for exc in refused.values():
+        assert exc.topic == "bad"
+        assert "WRONGTYPE" in str(exc)
+    stored = {entry_id: json.loads(fields["env"]) for entry_id, fields in entries}
+    assert len(stored) == 200 - len(refused) + 1
+    for (name, i), receipt in outcomes.items():
+        if name == "good":
+            assert stored[receipt.stream_id]["data"] == {"i": i}
+    assert stored[after.stream_id]["data"] == {"i": "after"}
+
+
 async def test_iterator_member_acks_when_the_next_event_is_requested(
     bus_factory: Callable[..., EventBus], redis_url: str
 ) -> None:

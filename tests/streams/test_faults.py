@@ -35,7 +35,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from eventbus import ClaimPolicy, Delivery, EventBus, Receipt, Topic, signals
+from eventbus import ClaimPolicy, Delivery, EventBus, Receipt, Topic, errors, signals
 from eventbus._keys import topic_keys
 from eventbus.testing import FaultProxy
 
@@ -437,6 +437,69 @@ async def test_f9_lost_xadd_replies_neither_lose_nor_duplicate(redis_server_fact
     assert lost == 0
     assert rec.dup == 0  # with dedupe=60: exactly one side effect per event id
     assert set(rec.by_id.values()) == {1}
+
+
+async def test_publish_during_a_partition_raises_within_publish_timeout(
+    redis_server_factory,
+) -> None:
+    # A half-open partition (no RST, no FIN): no reply ever comes. publish() must
+    # give up after publish_timeout with RedisUnavailable naming the topic, not hang,
+    # and publish again once the network heals.
+    server = redis_server_factory()
+    topic = Topic("partitioned", durable=True)
+    async with FaultProxy(("127.0.0.1", server.port)) as proxy:
+        bus = EventBus(f"redis://127.0.0.1:{proxy.port}/0", publish_timeout=1.0)
+        async with bus:
+            await bus.publish(topic, {"n": 0})  # the writer's connection is open
+            proxy.blackhole()
+            start = anyio.current_time()
+            with anyio.fail_after(10), pytest.raises(errors.RedisUnavailable) as info:
+                await bus.publish(topic, {"n": 1})
+            waited = anyio.current_time() - start
+            proxy.heal()
+            with anyio.fail_after(10):
+                receipt = await bus.publish(topic, {"n": 2})
+    print(f"partition: raised after {waited:.2f} s (publish_timeout 1.0)")
+    assert info.value.topic == "partitioned"
+    assert 0.9 <= waited <= 2.5
+    assert receipt.stream_id is not None
+
+
+async def test_cancelled_publishers_do_not_abort_the_batch_they_share(
+    redis_server_factory,
+) -> None:
+    # 20 callers queue behind one writer while Redis is unreachable; half of them
+    # (the caller doing the writing among them) are cancelled. Every event is
+    # still stored once, and every caller that was not cancelled gets its receipt.
+    # (The cancelled writer itself finishes the batch it is sending, shielded, and
+    # may return its receipt: its event was stored.)
+    server = redis_server_factory()
+    topic = Topic("shared", durable=True)
+    receipts: dict[int, Receipt] = {}
+    async with FaultProxy(("127.0.0.1", server.port)) as proxy:
+        bus = EventBus(f"redis://127.0.0.1:{proxy.port}/0", publish_timeout=10.0)
+        async with bus, control_client(server.url) as ctl:
+            await bus.publish(topic, {"n": -1})
+            proxy.blackhole()
+
+            async def publisher(n: int) -> None:
+                receipts[n] = await bus.publish(topic, {"n": n})
+
+            with anyio.fail_after(10):  # a batch orphaned by the cancellation hangs
+                async with anyio.create_task_group() as kept, anyio.create_task_group() as doomed:
+                    for n in range(20):
+                        (doomed if n % 2 == 0 else kept).start_soon(publisher, n)
+                    await wait_until(lambda: len(bus._writer._queue) >= 1)  # type: ignore[union-attr]
+                    doomed.cancel_scope.cancel()
+                    proxy.heal()
+            entries = await ctl.xrange(topic_keys(bus.prefix, "shared").stream)
+    stored = Counter(orjson.loads(fields["env"])["data"]["n"] for _, fields in entries)
+    assert set(range(1, 20, 2)) <= set(receipts)
+    assert all(n % 2 == 1 or n == 0 for n in receipts)
+    assert stored == Counter(range(-1, 20))  # the cancelled callers' events too, once each
+    by_entry = dict(entries)
+    for n, receipt in receipts.items():
+        assert orjson.loads(by_entry[receipt.stream_id]["env"])["data"] == {"n": n}
 
 
 # -- F25: trimming never removes what a group still needs -------------------------------
