@@ -109,4 +109,17 @@ class Envelope:
 
     def group_delivery(self, group: str, attempt: int) -> Delivery:
         """The delivery context of this entry handed to a consumer group member."""
-        return attrs.evolve(self.delivery(), group=group, attempt=attempt)
+        ms = self.published_ms
+        return Delivery(
+            self.id,
+            self.topic,
+            self.headers,
+            None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc),
+            attempt,
+            self.publisher,
+            self.seq,
+            self.stream_id,
+            group,
+            self.cause,
+            self.corr,
+        )

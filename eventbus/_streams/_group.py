@@ -144,13 +144,6 @@ class _Work:
         self.count = count
 
 
-def _entries(response: Any) -> list[tuple[str, dict[bytes, bytes]]]:
-    """Entries of a one-stream XREADGROUP reply."""
-    batches = read_batches(response)
-    entries = batches[0][1] if batches else []
-    return [(eid.decode(), fields or {}) for eid, fields in entries]
-
-
 def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -227,9 +220,14 @@ class GroupConsumer:
         self._handed_back: list[tuple[_Work, bool]] = []
         self._acks: list[str] = []
         self._marks: list[str] = []
-        self._work_ready = anyio.Event()
+        self._idle: list[anyio.Event] = []
+        """One event per worker waiting for work; the most recent idle worker is woken first."""
         self._space = anyio.Event()
+        self._space_wanted = False
+        """The reader (or a claim) waits for ``_space``: set it when the buffer drains."""
         self._ack_ready = anyio.Event()
+        self._ack_waiting = False
+        """The ack loop waits for ``_ack_ready``: set it with the next ack."""
         self._ack_idle = anyio.Event()
         self._ack_idle.set()
         self._stopping = False
@@ -327,7 +325,7 @@ class GroupConsumer:
         # Taken before any await, so no worker starts another prefetched entry.
         unstarted = list(self._buffer)
         self._buffer.clear()
-        self._work_ready.set()
+        self._wake_all()
         self._read_scope.cancel()
         self._claim_scope.cancel()
         self._retry_scope.cancel()
@@ -460,20 +458,44 @@ class GroupConsumer:
                         continue
                     backoff = 0.05
                     failures = 0
-                    entries = _entries(response)
-                    if entries:
-                        self._last_read_id = entries[-1][0]
-                        for entry_id, fields in entries:
-                            self._add(_Work(entry_id, fields, 1))
+                    self._add_read(response)
         finally:
             self._reader_done.set()
 
     async def _wait_space(self) -> None:
-        """Wait until a worker took an entry from the buffer (reader and claimer share it)."""
+        """Wait until the workers drained the buffer to the refill mark (reader and
+        claimer share the event)."""
         space = self._space
         if space.is_set():
             self._space = space = anyio.Event()
+        self._space_wanted = True
         await space.wait()
+
+    def _add_read(self, response: Any) -> None:
+        """Queue the entries of an XREADGROUP reply (new entries: first delivery)."""
+        batches = read_batches(response)
+        if not batches or not batches[0][1]:
+            return
+        held = self._held
+        buffer = self._buffer
+        entry_id = ""
+        for raw_id, fields in batches[0][1]:
+            entry_id = raw_id.decode()
+            if entry_id in held:
+                continue  # already here (running, or waiting for its ack)
+            work = held[entry_id] = _Work(entry_id, fields or {}, 1)
+            buffer.append(work)
+        self._last_read_id = entry_id
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        if self._idle:
+            self._idle.pop().set()
+
+    def _wake_all(self) -> None:
+        for ready in self._idle:
+            ready.set()
+        self._idle.clear()
 
     def _add(self, work: _Work, *, front: bool = False) -> None:
         if work.id in self._held and self._held[work.id] is not work:
@@ -483,8 +505,7 @@ class GroupConsumer:
             self._buffer.appendleft(work)
         else:
             self._buffer.append(work)
-        if not self._work_ready.is_set():
-            self._work_ready.set()
+        self._wake_one()
 
     async def _read_own_pending(self) -> None:
         """Take back this consumer's own pending entries (after a restart or a lost reply)."""
@@ -728,15 +749,19 @@ class GroupConsumer:
         while True:
             if buffer:
                 work = buffer.popleft()
-                if len(buffer) <= self._refill_at and not self._space.is_set():
+                if buffer and self._idle:
+                    # More is waiting: hand it to an idle worker in case this
+                    # handler suspends. One that does not suspend drains the
+                    # buffer alone, so a batch wakes one or two workers, not all.
+                    self._idle.pop().set()
+                if self._space_wanted and len(buffer) <= self._refill_at:
+                    self._space_wanted = False
                     self._space.set()
             elif self._closed:
                 return
             else:
-                # Workers share one event; the first to find it set replaces it.
-                ready = self._work_ready
-                if ready.is_set():
-                    self._work_ready = ready = anyio.Event()
+                ready = anyio.Event()
+                self._idle.append(ready)
                 await ready.wait()
                 continue
             self._running[work.id] = work
@@ -840,7 +865,8 @@ class GroupConsumer:
         self._acks.append(entry_id)
         if event_id and self.options.dedupe is not None:
             self._marks.append(event_id)
-        if not self._ack_ready.is_set():
+        if self._ack_waiting:
+            self._ack_waiting = False
             self._ack_ready.set()
 
     def _schedule_retry(self, work: _Work) -> None:
@@ -1038,6 +1064,7 @@ class GroupConsumer:
                 if self._acks_closed:
                     return
                 self._ack_ready = anyio.Event()
+                self._ack_waiting = True
                 await self._ack_ready.wait()
                 continue
             ids, self._acks = self._acks, []
@@ -1057,12 +1084,13 @@ class GroupConsumer:
                                 self.keys.seen + self.options.group + ":" + event_id, 1, px=ttl
                             )
                     now = time.monotonic()
-                    watermark = self._watermark()
-                    if watermark is not None and now - self._cursor_written >= 1.0:
+                    if now - self._cursor_written >= 1.0:
                         # The durable cursor trails by up to a second: it only bounds
                         # what a recreated group re-delivers.
-                        self._cursor_written = now
-                        pipe.hset(self.keys.cursors, self.options.group, watermark)
+                        watermark = self._watermark()
+                        if watermark is not None:
+                            self._cursor_written = now
+                            pipe.hset(self.keys.cursors, self.options.group, watermark)
                     results = await pipe.execute(raise_on_error=False)
                 # Held until the ack is through: a re-read of this member's pending
                 # list meanwhile must not take them for new (or trimmed) entries.
