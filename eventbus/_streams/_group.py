@@ -48,7 +48,7 @@ from .._scripts import ACK_PUBLISH, DEAD_LETTER
 from .._topic import Topic
 from ..errors import DecodeError
 from ..signals import emit
-from ._ids import id_key, previous_id, read_batches
+from ._ids import id_key, previous_id
 
 __all__ = ["ConsumerStatistics", "GroupConsumer", "GroupOptions", "Release", "StartPosition"]
 
@@ -144,6 +144,26 @@ class _Work:
         self.count = count
 
 
+def _entries_as_sent(response: Any, **_options: Any) -> list[Any]:
+    """The member's XREADGROUP reply callback: a one-stream reply's entries as Redis
+    sent them, ``[id, [field, value, ...]]`` (RESP2 or RESP3), without redis-py's
+    dict per entry (``_add_read`` builds it, cheaper for the usual two fields)."""
+    if not response:
+        return []
+    if isinstance(response, dict):  # RESP3: {stream: entries}
+        return next(iter(response.values()))
+    return response[0][1]  # type: ignore[no-any-return]  # RESP2: [[stream, entries]]
+
+
+def _fields(flat: list[bytes] | None) -> dict[bytes, bytes]:
+    if flat is None:
+        return {}
+    if len(flat) == 4 and flat[0] == b"id" and flat[2] == b"env":
+        return {b"id": flat[1], b"env": flat[3]}  # an eventbus entry
+    it = iter(flat)
+    return dict(zip(it, it, strict=False))
+
+
 def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -204,6 +224,7 @@ class GroupConsumer:
         self._limits = limits
         self._client: Any = client  # redis-py's stubs type replies as unions
         self._blocking: Any = blocking_client
+        blocking_client.set_response_callback("XREADGROUP", _entries_as_sent)
         self._encode_output = encode_output
         self._target_keys = target_keys
         self._publish_output = publish_output
@@ -471,19 +492,18 @@ class GroupConsumer:
         self._space_wanted = True
         await space.wait()
 
-    def _add_read(self, response: Any) -> None:
+    def _add_read(self, response: list[Any]) -> None:
         """Queue the entries of an XREADGROUP reply (new entries: first delivery)."""
-        batches = read_batches(response)
-        if not batches or not batches[0][1]:
+        if not response:
             return
         held = self._held
         buffer = self._buffer
         entry_id = ""
-        for raw_id, fields in batches[0][1]:
+        for raw_id, flat in response:
             entry_id = raw_id.decode()
             if entry_id in held:
                 continue  # already here (running, or waiting for its ack)
-            work = held[entry_id] = _Work(entry_id, fields or {}, 1)
+            work = held[entry_id] = _Work(entry_id, _fields(flat), 1)
             buffer.append(work)
         self._last_read_id = entry_id
         self._wake_one()

@@ -78,12 +78,13 @@ async def test_publish_returns_the_stream_id_and_a_group_handles_each_event_once
         assert await admin.xlen(stream_key(bus, "orders")) == 101
 
 
+@pytest.mark.parametrize("protocol", [3, 2])
 async def test_every_group_gets_every_event_and_members_share_one_group(
-    bus_factory: Callable[..., EventBus],
+    bus_factory: Callable[..., EventBus], protocol: int
 ) -> None:
     orders = Topic("orders", durable=True)
-    a, b = bus_factory(), bus_factory()
-    b = bus_factory(prefix=a.prefix)
+    a = bus_factory(protocol=protocol)
+    b = bus_factory(prefix=a.prefix, protocol=protocol)
     got: dict[str, list[int]] = {"billing-a": [], "billing-b": [], "audit": []}
 
     @a.on(orders, group="billing", consumer="a", claim=FAST_CLAIM)
