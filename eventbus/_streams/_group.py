@@ -233,6 +233,11 @@ class GroupConsumer:
         self._dead_letter_script = client.register_script(DEAD_LETTER)
         self._ack_publish_script = client.register_script(ACK_PUBLISH)
         self._rand = random.Random()
+        # Looked up once: _process runs per entry.
+        self._payload_type = spec.payload_type
+        self._passthrough = spec.payload_type is object or spec.payload_type is Any
+        self._max_attempts = options.retry.max_attempts
+        self._decode = codec.decode_entry
 
         self._buffer: deque[_Work] = deque()
         self._held: dict[str, _Work] = {}
@@ -803,16 +808,16 @@ class GroupConsumer:
                 self._running.pop(work.id, None)
 
     async def _process(self, work: _Work) -> None:
-        topic = self.topic.name
         spec = self.spec
         try:
-            env = self._codec.decode_entry(topic, work.id, work.fields)
-            tp = spec.payload_type
-            payload = env.data if tp is object or tp is Any else self._codec.structure(env, tp)
+            env = self._decode(self.topic.name, work.id, work.fields)
+            payload = (
+                env.data if self._passthrough else self._codec.structure(env, self._payload_type)
+            )
         except DecodeError as exc:
             await self._dead_letter(work, None, reason=exc.reason, error=exc)
             return
-        max_attempts = self.options.retry.max_attempts
+        max_attempts = self._max_attempts
         if work.count > max_attempts:
             # Delivered more often than allowed without a verdict: the handler
             # keeps crashing (or hanging) its process. Do not run it again.
@@ -853,7 +858,7 @@ class GroupConsumer:
             emit(
                 signals.delivered,
                 self._sender,
-                topic=topic,
+                topic=self.topic.name,
                 event_id=env.id,
                 subscription=spec.fn,
             )
