@@ -28,6 +28,7 @@ from .errors import ConfigurationError, DecodeError, EncodeError, PayloadTooLarg
 __all__ = ["Codec", "configure_converter", "make_converter"]
 
 _MAX_HEADER_LEN: Final = 8192
+_MISSING: Final = object()
 _JSON_NATIVE: Final = frozenset({dict, list, str, int, float, bool, type(None)})
 
 
@@ -322,14 +323,12 @@ class Codec:
         :raises eventbus.errors.DecodeError: the payload does not fit ``tp``.
         """
         cache = envelope.cache
-        try:
-            result = cache[tp]
-        except KeyError:
-            pass
-        else:
-            if isinstance(result, DecodeError):
-                raise result
-            return result
+        if cache:  # most envelopes are structured once: no lookup (and no KeyError)
+            result = cache.get(tp, _MISSING)
+            if result is not _MISSING:
+                if isinstance(result, DecodeError):
+                    raise result
+                return result
         data = envelope.data
         if tp is object or tp is Any or (type(data) is tp and tp in _JSON_NATIVE):
             value: Any = data  # cattrs would only copy a plain JSON value of its own type
