@@ -1099,24 +1099,31 @@ class GroupConsumer:
     async def _flush(self, ids: list[str], marks: list[str]) -> None:
         backoff = 0.05
         while True:
+            extra: list[tuple[Any, ...]] = []
+            if marks and self.options.dedupe is not None:
+                ttl = max(int(self.options.dedupe * 1000), 1)
+                prefix = self.keys.seen + self.options.group + ":"
+                extra += [("SET", prefix + event_id, 1, "PX", ttl) for event_id in marks]
+            now = time.monotonic()
+            if now - self._cursor_written >= 1.0:
+                # The durable cursor trails by up to a second: it only bounds
+                # what a recreated group re-delivers.
+                watermark = self._watermark()
+                if watermark is not None:
+                    self._cursor_written = now
+                    extra.append(("HSET", self.keys.cursors, self.options.group, watermark))
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.xack(self.keys.stream, self.options.group, *ids)
-                    if marks and self.options.dedupe is not None:
-                        ttl = max(int(self.options.dedupe * 1000), 1)
-                        for event_id in marks:
-                            pipe.set(
-                                self.keys.seen + self.options.group + ":" + event_id, 1, px=ttl
-                            )
-                    now = time.monotonic()
-                    if now - self._cursor_written >= 1.0:
-                        # The durable cursor trails by up to a second: it only bounds
-                        # what a recreated group re-delivers.
-                        watermark = self._watermark()
-                        if watermark is not None:
-                            self._cursor_written = now
-                            pipe.hset(self.keys.cursors, self.options.group, watermark)
-                    results = await pipe.execute(raise_on_error=False)
+                if extra:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        pipe.xack(self.keys.stream, self.options.group, *ids)
+                        for command in extra:
+                            pipe.execute_command(*command)
+                        result = (await pipe.execute(raise_on_error=False))[0]
+                else:  # the usual flush: one command, no Pipeline object
+                    try:
+                        result = await self._client.xack(self.keys.stream, self.options.group, *ids)
+                    except rex.ResponseError as exc:
+                        result = exc
                 # Held until the ack is through: a re-read of this member's pending
                 # list meanwhile must not take them for new (or trimmed) entries.
                 self._held_after_ack(ids)
@@ -1125,12 +1132,12 @@ class GroupConsumer:
                 logger.warning("group %r: ack failed (%s); retrying", self.options.group, exc)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
-        if isinstance(results[0], BaseException):
+        if isinstance(result, BaseException):
             # NOGROUP: the group vanished with its pending list; the reader recreates it.
-            logger.warning("group %r: ack failed: %s", self.options.group, results[0])
+            logger.warning("group %r: ack failed: %s", self.options.group, result)
             acked = 0
         else:
-            acked = int(results[0])
+            acked = int(result)
         self.acked += acked
         if acked < len(ids):
             self.ack_lost_ownership += len(ids) - acked
