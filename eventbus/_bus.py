@@ -1128,26 +1128,17 @@ class EventBus:
         hdrs = self._codec.check_headers(t.name, headers)
         event_id = _new_event_id()
         seq = self._seq.get(t.name, 0) + 1
-        if t.durable:
-            assert self._writer is not None
-            raw, ms = self._codec.encode(
-                t.name,
-                event,
-                event_id=event_id,
-                publisher=self._publisher_id,
-                seq=seq,
-                headers=hdrs,
-            )
-            self._seq[t.name] = seq
-            stream_id = await self._writer.add_one(t, self._keys(t), event_id, raw)
-            return self._durable_receipt(t.name, event_id, ms, stream_id)
         if t.local:
             return await self._publish_local(t, event, event_id, seq, hdrs)
         raw, ms = self._codec.encode(
             t.name, event, event_id=event_id, publisher=self._publisher_id, seq=seq, headers=hdrs
         )
-        # Taken (synchronously) in the order the ordered publisher will send them.
+        # Taken (synchronously) in the order the writers will send them.
         self._seq[t.name] = seq
+        if t.durable:
+            assert self._writer is not None
+            stream_id = await self._writer.add_one(t, self._keys(t), event_id, raw)
+            return self._durable_receipt(t.name, event_id, ms, stream_id)
         assert self._publisher is not None
         channel = live_channel(self._prefix, t.name)
         reached = await self._publisher.publish(t.name, channel, raw)
