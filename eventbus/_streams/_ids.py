@@ -1,4 +1,4 @@
-"""Stream entry ids and stream read replies, shared by the group member and the tail."""
+"""Stream entry ids (order, arithmetic) and the shape of XREAD replies (RESP2 and RESP3)."""
 
 from __future__ import annotations
 

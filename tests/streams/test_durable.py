@@ -179,6 +179,37 @@ async def test_a_refused_xadd_fails_only_its_own_publish_in_a_shared_batch(
     assert stored[after.stream_id]["data"] == {"i": "after"}
 
 
+@pytest.mark.parametrize("batch", [1, 100])
+async def test_a_member_runs_exactly_concurrency_handlers_at_once(
+    bus_factory: Callable[..., EventBus], batch: int
+) -> None:
+    # Idle workers are woken one at a time; handlers that suspend must still
+    # fill all `concurrency` slots (and never more), whatever the batch size.
+    jobs = Topic("jobs", durable=True)
+    bus = bus_factory()
+    running = 0
+    peak = 0
+    done = 0
+    gate = anyio.Event()
+
+    @bus.on(jobs, group="workers", concurrency=8, batch=batch, claim=FAST_CLAIM)
+    async def work(n: int) -> None:
+        nonlocal running, peak, done
+        running += 1
+        peak = max(peak, running)
+        await gate.wait()
+        running -= 1
+        done += 1
+
+    async with bus:
+        await bus.publish_many(jobs, list(range(30)))
+        await wait_until(lambda: running == 8)
+        assert peak == 8
+        gate.set()
+        await wait_until(lambda: done == 30)
+    assert peak == 8
+
+
 async def test_iterator_member_acks_when_the_next_event_is_requested(
     bus_factory: Callable[..., EventBus], redis_url: str
 ) -> None:
