@@ -88,29 +88,19 @@ class Envelope:
         )
 
     def delivery(self) -> Delivery:
+        """The delivery context handed to live and local subscribers (built once)."""
         d = self._delivery
         if d is None:
-            ms = self.published_ms
-            d = self._delivery = Delivery(
-                id=self.id,
-                topic=self.topic,
-                headers=self.headers,
-                published_at=None
-                if ms is None
-                else datetime.fromtimestamp(ms / 1000, tz=timezone.utc),
-                attempt=1,
-                publisher=self.publisher,
-                seq=self.seq,
-                stream_id=self.stream_id,
-                causation_id=self.cause,
-                correlation_id=self.corr,
-            )
+            d = self._delivery = self._new_delivery(None, 1)
         return d
 
     def group_delivery(self, group: str, attempt: int) -> Delivery:
         """The delivery context of this entry handed to a consumer group member."""
+        return self._new_delivery(group, attempt)
+
+    def _new_delivery(self, group: str | None, attempt: int) -> Delivery:
         ms = self.published_ms
-        return Delivery(
+        return Delivery(  # positional: attrs' keyword path costs ~3x here (a hot path)
             self.id,
             self.topic,
             self.headers,
