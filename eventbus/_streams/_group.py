@@ -134,34 +134,36 @@ class GroupOptions:
 
 
 class _Work:
-    """One entry held by this consumer."""
+    """One entry held by this consumer.
+
+    ``fields``: as XREADGROUP sent them (``[name, value, ...]``), or as a dict
+    (XCLAIM replies); :meth:`field_map` gives the dict either way.
+    """
 
     __slots__ = ("count", "fields", "id")
 
-    def __init__(self, entry_id: str, fields: dict[bytes, bytes], count: int) -> None:
+    def __init__(self, entry_id: str, fields: list[bytes] | dict[bytes, bytes], count: int) -> None:
         self.id = entry_id
         self.fields = fields
         self.count = count
+
+    def field_map(self) -> dict[bytes, bytes]:
+        fields = self.fields
+        if isinstance(fields, list):
+            it = iter(fields)
+            fields = self.fields = dict(zip(it, it, strict=False))
+        return fields
 
 
 def _entries_as_sent(response: Any, **_options: Any) -> list[Any]:
     """The member's XREADGROUP reply callback: a one-stream reply's entries as Redis
     sent them, ``[id, [field, value, ...]]`` (RESP2 or RESP3), without redis-py's
-    dict per entry (``_add_read`` builds it, cheaper for the usual two fields)."""
+    dict per entry (``Codec.decode_entry`` reads the usual two fields as they are)."""
     if not response:
         return []
     if isinstance(response, dict):  # RESP3: {stream: entries}
         return next(iter(response.values()))
     return response[0][1]  # type: ignore[no-any-return]  # RESP2: [[stream, entries]]
-
-
-def _fields(flat: list[bytes] | None) -> dict[bytes, bytes]:
-    if flat is None:
-        return {}
-    if len(flat) == 4 and flat[0] == b"id" and flat[2] == b"env":
-        return {b"id": flat[1], b"env": flat[3]}  # an eventbus entry
-    it = iter(flat)
-    return dict(zip(it, it, strict=False))
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -238,6 +240,8 @@ class GroupConsumer:
         self._passthrough = spec.payload_type is object or spec.payload_type is Any
         self._max_attempts = options.retry.max_attempts
         self._decode = codec.decode_entry
+        self._dedupe = options.dedupe
+        self._chained = options.publish_to is not None
 
         self._buffer: deque[_Work] = deque()
         self._held: dict[str, _Work] = {}
@@ -248,6 +252,8 @@ class GroupConsumer:
         self._marks: list[str] = []
         self._idle: list[anyio.Event] = []
         """One event per worker waiting for work; the most recent idle worker is woken first."""
+        self._waking = False
+        """A worker was woken and has not run yet (see ``_wake_one``)."""
         self._space = anyio.Event()
         self._space_wanted = False
         """The reader (or a claim) waits for ``_space``: set it when the buffer drains."""
@@ -508,13 +514,18 @@ class GroupConsumer:
             entry_id = raw_id.decode()
             if entry_id in held:
                 continue  # already here (running, or waiting for its ack)
-            work = held[entry_id] = _Work(entry_id, _fields(flat), 1)
+            work = held[entry_id] = _Work(entry_id, flat or {}, 1)
             buffer.append(work)
         self._last_read_id = entry_id
         self._wake_one()
 
     def _wake_one(self) -> None:
-        if self._idle:
+        """Wake an idle worker, unless one was woken and has not run yet: that one
+        takes the next entry, and wakes the next worker if more wait. Handlers that
+        suspend thus fill every slot, while a batch handled by one worker whose
+        handler never suspends costs one wake-up, not one per idle worker."""
+        if self._idle and not self._waking:
+            self._waking = True
             self._idle.pop().set()
 
     def _wake_all(self) -> None:
@@ -774,11 +785,8 @@ class GroupConsumer:
         while True:
             if buffer:
                 work = buffer.popleft()
-                if buffer and self._idle:
-                    # More is waiting: hand it to an idle worker in case this
-                    # handler suspends. One that does not suspend drains the
-                    # buffer alone, so a batch wakes one or two workers, not all.
-                    self._idle.pop().set()
+                if buffer and self._idle and not self._waking:
+                    self._wake_one()  # more waits: for when this handler suspends
                 if self._space_wanted and len(buffer) <= self._refill_at:
                     self._space_wanted = False
                     self._space.set()
@@ -788,6 +796,7 @@ class GroupConsumer:
                 ready = anyio.Event()
                 self._idle.append(ready)
                 await ready.wait()
+                self._waking = False
                 continue
             self._running[work.id] = work
             try:
@@ -824,7 +833,7 @@ class GroupConsumer:
             await self._dead_letter(work, env, reason="max_deliveries", error=None)
             return
         if (
-            self.options.dedupe is not None
+            self._dedupe is not None
             and env.id
             and await self._client.exists(self.keys.seen + self.options.group + ":" + env.id)
         ):
@@ -849,7 +858,7 @@ class GroupConsumer:
             else:
                 self._schedule_retry(work)
             return
-        if result is not None and self.options.publish_to is not None:
+        if result is not None and self._chained:
             await self._chain(work, env, result)
         else:
             self._ack(work.id, env.id)
@@ -888,7 +897,7 @@ class GroupConsumer:
 
     def _ack(self, entry_id: str, event_id: str | None) -> None:
         self._acks.append(entry_id)
-        if event_id and self.options.dedupe is not None:
+        if event_id and self._dedupe is not None:
             self._marks.append(event_id)
         if self._ack_waiting:
             self._ack_waiting = False
@@ -961,7 +970,8 @@ class GroupConsumer:
             "reason", reason,
             "failed_at", int(time.time() * 1000),
         ]  # fmt: skip
-        original = work.fields.get(b"env")
+        entry = work.field_map()
+        original = entry.get(b"env")
         if env is not None and original is None:
             # A bare payload (written by another client): store it as an envelope,
             # so that a replay is read like any event.
@@ -979,10 +989,10 @@ class GroupConsumer:
         if env is not None and original is not None:
             fields += ["id", env.id or work.id, "env", original]
         else:
-            event_id = work.fields.get(b"id")
+            event_id = entry.get(b"id")
             if event_id is not None and len(event_id) <= 256:
                 fields += ["id", event_id]
-            fields += ["raw", _raw_fields(work.fields)]
+            fields += ["raw", _raw_fields(entry)]
         if error is not None:
             fields += [
                 "error_type",
@@ -1019,7 +1029,7 @@ class GroupConsumer:
         elif isinstance(error, DecodeError) and error.event_id:
             logged_id = error.event_id
         else:
-            logged_id = work.fields.get(b"id", b"")[:256].decode("utf-8", "replace")
+            logged_id = entry.get(b"id", b"")[:256].decode("utf-8", "replace")
         logger.warning(
             "topic %r group %r: event %s (entry %s) dead-lettered after %d deliveries: %s%s",
             self.topic.name,
