@@ -797,6 +797,13 @@ class GroupConsumer:
                 self._idle.append(ready)
                 await ready.wait()
                 self._waking = False
+                # One more turn of the event loop before taking entries: what was
+                # scheduled with this wake-up runs first. That is the reader's
+                # next XREADGROUP (redis-py sends through asyncio.wait_for, a new
+                # task before Python 3.12): without this turn, a handler that
+                # never suspends holds the loop for the whole batch, and the next
+                # read leaves only when the batch is done.
+                await anyio.lowlevel.checkpoint()
                 continue
             self._running[work.id] = work
             try:

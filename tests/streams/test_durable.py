@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+import redis
 
 from eventbus import (
     ClaimPolicy,
@@ -208,6 +209,40 @@ async def test_a_member_runs_exactly_concurrency_handlers_at_once(
         gate.set()
         await wait_until(lambda: done == 30)
     assert peak == 8
+
+
+async def test_the_next_batch_is_read_while_a_handler_that_never_suspends_works(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    # Double buffering: Redis must already be serving batch k+1 while batch k is
+    # handled, even by a handler that never yields the event loop (a sync one).
+    # Watched from Redis: the group's last delivered entry, read by the handler.
+    jobs = Topic("jobs", durable=True)
+    total, batch = 50, 10
+    async with bus_factory() as publisher:
+        await publisher.publish_many(jobs, list(range(total)))
+    consumer = bus_factory()
+    key = stream_key(consumer, "jobs")
+    watch = redis.Redis.from_url(redis_url, decode_responses=True)
+    seen: list[tuple[str, str]] = []  # (entry handled, last entry Redis delivered by then)
+
+    @consumer.on(jobs, group="g", concurrency=1, batch=batch, claim=FAST_CLAIM)
+    def work(n: int, delivery: Delivery) -> None:
+        (group,) = watch.xinfo_groups(key)
+        seen.append((delivery.stream_id, group["last-delivered-id"]))
+
+    try:
+        async with consumer:
+            await wait_until(lambda: len(seen) == total)
+        order = [entry_id for entry_id, _ in watch.xrange(key)]
+    finally:
+        watch.close()
+    for handled, delivered in seen:
+        position = order.index(handled) + 1
+        if position % batch == 1:
+            continue  # the read may have been sent a moment before: it is enough later
+        batch_end = -(-position // batch) * batch
+        assert order.index(delivered) + 1 > batch_end or batch_end == total, (handled, delivered)
 
 
 async def test_iterator_member_acks_when_the_next_event_is_requested(
