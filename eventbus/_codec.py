@@ -211,8 +211,8 @@ class Codec:
         """The usual envelope (version 1, JSON content), or ``None``: take the full path."""
         try:
             w = _decode_wire(raw)
-        except (msgspec.DecodeError, RecursionError):  # msgspec's nesting limit is the stack's
-            return None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return None  # (msgspec's nesting limit is the stack's)
         if w.eventbus != WIRE_VERSION or w.ct != CONTENT_JSON:
             return None
         return Envelope(

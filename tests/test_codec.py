@@ -221,6 +221,23 @@ def test_usual_envelopes_take_the_fast_path() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _ENVELOPE % b'"seq": 1, "ct": "application/json", "data": "\xff"',  # not UTF-8
+        _ENVELOPE % (b'"seq": 1, "ct": "application/json", "data": ' + b"[" * 5000),  # too deep
+    ],
+)
+def test_envelopes_no_parser_takes_are_refused_with_a_reason(raw: bytes) -> None:
+    codec = _codec()
+    # A live message that is not JSON is a bare binary payload ...
+    assert codec.decode("t", raw).data == raw
+    # ... a stream entry whose envelope is not JSON is dead-lettered with the reason.
+    with pytest.raises(DecodeError, match="not JSON") as info:
+        codec.decode_entry("t", "1-1", [b"id", b"a", b"env", raw])
+    assert info.value.reason == "decode_error"
+
+
 def test_non_json_bytes_are_a_bare_binary_payload() -> None:
     env = _codec().decode("t", b"\x80\x04not json")
     assert env.data == b"\x80\x04not json"
