@@ -119,7 +119,7 @@ def library_versions(family: str) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     names = {
-        "eventbus": ["eventbus", "redis", "hiredis", "anyio", "orjson"],
+        "eventbus": ["eventbus", "redis", "hiredis", "anyio", "orjson", "msgspec"],
         "raw": ["redis", "hiredis"],
         "faststream": ["faststream", "redis", "hiredis"],
     }[family]
