@@ -41,7 +41,9 @@ class _WireV1(msgspec.Struct, gc=False):
     what a consumer spends per event. Whatever this refuses (another version, a
     bare payload, a field of the wrong type, bytes content) takes the full path,
     ``Codec._from_doc``, which decides and names the reason: both paths accept
-    and refuse the same envelopes.
+    and refuse the same envelopes (tests/test_codec.py compares them). One
+    difference in what they return: an integer in ``data`` beyond 64 bits stays
+    exact here, where orjson makes it a float (eventbus never writes one).
     """
 
     eventbus: int
