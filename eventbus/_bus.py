@@ -142,6 +142,10 @@ def _default_consumer_name() -> str:
 
 
 _GROUP_NAME_MAX: Final = 200
+_DEFAULT_BATCH: Final = 100
+"""A group member's first read without ``batch=``; reads double while handlers keep up..."""
+_MAX_ADAPTIVE_BATCH: Final = 1000
+"""... up to this (``XREADGROUP COUNT``; a larger count saves little more)."""
 
 
 def _check_group_name(kind: str, name: object) -> str:
@@ -792,7 +796,7 @@ class EventBus:
         claim_idle: float | timedelta | None,
         retry: RetryPolicy,
         claim: ClaimPolicy,
-        batch: int,
+        batch: int | None,
         block: float | timedelta,
         start: StartPosition,
         publish_to: Topic[Any] | str | None,
@@ -800,6 +804,10 @@ class EventBus:
     ) -> GroupOptions:
         _check_group_name("group", group)
         name = _check_group_name("consumer", consumer or _default_consumer_name())
+        if batch is None:  # adaptive: see on()
+            batch, max_batch = _DEFAULT_BATCH, _MAX_ADAPTIVE_BATCH
+        else:
+            max_batch = batch
         for label, value in (("concurrency", concurrency), ("batch", batch)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigurationError(
@@ -819,6 +827,7 @@ class EventBus:
             consumer=name,
             concurrency=concurrency,
             batch=batch,
+            max_batch=max_batch,
             block=seconds(block, name="block"),
             retry=retry,
             claim=claim,
@@ -860,7 +869,7 @@ class EventBus:
         claim_idle: float | timedelta | None = None,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         claim: ClaimPolicy = DEFAULT_CLAIM_POLICY,
-        batch: int = 100,
+        batch: int | None = None,
         block: float | timedelta = 2.0,
         start: StartPosition = "earliest",
         publish_to: Topic[Any] | str | None = None,
@@ -895,8 +904,12 @@ class EventBus:
           (default: every event in the stream, including those published before
           the group existed) or ``"latest"`` (only events published after);
         * one reader per member reads batches of ``batch`` (``XREADGROUP``,
-          ``BLOCK`` ``block`` seconds); up to ``concurrency`` handler calls run at
-          once; acks are batched in the background;
+          ``BLOCK`` ``block`` seconds), and the next batch while one is handled;
+          up to ``concurrency`` handler calls run at once; acks are batched in the
+          background. Without ``batch``, reads start at 100 events and double up
+          to 1,000 while the handlers finish each batch before the next arrives
+          (fewer round trips), halving back when they fall behind (a slow member
+          does not hoard what others could take);
         * on start, a member first takes back what it still held under the same
           ``consumer`` name (after a crash), then reads new events;
         * a handler that raises is retried with backoff (``retry``, a

@@ -125,6 +125,8 @@ class GroupOptions:
     consumer: str
     concurrency: int
     batch: int
+    max_batch: int
+    """Largest read: ``batch`` when it was given, else reads grow while handlers keep up."""
     block: float
     retry: RetryPolicy
     claim: ClaimPolicy
@@ -280,10 +282,11 @@ class GroupConsumer:
         self._claim_cursor = "0-0"
         self._recreate_times: deque[float] = deque(maxlen=5)
         self._nogroup_logged = False
-        # Double buffering: the next batch is read while the workers still have
-        # one, and a read always asks for a whole batch (no trickle of tiny reads).
-        self._capacity = 2 * max(options.batch, options.concurrency)
-        self._refill_at = self._capacity - max(options.batch, options.concurrency)
+        self._read_count = 0
+        self._capacity = 0
+        self._refill_at = 0
+        self._set_read_count(options.batch)
+        self._primed = False  # a batch was read: an empty buffer now means the handlers keep up
 
         self.handled = 0
         self.failed = 0
@@ -297,6 +300,14 @@ class GroupConsumer:
         self.reads = 0
         self.deduplicated = 0
         self.group_recreated = 0
+
+    def _set_read_count(self, count: int) -> None:
+        # Double buffering: the next batch is read while the workers still have
+        # one, and a read always asks for a whole batch (no trickle of tiny reads).
+        unit = max(count, self.options.concurrency)
+        self._read_count = count
+        self._capacity = 2 * unit
+        self._refill_at = unit
 
     def statistics(self) -> ConsumerStatistics:
         return ConsumerStatistics(
@@ -443,17 +454,19 @@ class GroupConsumer:
                 backoff = 0.05
                 failures = 0
                 while not self._stopping:
-                    free = self._capacity - len(self._buffer)
                     if len(self._buffer) > self._refill_at:
+                        if self._read_count > self.options.batch:  # handlers fall behind
+                            self._set_read_count(max(self._read_count // 2, self.options.batch))
                         await self._wait_space()
                         continue
+                    count = min(self._read_count, self._capacity - len(self._buffer))
                     try:
                         self.reads += 1
                         response = await self._blocking.xreadgroup(
                             self.options.group,
                             self.options.consumer,
                             {self.keys.stream: ">"},
-                            count=min(self.options.batch, free),
+                            count=count,
                             block=max(int(self.options.block * 1000), 1),
                         )
                     except rex.ResponseError as exc:
@@ -490,6 +503,16 @@ class GroupConsumer:
                         continue
                     backoff = 0.05
                     failures = 0
+                    if (
+                        self._read_count < self.options.max_batch
+                        and self._primed
+                        and not self._buffer
+                        and len(response) == count
+                    ):
+                        # More was waiting, and the handlers had finished the last
+                        # batch before this one arrived: read more per round trip.
+                        self._set_read_count(min(self._read_count * 2, self.options.max_batch))
+                    self._primed = True
                     self._add_read(response)
         finally:
             self._reader_done.set()

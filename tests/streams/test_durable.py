@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -243,6 +243,68 @@ async def test_the_next_batch_is_read_while_a_handler_that_never_suspends_works(
             continue  # the read may have been sent a moment before: it is enough later
         batch_end = -(-position // batch) * batch
         assert order.index(delivered) + 1 > batch_end or batch_end == total, (handled, delivered)
+
+
+async def test_reads_grow_while_handlers_keep_up_unless_batch_is_given(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    jobs = Topic("jobs", durable=True)
+    total = 5000
+    async with bus_factory() as publisher:
+        await publisher.publish_many(jobs, list(range(total)))
+
+    async def reads_to_drain(batch: int | None) -> int:
+        consumer = bus_factory()
+        done = 0
+
+        def work(n: int) -> None:
+            nonlocal done
+            done += 1
+
+        options: dict[str, Any] = {} if batch is None else {"batch": batch}
+        consumer.on(jobs, group=f"g{batch}", claim=FAST_CLAIM, **options)(work)
+        async with consumer:
+            await wait_until(lambda: done == total)
+            (stats,) = consumer.consumer_statistics(work)
+            return stats.reads
+
+    reads = {batch: await reads_to_drain(batch) for batch in (None, 100)}
+    assert reads[100] >= total // 100  # given: every read asks for 100
+    assert reads[None] <= total // 1000 + 10  # 100, 200, 400, 800, then 1,000 a read
+
+
+async def test_a_member_whose_handlers_fall_behind_keeps_its_first_read_size(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    # Slow handlers: two reads of 100 (one handled, one waiting), then no more
+    # until there is room; the reads do not grow, so other members can take the rest.
+    jobs = Topic("jobs", durable=True)
+    async with bus_factory() as publisher:
+        await publisher.publish_many(jobs, list(range(3000)))
+    consumer = bus_factory()
+    key = stream_key(consumer, "jobs")
+    gate = anyio.Event()
+    running = 0
+
+    @consumer.on(jobs, group="g", concurrency=10, claim=FAST_CLAIM)
+    async def work(n: int) -> None:
+        nonlocal running
+        running += 1
+        await gate.wait()
+
+    async with consumer, control_client(redis_url) as admin:
+        await wait_until(lambda: running == 10)
+
+        async def delivered() -> int:
+            return int((await admin.xpending(key, "g"))["pending"])
+
+        await wait_until(lambda: _at_least(delivered, 200))
+        assert await delivered() == 200
+        gate.set()
+
+
+async def _at_least(count: Callable[[], Awaitable[int]], want: int) -> bool:
+    return await count() >= want
 
 
 async def test_iterator_member_acks_when_the_next_event_is_requested(
