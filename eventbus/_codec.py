@@ -95,6 +95,12 @@ def _error_path(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def field_map(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's ``[name, value, ...]``, as Redis sends it, as a dict."""
+    it = iter(flat)
+    return dict(zip(it, it, strict=False))
+
+
 class Codec:
     """Turns events into envelope bytes and back, once per message."""
 
@@ -302,31 +308,23 @@ class Codec:
             cannot help (it goes to the dead-letter stream at once).
         """
         limit = self.limits.max_payload_bytes
+        # The usual entry (id + env, written by eventbus): the checks below cannot
+        # fail on the sizes, so only the envelope itself is checked.
         if isinstance(fields, list):
-            if (
-                len(fields) == 4
-                and fields[2] == b"env"
-                and fields[0] == b"id"
-                and len(fields[3]) + len(fields[1]) <= limit
-            ):
-                env = self._decode_fast(topic, fields[3], stream_id)
-                if env is not None:  # the usual entry: see below
-                    return env
-            it = iter(fields)
-            fields = dict(zip(it, it, strict=False))
-        raw = fields.get(b"env")
-        event_id = fields.get(b"id")
-        if (
-            raw is not None
-            and event_id is not None
-            and len(fields) == 2
-            and len(raw) + len(event_id) <= limit
-        ):
-            # The usual entry (id + env, written by eventbus): the checks below
-            # cannot fail on the sizes, so only the envelope itself is checked.
+            usual = len(fields) == 4 and fields[0] == b"id" and fields[2] == b"env"
+            event_id = fields[1] if usual else None
+            raw = fields[3] if usual else None
+        else:
+            raw = fields.get(b"env")
+            event_id = fields.get(b"id")
+            usual = len(fields) == 2
+        if usual and raw is not None and event_id is not None and len(raw) + len(event_id) <= limit:
             env = self._decode_fast(topic, raw, stream_id)
             if env is not None:
                 return env
+        if isinstance(fields, list):
+            fields = field_map(fields)
+            raw = fields.get(b"env")
         if len(fields) > self.limits.max_entry_fields:
             raise DecodeError(
                 f"entry {stream_id} has {len(fields)} fields, the limit is"

@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from .. import signals
-from .._codec import Codec
+from .._codec import Codec, field_map
 from .._config import ClaimPolicy, Limits, RetryPolicy
 from .._envelope import Envelope
 from .._handlers import HandlerSpec
@@ -152,8 +152,7 @@ class _Work:
     def field_map(self) -> dict[bytes, bytes]:
         fields = self.fields
         if isinstance(fields, list):
-            it = iter(fields)
-            fields = self.fields = dict(zip(it, it, strict=False))
+            fields = self.fields = field_map(fields)
         return fields
 
 
