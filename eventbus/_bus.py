@@ -49,8 +49,8 @@ from ._keys import (
     topic_keys,
     validate_prefix,
 )
-from ._live import LiveConnection, pattern_route
-from ._pipeline import OrderedPublisher
+from ._live._publisher import OrderedPublisher
+from ._live._push import LiveConnection, pattern_route
 from ._server import RedisServer
 from ._streams._admin import (
     BusStats,

@@ -18,7 +18,7 @@ from typing import Any, Final
 import anyio
 import redis.asyncio as aioredis
 
-from ._connection import translate
+from .._connection import translate
 
 __all__ = ["OrderedPublisher"]
 

@@ -30,20 +30,20 @@ import anyio.abc
 import redis.exceptions as rex
 from redis.asyncio.connection import AbstractConnection, ConnectionPool, SSLConnection
 
-from . import signals
-from ._codec import Codec
-from ._config import LivePolicy
-from ._connection import translate
-from ._envelope import Envelope
-from ._hub import Gap, Hub, Receiver
-from ._keys import channel_topic
-from .errors import (
+from .. import signals
+from .._codec import Codec
+from .._config import LivePolicy
+from .._connection import translate
+from .._envelope import Envelope
+from .._hub import Gap, Hub, Receiver
+from .._keys import channel_topic
+from ..errors import (
     AuthenticationFailed,
     PayloadError,
     PermissionDenied,
     RedisUnavailable,
 )
-from .signals import emit
+from ..signals import emit
 
 if TYPE_CHECKING:
     from collections.abc import Callable
