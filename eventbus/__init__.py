@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 
 from . import errors, signals
-from ._bus import EventBus, Receipt
+from ._bus import EventBus
 from ._codec import configure_converter, make_converter
 from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPolicy
-from ._envelope import Delivery
+from ._envelope import Delivery, Receipt
 from ._hub import Gap, SubscriptionStatistics
 from ._streams._admin import BusStats, DeadLetter, GroupStats, TopicStats
 from ._streams._group import ConsumerStatistics

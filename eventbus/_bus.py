@@ -1,27 +1,21 @@
-"""The EventBus facade: lifecycle, publish, subscribe, handlers."""
+"""The EventBus facade: lifecycle, argument checks, and the map from a topic to
+the feature that serves it (see ``_feature.py`` and docs/architecture.md)."""
 
 from __future__ import annotations
 
 import enum
-import fnmatch
 import logging
-import os
-import re
-import socket
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Final, TypeVar, final, overload
 
 import anyio
 import anyio.abc
-import attrs
 import cattrs
 from blinker import Signal
 
-from . import signals
 from ._codec import Codec
 from ._config import (
     DEFAULT_BUFFER,
@@ -37,39 +31,26 @@ from ._config import (
     RetryPolicy,
     seconds,
 )
-from ._connection import ClientFactory, map_exceptions, mask_url
-from ._envelope import CONTENT_JSON, Envelope
-from ._handlers import Handler, inspect_handler, run_handler
+from ._connection import ClientFactory, mask_url
+from ._envelope import Receipt
+from ._feature import Feature, FeatureContext, Minter
+from ._handlers import Handler, inspect_handler
 from ._hub import Hub, Receiver, SubscriptionStatistics
-from ._keys import (
-    DEFAULT_PREFIX,
-    TopicKeys,
-    live_channel,
-    live_pattern,
-    topic_keys,
-    validate_prefix,
-)
-from ._live._publisher import OrderedPublisher
-from ._live._push import LiveConnection, pattern_route
+from ._keys import DEFAULT_PREFIX, validate_prefix
+from ._live._feature import LiveFeature
+from ._local import LocalFeature
 from ._server import RedisServer
-from ._streams._admin import (
-    BusStats,
-    DeadLetter,
-    list_dead_letters,
-    purge_dead_letters,
-    replay_dead_letters,
-    topic_stats,
-)
-from ._streams._group import ConsumerStatistics, GroupConsumer, GroupOptions, StartPosition
+from ._streams._admin import BusStats, DeadLetter
+from ._streams._feature import DurableFeature
+from ._streams._group import ConsumerStatistics, StartPosition
 from ._streams._iterator import GroupSubscription
-from ._streams._publisher import StreamWriter, Trimmer
-from ._streams._tail import StreamTail, resolve_position
+from ._streams._options import group_options
+from ._subscribers import Subscribers
 from ._subscription import Subscription
 from ._topic import Topic, as_topic
-from .errors import BusStateError, ConfigurationError, EventBusError
-from .signals import emit
+from .errors import BusStateError, ConfigurationError
 
-__all__ = ["EventBus", "Receipt"]
+__all__ = ["EventBus"]
 
 logger = logging.getLogger("eventbus")
 
@@ -77,8 +58,6 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Handler)
 
 EMBEDDED_URL: Final = "embedded://"
-_TAIL_BLOCK: Final = 5.0
-"""Seconds an XREAD of live subscribers of durable topics blocks per call."""
 
 
 class BusState(enum.Enum):
@@ -89,75 +68,6 @@ class BusState(enum.Enum):
     CLOSED = "closed"
 
 
-@final
-@attrs.frozen
-class Receipt:
-    """What ``publish`` returns once the event was handed over.
-
-    .. versionadded:: 0.1
-    """
-
-    id: str
-    """The event id (unique; subscribers see it as ``Delivery.id``)."""
-    topic: str
-    """The topic name."""
-    published_at: datetime
-    """When it was published (UTC, publisher clock)."""
-    receivers: int
-    """Live topic: what Redis's PUBLISH counted, one per matching subscription of
-    each push connection (a process subscribed to the channel and to a matching
-    pattern counts twice). Local topic: local subscriptions it was offered to.
-    Durable topic: 0 (consumers read the stream; see ``stats()``)."""
-    stream_id: str | None = None
-    """Durable topic: the entry id Redis gave the event in the topic's stream."""
-
-
-@attrs.define
-class _HandlerRegistration:
-    spec: Any
-    topics: tuple[Topic[Any], ...]
-    buffer: int
-    overflow: Overflow
-    from_: object = "latest"
-    receiver: Receiver | None = None
-    done: anyio.Event = attrs.field(factory=anyio.Event)
-    """Set when the handler's task has returned (or was never started)."""
-
-
-@attrs.define
-class _GroupRegistration:
-    spec: Any
-    topic: Topic[Any]
-    options: GroupOptions
-    consumer: GroupConsumer | None = None
-
-
-def _new_event_id() -> str:
-    """128 random bits as 32 hex digits (a uuid4's worth of randomness, faster)."""
-    return os.urandom(16).hex()
-
-
-def _default_consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-_GROUP_NAME_MAX: Final = 200
-_DEFAULT_BATCH: Final = 100
-"""A group member's first read without ``batch=``; reads double while handlers keep up..."""
-_MAX_ADAPTIVE_BATCH: Final = 1000
-"""... up to this (``XREADGROUP COUNT``; a larger count saves little more)."""
-
-
-def _check_group_name(kind: str, name: object) -> str:
-    if not isinstance(name, str) or not name or len(name) > _GROUP_NAME_MAX:
-        raise ConfigurationError(f"{kind} name must be a non-empty str of at most 200 characters")
-    if any(ch.isspace() or not ch.isprintable() for ch in name):
-        raise ConfigurationError(
-            f"{kind} name {name!r} must not contain spaces or control characters"
-        )
-    return name
-
-
 def _check_overflow(buffer: int, overflow: str) -> None:
     if overflow not in OVERFLOW_POLICIES:
         raise ConfigurationError(
@@ -165,6 +75,85 @@ def _check_overflow(buffer: int, overflow: str) -> None:
         )
     if not isinstance(buffer, int) or buffer < 1:
         raise ConfigurationError(f"buffer must be a positive int, got {buffer!r}")
+
+
+def _topics(topic: Topic[Any] | str, more: tuple[Topic[Any] | str, ...]) -> tuple[Topic[Any], ...]:
+    topics = tuple(as_topic(t) for t in (topic, *more))
+    if len({t.type for t in topics}) > 1:
+        raise ConfigurationError(
+            "all topics of one subscription must carry the same event type, got "
+            + ", ".join(repr(t) for t in topics)
+        )
+    return topics
+
+
+def _check_from(topics: tuple[Topic[Any], ...], from_: object) -> None:
+    if from_ != "latest" and not all(t.durable for t in topics):
+        raise ConfigurationError(
+            "from_ (replay) needs durable topics: a live topic keeps no history"
+        )
+
+
+def _durable_only(
+    topic: Topic[Any] | str, more: tuple[Topic[Any] | str, ...], what: str
+) -> Topic[Any]:
+    t = as_topic(topic)
+    if more:
+        raise ConfigurationError(f"{what}= takes one durable topic")
+    if not t.durable:
+        raise ConfigurationError(
+            f"topic {t.name!r}: {what}= needs a durable topic (Topic(..., durable=True))"
+        )
+    return t
+
+
+def _publishable(topic: Topic[Any] | str) -> Topic[Any]:
+    t = as_topic(topic)
+    if t.pattern:
+        raise ConfigurationError(f"cannot publish to pattern {t.name!r}: publish to a topic")
+    return t
+
+
+class _Routes:
+    """The map from a topic to the feature that serves it (the subscribers' router)."""
+
+    def __init__(self, local: Feature, live: Feature, durable: Feature) -> None:
+        self._local = local
+        self._live = live
+        self._durable = durable
+
+    def feature(self, topic: Topic[Any]) -> Feature:
+        if topic.durable:
+            return self._durable
+        return self._local if topic.local else self._live
+
+    def _by_feature(self, topics: tuple[Topic[Any], ...]) -> dict[Feature, tuple[Topic[Any], ...]]:
+        """``topics`` grouped by the feature serving them, durable ones first."""
+        grouped: dict[Feature, list[Topic[Any]]] = {}
+        for topic in sorted(topics, key=lambda t: not t.durable):
+            grouped.setdefault(self.feature(topic), []).append(topic)
+        return {feature: tuple(served) for feature, served in grouped.items()}
+
+    def declare(self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object) -> None:
+        for feature, served in self._by_feature(topics).items():
+            feature.declare(served, receiver, from_)
+
+    async def attach(
+        self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object
+    ) -> None:
+        attached: list[tuple[Feature, tuple[Topic[Any], ...]]] = []
+        try:
+            for feature, served in self._by_feature(topics).items():
+                await feature.attach(served, receiver, from_)
+                attached.append((feature, served))
+        except BaseException:
+            for feature, served in attached:
+                feature.detach(served, receiver)
+            raise
+
+    def detach(self, topics: tuple[Topic[Any], ...], receiver: Receiver) -> None:
+        for feature, served in self._by_feature(topics).items():
+            feature.detach(served, receiver)
 
 
 @final
@@ -240,32 +229,19 @@ class EventBus:
             ClientFactory(url, **self._client_options)
         self._shutdown_grace = seconds(shutdown_grace, name="shutdown_grace")
         self._publish_timeout = seconds(publish_timeout, name="publish_timeout")
-        self._factory: ClientFactory | None = None
-        self._groups: list[_GroupRegistration] = []
-        self._group_subscriptions: set[GroupSubscription[Any]] = set()
-        self._durable_topics: dict[str, Topic[Any]] = {}
-        self._topic_keys: dict[str, TopicKeys] = {}
-        self._stream_client: Any = None
-        self._writer: StreamWriter | None = None
-        self._trimmer: Trimmer | None = None
-        self._tail: StreamTail | None = None
-        self._tail_scope: anyio.CancelScope | None = None
-        self._own_tails: dict[Receiver, tuple[StreamTail, anyio.CancelScope]] = {}
-        self._publisher_id = uuid.uuid4().hex[:16]
-        self._seq: dict[str, int] = {}
+        self._ids = Minter()
         self._hub = Hub()
-        self._local_patterns: dict[str, re.Pattern[str]] = {}
-        self._handlers: list[_HandlerRegistration] = []
+        self._local = LocalFeature()
+        self._live = LiveFeature()
+        self._durable = DurableFeature()
+        # Started in this order (a handler's live subscription is confirmed before a
+        # group that publishes to it starts), drained together.
+        self._features: tuple[Feature, ...] = (self._local, self._live, self._durable)
+        self._routes = _Routes(self._local, self._live, self._durable)
+        self._subscribers = Subscribers(self._routes, self._codec, self)
         self._state = BusState.UNOPENED
         self._stack: AsyncExitStack | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._client: Any = None
-        self._publisher: OrderedPublisher | None = None
-        self._live: LiveConnection | None = None
-        self._live_lock = anyio.Lock()
-        self._live_scope: anyio.CancelScope | None = None
         self._server: RedisServer | None = None
-        self._open_receivers: set[Receiver] = set()
         self._strong_receivers: list[tuple[Signal, Callable[..., Any]]] = []
 
     @classmethod
@@ -293,7 +269,7 @@ class EventBus:
     @property
     def publisher_id(self) -> str:
         """This bus's publisher id (``Delivery.publisher`` of what it publishes)."""
-        return self._publisher_id
+        return self._ids.publisher_id
 
     def __repr__(self) -> str:
         return f"<EventBus {self.url} {self._state.value}>"
@@ -334,39 +310,30 @@ class EventBus:
                 self._server = RedisServer()
                 await anyio.to_thread.run_sync(self._server.start)
                 self._url = self._server.url
-            factory = self._factory = ClientFactory(self._url, **self._client_options)
-            self._client = factory.command_client()
-            self._publisher = OrderedPublisher(self._client)
-            self._stream_client = factory.unretried_client(socket_timeout=None)
-            self._trimmer = Trimmer(self._client, self._start_background)
-            self._writer = StreamWriter(
-                self._stream_client, timeout=self._publish_timeout, trimmer=self._trimmer
-            )
-            with map_exceptions(command="PING", tls=factory.tls):
-                await self._client.ping()  # fail fast: auth, TLS, reachability
-            # Give the preflight connection back: a process that only subscribes
-            # then holds exactly ONE Redis connection (the push connection); the
-            # command connection reopens on the first publish.
-            await self._client.connection_pool.disconnect()
+            clients = ClientFactory(self._url, **self._client_options)
+            await clients.preflight()  # fail fast: auth, TLS, reachability
             async with anyio.create_task_group() as tg:
-                self._tg = tg
-                self._live = LiveConnection(
-                    pool=factory.push_pool(),
-                    hub=self._hub,
+                ctx = FeatureContext(
+                    clients=clients,
                     codec=self._codec,
+                    hub=self._hub,
                     prefix=self._prefix,
-                    policy=self._live_policy,
                     sender=self,
+                    ids=self._ids,
+                    limits=self._limits,
+                    live_policy=self._live_policy,
+                    publish_timeout=self._publish_timeout,
+                    shutdown_grace=self._shutdown_grace,
+                    publish=self.publish,
+                    task_group=tg,
                 )
                 # Errors raised in this task (startup refusals, the user's own
                 # exception from the body) are re-raised below, outside the task
                 # group, so they arrive as themselves, not in an ExceptionGroup.
                 try:
-                    # One by one: each waits for its confirmation.
-                    for reg in list(self._handlers):
-                        await self._start_handler(reg)
-                    for group in list(self._groups):
-                        await self._start_group(group)
+                    for feature in self._features:  # each once it confirmed what it serves
+                        await tg.start(feature.start, ctx)
+                    self._subscribers.start(tg)
                 except BaseException as exc:
                     body_error = exc
                     tg.cancel_scope.cancel()
@@ -379,62 +346,31 @@ class EventBus:
                     finally:
                         self._state = BusState.CLOSING
                         with anyio.CancelScope(shield=True):
-                            await self._drain(tg)
+                            await self._drain()
+                        tg.cancel_scope.cancel()
             if body_error is not None:
                 raise body_error
         finally:
             self._state = BusState.CLOSED
             with anyio.CancelScope(shield=True):
-                if self._client is not None:
-                    await self._client.aclose()
-                    self._client = None
-                if self._stream_client is not None:
-                    await self._stream_client.aclose()
-                    self._stream_client = None
-                if self._live is not None:
-                    await self._live.aclose()
+                for feature in self._features:
+                    await feature.aclose()
                 if self._server is not None:
                     await anyio.to_thread.run_sync(self._server.close)
 
-    async def _drain(self, tg: anyio.abc.TaskGroup) -> None:
+    async def _drain(self) -> None:
+        """One deadline for the whole drain: nothing new comes in, every feature
+        finishes or hands back its in-flight work, handlers finish what is buffered."""
         deadline = anyio.current_time() + self._shutdown_grace
-        if self._live_scope is not None:
-            self._live_scope.cancel()  # no more incoming messages
-        if self._tail_scope is not None:
-            self._tail_scope.cancel()
-        for sub in list(self._group_subscriptions):
-            sub._bus_closing()
-        consumers = [g.consumer for g in self._groups if g.consumer is not None]
-        consumers += [s._consumer for s in self._group_subscriptions if s._consumer is not None]
-        if consumers:
-            async with anyio.create_task_group() as stops:
-                for consumer in consumers:
-                    stops.start_soon(consumer.stop, deadline)
-        for reg in self._handlers:
-            if reg.receiver is not None:
-                reg.receiver.close()  # handlers finish what is buffered, then return
-        for receiver in list(self._open_receivers):
-            receiver.close()  # iterators end after what is buffered
-            if isinstance(receiver.owner, Subscription):
-                receiver.owner._closed_by_bus()
-        with anyio.move_on_after(max(deadline - anyio.current_time(), 0)) as scope:
-            for reg in self._handlers:
-                if reg.receiver is not None:
-                    await reg.done.wait()
-        if scope.cancelled_caught:
+        for feature in self._features:
+            feature.begin_drain()
+        async with anyio.create_task_group() as drains:
+            for feature in self._features:
+                drains.start_soon(feature.drain, deadline)
+        if not await self._subscribers.drain(deadline):
             logger.warning(
                 "handlers did not drain within %.1fs; cancelling them", self._shutdown_grace
             )
-        tg.cancel_scope.cancel()
-
-    def _start_background(self, fn: Callable[[], Any]) -> None:
-        if self._tg is not None:
-            self._tg.start_soon(fn)
-
-    def _note_output(self, topic: Topic[Any], added: int) -> None:
-        """Chained outputs count towards the target topic's trimming, as publishes do."""
-        if self._trimmer is not None:
-            self._trimmer.note_topic(topic, self._keys(topic), added)
 
     def _require_open(self, action: str) -> None:
         if self._state is BusState.OPEN:
@@ -460,180 +396,6 @@ class EventBus:
                 self._strong_receivers.remove(entry)
 
         return disconnect
-
-    # -- routes ---------------------------------------------------------------------
-
-    def _routes(self, topic: Topic[Any]) -> list[tuple[object, bytes | None, bytes | None]]:
-        if topic.local:
-            if topic.pattern:
-                if topic.name not in self._local_patterns:
-                    # Redis globs negate a class with [^...], fnmatch with [!...].
-                    glob = topic.name.replace("[^", "[!")
-                    self._local_patterns[topic.name] = re.compile(fnmatch.translate(glob))
-                return [(("local-pattern", topic.name), None, None)]
-            return [(("local", topic.name), None, None)]
-        if topic.pattern:
-            name = live_pattern(self._prefix, topic.name).encode()
-            return [(pattern_route(name), b"PSUBSCRIBE", name)]
-        name = live_channel(self._prefix, topic.name).encode()
-        return [(name, b"SUBSCRIBE", name)]
-
-    async def _ensure_live(self) -> LiveConnection:
-        live = self._live
-        assert live is not None
-        assert self._tg is not None
-        async with self._live_lock:
-            if self._live_scope is None:
-                self._live_scope = scope = anyio.CancelScope()
-
-                async def supervise(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-                    with scope:
-                        await live.run(task_status=task_status)
-
-                try:
-                    await self._tg.start(supervise)
-                except BaseException:
-                    self._live_scope = None
-                    raise
-        return live
-
-    async def _attach(
-        self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object = "latest"
-    ) -> None:
-        attached: list[tuple[object, bool]] = []
-        try:
-            durable = [t for t in topics if t.durable]
-            if durable:
-                await self._attach_streams(durable, receiver, from_)
-            for topic in topics:
-                if topic.durable:
-                    continue
-                for route, kind, name in self._routes(topic):
-                    if kind is None:
-                        self._hub.add(route, receiver)
-                        attached.append((route, False))
-                    else:
-                        live = await self._ensure_live()
-                        assert name is not None
-                        await live.attach(route, kind, name, receiver)  # type: ignore[arg-type]
-                        attached.append((route, True))
-        except BaseException:
-            for route, remote in attached:
-                self._detach_route(route, remote, receiver)
-            self._detach_streams(topics, receiver)
-            raise
-
-    async def _attach_streams(
-        self, topics: list[Topic[Any]], receiver: Receiver, from_: object
-    ) -> None:
-        """Feed ``receiver`` from the streams of durable ``topics`` (XREAD)."""
-        assert self._tg is not None
-        starts = []
-        for topic in topics:
-            keys = self._keys(topic)
-            with map_exceptions(topic=topic.name, command="XREVRANGE"):
-                starts.append(
-                    (topic, keys, await resolve_position(self._client, topic.name, keys, from_))
-                )
-        if from_ == "latest":
-            if self._tail is None:
-                self._tail = self._new_tail()
-                self._tail_scope = self._run_tail(self._tail)
-            tail = self._tail
-        else:
-            # A replay reads on its own, so catching up never delays the others.
-            tail = self._new_tail()
-            self._own_tails[receiver] = (tail, self._run_tail(tail))
-        for topic, keys, start in starts:
-            tail.add(topic.name, keys, receiver, start)
-
-    def _new_tail(self) -> StreamTail:
-        assert self._factory is not None
-        client = self._factory.unretried_client(socket_timeout=_TAIL_BLOCK + 10)
-        return StreamTail(client, self._codec, self._hub, block=_TAIL_BLOCK)
-
-    def _run_tail(self, tail: StreamTail) -> anyio.CancelScope:
-        assert self._tg is not None
-        scope = anyio.CancelScope()
-
-        async def run() -> None:
-            try:
-                with scope:
-                    await tail.run()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await tail.aclose()  # a replay's connection goes with it
-
-        self._tg.start_soon(run)
-        return scope
-
-    def _detach_streams(self, topics: tuple[Topic[Any], ...], receiver: Receiver) -> None:
-        own = self._own_tails.pop(receiver, None)
-        if own is not None:
-            own[1].cancel()
-            return
-        if self._tail is not None:
-            for topic in topics:
-                if topic.durable:
-                    self._tail.remove(self._keys(topic), receiver)
-
-    def _keys(self, topic: Topic[Any]) -> TopicKeys:
-        keys = self._topic_keys.get(topic.name)
-        if keys is None:
-            self._durable_topics.setdefault(topic.name, topic)
-            keys = self._topic_keys[topic.name] = topic_keys(self._prefix, topic.name)
-        return keys
-
-    def _detach(self, topics: tuple[Topic[Any], ...], receiver: Receiver) -> None:
-        self._detach_streams(topics, receiver)
-        for topic in topics:
-            if topic.durable:
-                continue
-            for route, kind, _name in self._routes(topic):
-                self._detach_route(route, kind is not None, receiver)
-
-    def _detach_route(self, route: object, remote: bool, receiver: Receiver) -> None:
-        if remote:
-            if self._live is not None:
-                self._live.detach(route, receiver)  # type: ignore[arg-type]
-        else:
-            self._hub.remove(route, receiver)
-
-    def _receiver(
-        self, topics: tuple[Topic[Any], ...], buffer: int, overflow: Overflow
-    ) -> Receiver:
-        label = ",".join(t.name for t in topics)
-        return Receiver(
-            label=label,
-            capacity=buffer,
-            overflow=overflow,
-            multi_route=len(topics) > 1,
-            on_overflow=self._on_overflow,
-        )
-
-    def _on_overflow(self, receiver: Receiver) -> None:
-        if signals.overflowed.receivers:
-            emit(
-                signals.overflowed,
-                self,
-                topic=receiver.label,
-                subscription=receiver.owner,
-                policy=receiver.overflow,
-                dropped=receiver.dropped,
-            )
-
-    @staticmethod
-    def _topics(
-        topic: Topic[Any] | str, more: tuple[Topic[Any] | str, ...]
-    ) -> tuple[Topic[Any], ...]:
-        topics = tuple(as_topic(t) for t in (topic, *more))
-        types = {t.type for t in topics}
-        if len(types) > 1:
-            raise ConfigurationError(
-                "all topics of one subscription must carry the same event type, got "
-                + ", ".join(repr(t) for t in topics)
-            )
-        return topics
 
     # -- subscribing -------------------------------------------------------------------
 
@@ -723,8 +485,8 @@ class EventBus:
         :raises eventbus.errors.PermissionDenied: (on entry) the ACL refuses the channel.
         """
         if group is not None:
-            t = self._durable_only(topic, more, "group")
-            options = self._group_options(
+            t = _durable_only(topic, more, "group")
+            options = group_options(
                 t,
                 group=group,
                 consumer=consumer,
@@ -739,121 +501,13 @@ class EventBus:
                 publish_to=None,
                 dedupe=dedupe,
             )
-            return self._group_subscription(t, options)
+            return self._durable.subscription(t, options, lambda: self._require_open("subscribe"))
         _check_overflow(buffer, overflow)
-        topics = self._topics(topic, more)
-        self._check_from(topics, from_)
-        receiver = self._receiver(topics, buffer, overflow)
-
-        async def attach(r: Receiver) -> None:
-            self._require_open("subscribe")
-            await self._attach(topics, r, from_)
-            self._open_receivers.add(r)
-
-        def detach(r: Receiver) -> None:
-            self._open_receivers.discard(r)
-            self._detach(topics, r)
-
-        subscription: Subscription[T] = Subscription._create(
-            receiver=receiver,
-            payload_type=topics[0].type,
-            codec=self._codec,
-            attach=attach,
-            detach=detach,
-            sender=self,
+        topics = _topics(topic, more)
+        _check_from(topics, from_)
+        return self._subscribers.subscription(
+            topics, buffer, overflow, from_, lambda: self._require_open("subscribe")
         )
-        receiver.owner = subscription
-        return subscription
-
-    @staticmethod
-    def _check_from(topics: tuple[Topic[Any], ...], from_: object) -> None:
-        if from_ != "latest" and not all(t.durable for t in topics):
-            raise ConfigurationError(
-                "from_ (replay) needs durable topics: a live topic keeps no history"
-            )
-
-    @staticmethod
-    def _durable_only(
-        topic: Topic[Any] | str, more: tuple[Topic[Any] | str, ...], what: str
-    ) -> Topic[Any]:
-        t = as_topic(topic)
-        if more:
-            raise ConfigurationError(f"{what}= takes one durable topic")
-        if not t.durable:
-            raise ConfigurationError(
-                f"topic {t.name!r}: {what}= needs a durable topic (Topic(..., durable=True))"
-            )
-        return t
-
-    @staticmethod
-    def _group_options(
-        topic: Topic[Any],
-        *,
-        group: str,
-        consumer: str | None,
-        concurrency: int,
-        max_attempts: int | None,
-        claim_idle: float | timedelta | None,
-        retry: RetryPolicy,
-        claim: ClaimPolicy,
-        batch: int | None,
-        block: float | timedelta,
-        start: StartPosition,
-        publish_to: Topic[Any] | str | None,
-        dedupe: float | timedelta | None,
-    ) -> GroupOptions:
-        _check_group_name("group", group)
-        name = _check_group_name("consumer", consumer or _default_consumer_name())
-        if batch is None:  # adaptive: see on()
-            batch, max_batch = _DEFAULT_BATCH, _MAX_ADAPTIVE_BATCH
-        else:
-            max_batch = batch
-        for label, value in (("concurrency", concurrency), ("batch", batch)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigurationError(
-                    f"topic {topic.name!r}: {label} must be a positive int, got {value!r}"
-                )
-        if start not in ("earliest", "latest"):
-            raise ConfigurationError(f"start must be 'earliest' or 'latest', got {start!r}")
-        if max_attempts is not None:
-            retry = attrs.evolve(retry, max_attempts=max_attempts)
-        if claim_idle is not None:
-            claim = attrs.evolve(claim, idle=claim_idle)
-        target = None if publish_to is None else as_topic(publish_to)
-        if target is not None and target.pattern:
-            raise ConfigurationError("publish_to must be a topic, not a pattern")
-        return GroupOptions(
-            group=group,
-            consumer=name,
-            concurrency=concurrency,
-            batch=batch,
-            max_batch=max_batch,
-            block=seconds(block, name="block"),
-            retry=retry,
-            claim=claim,
-            start=start,
-            publish_to=target,
-            dedupe=None if dedupe is None else seconds(dedupe, name="dedupe"),
-        )
-
-    def _group_subscription(
-        self, topic: Topic[Any], options: GroupOptions
-    ) -> GroupSubscription[Any]:
-        sub: GroupSubscription[Any]
-
-        async def start(spec: Any) -> GroupConsumer:
-            self._require_open("subscribe")
-            reg = _GroupRegistration(spec=spec, topic=topic, options=options)
-            consumer = await self._start_group(reg)
-            self._group_subscriptions.add(sub)
-            return consumer
-
-        async def stop(consumer: GroupConsumer) -> None:
-            self._group_subscriptions.discard(sub)
-            await consumer.stop(anyio.current_time() + self._shutdown_grace)
-
-        sub = GroupSubscription._create(payload_type=topic.type, start=start, stop=stop)
-        return sub
 
     def on(
         self,
@@ -934,8 +588,8 @@ class EventBus:
         pending for another member.
         """
         if group is not None:
-            t = self._durable_only(topic, more, "group")
-            options = self._group_options(
+            t = _durable_only(topic, more, "group")
+            options = group_options(
                 t,
                 group=group,
                 consumer=consumer,
@@ -953,148 +607,42 @@ class EventBus:
 
             def group_decorator(fn: F) -> F:
                 spec = inspect_handler(fn, t.type)
-                reg = _GroupRegistration(spec=spec, topic=t, options=options)
-                if self._state in (BusState.CLOSING, BusState.CLOSED):
-                    raise BusStateError("cannot add a handler to a closed EventBus")
-                self._groups.append(reg)
-                if self._state is BusState.OPEN and self._tg is not None:
-                    self._tg.start_soon(self._start_group_later, reg)
+                self._check_not_closed()
+                self._durable.add_member(spec, t, options)
                 return fn
 
             return group_decorator
         if publish_to is not None:
             raise ConfigurationError("publish_to needs a consumer group (group=...)")
         _check_overflow(buffer, overflow)
-        topics = self._topics(topic, more)
-        self._check_from(topics, from_)
+        topics = _topics(topic, more)
+        _check_from(topics, from_)
 
         def decorator(fn: F) -> F:
             spec = inspect_handler(fn, topics[0].type)
-            reg = _HandlerRegistration(
-                spec=spec, topics=topics, buffer=buffer, overflow=overflow, from_=from_
-            )
-            self._handlers.append(reg)
-            if self._state is BusState.OPEN and self._tg is not None:
-                self._tg.start_soon(self._start_handler_later, reg)
-            elif self._state in (BusState.CLOSING, BusState.CLOSED):
-                raise BusStateError("cannot add a handler to a closed EventBus")
+            self._check_not_closed()
+            self._subscribers.add_handler(spec, topics, buffer, overflow, from_)
             return fn
 
         return decorator
 
-    async def _start_group(self, reg: _GroupRegistration) -> GroupConsumer:
-        """Create the group if needed and start the member; returns once it is reading."""
-        assert self._tg is not None
-        assert self._factory is not None
-        topic = reg.topic
-        target = reg.options.publish_to
-        # The member's own connection for blocking reads; it closes it when it stops.
-        blocking = self._factory.unretried_client(socket_timeout=reg.options.block + 10)
-        consumer = GroupConsumer(
-            topic=topic,
-            keys=self._keys(topic),
-            options=reg.options,
-            spec=reg.spec,
-            codec=self._codec,
-            limits=self._limits,
-            client=self._client,
-            blocking_client=blocking,
-            encode_output=self._encode_output,
-            target_keys=self._keys(target) if target is not None and target.durable else None,
-            publish_output=self.publish,
-            note_output=self._note_output,
-            sender=self,
-        )
-        with map_exceptions(topic=topic.name, command="XGROUP"):
-            await self._tg.start(consumer.run)
-        reg.consumer = consumer
-        return consumer
-
-    async def _start_group_later(self, reg: _GroupRegistration) -> None:
-        try:
-            await self._start_group(reg)
-        except EventBusError as exc:
-            if reg in self._groups:
-                self._groups.remove(reg)
-            logger.error("group handler %s could not start: %s", reg.spec.name, exc)
-
-    def _encode_output(
-        self, target: Topic[Any], event: Any, event_id: str, cause: Envelope
-    ) -> bytes:
-        """Encode a handler's output event (chaining), caused by ``cause``."""
-        seq = self._seq.get(target.name, 0) + 1
-        self._seq[target.name] = seq
-        raw, _ms = self._codec.encode(
-            target.name,
-            event,
-            event_id=event_id,
-            publisher=self._publisher_id,
-            seq=seq,
-            headers={},
-            cause=cause.id,
-            corr=cause.corr or cause.id,
-        )
-        return raw
+    def _check_not_closed(self) -> None:
+        if self._state in (BusState.CLOSING, BusState.CLOSED):
+            raise BusStateError("cannot add a handler to a closed EventBus")
 
     def consumer_statistics(self, handler: Handler) -> list[ConsumerStatistics]:
         """Counters of each consumer-group member running ``handler`` (see
         :class:`ConsumerStatistics`); empty before the bus opened."""
-        return [
-            g.consumer.statistics()
-            for g in self._groups
-            if g.spec.fn is handler and g.consumer is not None
-        ]
+        return self._durable.consumer_statistics(handler)
 
     async def off(self, handler: Handler) -> None:
         """Unsubscribe every registration of ``handler``. Safe from inside the handler:
         it is called for no further event, and what was buffered for it is discarded."""
-        for reg in [r for r in self._handlers if r.spec.fn is handler]:
-            self._handlers.remove(reg)
-            receiver = reg.receiver
-            if receiver is not None:
-                receiver.close(discard=True)
-                self._detach(reg.topics, receiver)
-
-    async def _start_handler_later(self, reg: _HandlerRegistration) -> None:
-        """Start a handler declared on an open bus; its failure is its own, not the bus's."""
-        try:
-            await self._start_handler(reg)
-        except EventBusError as exc:
-            if reg in self._handlers:
-                self._handlers.remove(reg)
-            logger.error("handler %s could not subscribe: %s", reg.spec.name, exc)
-            if signals.failed.receivers:
-                emit(
-                    signals.failed,
-                    self,
-                    topic=reg.topics[0].name,
-                    event_id=None,
-                    subscription=reg.spec.fn,
-                    error=exc,
-                )
-
-    async def _start_handler(self, reg: _HandlerRegistration) -> None:
-        assert self._tg is not None
-        receiver = self._receiver(reg.topics, reg.buffer, reg.overflow)
-        receiver.owner = reg.spec.fn
-        await self._attach(reg.topics, receiver, reg.from_)
-        reg.receiver = receiver
-
-        async def serve() -> None:
-            try:
-                await run_handler(receiver, reg.spec, self._codec, self)
-            finally:
-                reg.done.set()
-
-        self._tg.start_soon(serve)
+        self._subscribers.remove(handler)
 
     def handler_statistics(self, handler: Handler) -> list[SubscriptionStatistics]:
         """Statistics of each subscription of ``handler`` (see ``SubscriptionStatistics``)."""
-        return [
-            reg.receiver.statistics()
-            for reg in self._handlers
-            if reg.spec.fn is handler and reg.receiver is not None
-        ]
+        return self._subscribers.statistics(handler)
 
     # -- publishing -------------------------------------------------------------------
 
@@ -1134,35 +682,10 @@ class EventBus:
         :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded retries.
         :raises eventbus.errors.PermissionDenied: the ACL refuses ``PUBLISH`` on the channel.
         """
-        t = as_topic(topic)
-        if t.pattern:
-            raise ConfigurationError(f"cannot publish to pattern {t.name!r}: publish to a topic")
+        t = _publishable(topic)
         self._require_open("publish")
         hdrs = self._codec.check_headers(t.name, headers)
-        event_id = _new_event_id()
-        seq = self._seq.get(t.name, 0) + 1
-        if t.local:
-            return await self._publish_local(t, event, event_id, seq, hdrs)
-        raw, ms = self._codec.encode(
-            t.name, event, event_id=event_id, publisher=self._publisher_id, seq=seq, headers=hdrs
-        )
-        # Taken (synchronously) in the order the writers will send them.
-        self._seq[t.name] = seq
-        if t.durable:
-            assert self._writer is not None
-            stream_id = await self._writer.add_one(t, self._keys(t), event_id, raw)
-            return self._durable_receipt(t.name, event_id, ms, stream_id)
-        assert self._publisher is not None
-        channel = live_channel(self._prefix, t.name)
-        reached = await self._publisher.publish(t.name, channel, raw)
-        if signals.published.receivers:
-            emit(signals.published, self, topic=t.name, event_id=event_id)
-        return Receipt(
-            id=event_id,
-            topic=t.name,
-            published_at=datetime.fromtimestamp(ms / 1000, tz=timezone.utc),
-            receivers=int(reached),
-        )
+        return await self._routes.feature(t).publish(t, event, hdrs)
 
     async def publish_many(
         self,
@@ -1180,90 +703,10 @@ class EventBus:
 
         :raises: as :meth:`publish`.
         """
-        t = as_topic(topic)
-        if t.pattern:
-            raise ConfigurationError(f"cannot publish to pattern {t.name!r}: publish to a topic")
+        t = _publishable(topic)
         self._require_open("publish")
-        if t.durable:
-            hdrs = self._codec.check_headers(t.name, headers)
-            return await self._publish_durable(t, list(events), hdrs)
-        if t.local:
-            return [await self.publish(t, event, headers=headers) for event in events]
-        results: list[Receipt] = []
-        async with anyio.create_task_group() as tg:
-            for index, event in enumerate(events):
-                results.append(None)  # type: ignore[arg-type]
-
-                async def one(i: int = index, e: Any = event) -> None:
-                    results[i] = await self.publish(t, e, headers=headers)
-
-                tg.start_soon(one)
-        return results
-
-    async def _publish_durable(
-        self, t: Topic[Any], events: Sequence[Any], hdrs: dict[str, str]
-    ) -> list[Receipt]:
-        assert self._writer is not None
-        encoded: list[tuple[str, bytes]] = []
-        times: list[int] = []
-        seq = self._seq.get(t.name, 0)
-        for event in events:
-            event_id = _new_event_id()
-            seq += 1
-            raw, ms = self._codec.encode(
-                t.name,
-                event,
-                event_id=event_id,
-                publisher=self._publisher_id,
-                seq=seq,
-                headers=hdrs,
-            )
-            encoded.append((event_id, raw))
-            times.append(ms)
-        self._seq[t.name] = seq
-        stream_ids = await self._writer.add(t, self._keys(t), encoded)
-        return [
-            self._durable_receipt(t.name, event_id, ms, stream_id)
-            for (event_id, _raw), ms, stream_id in zip(encoded, times, stream_ids, strict=True)
-        ]
-
-    def _durable_receipt(self, topic: str, event_id: str, ms: int, stream_id: str) -> Receipt:
-        if signals.published.receivers:
-            emit(signals.published, self, topic=topic, event_id=event_id)
-        return Receipt(
-            id=event_id,
-            topic=topic,
-            published_at=datetime.fromtimestamp(ms / 1000, tz=timezone.utc),
-            receivers=0,
-            stream_id=stream_id,
-        )
-
-    async def _publish_local(
-        self, t: Topic[Any], event: Any, event_id: str, seq: int, hdrs: dict[str, str]
-    ) -> Receipt:
-        content_type, data = self._codec.unstructure(t.name, event)
-        now = datetime.now(timezone.utc)
-        env = Envelope(
-            topic=t.name,
-            id=event_id,
-            publisher=self._publisher_id,
-            seq=seq,
-            published_ms=int(now.timestamp() * 1000),
-            headers=hdrs,
-            content_type=content_type,
-            data=data if content_type == CONTENT_JSON else event,
-        )
-        if not isinstance(event, bytes | bytearray | memoryview):
-            env.cache[type(event)] = event  # same-type subscribers get the object itself
-        self._seq[t.name] = seq
-        receivers = self._hub.routes.get(("local", t.name), ())
-        for pattern, regex in self._local_patterns.items():
-            if regex.match(t.name):
-                receivers = receivers + self._hub.routes.get(("local-pattern", pattern), ())
-        await self._hub.deliver_all(receivers, env)
-        if signals.published.receivers:
-            emit(signals.published, self, topic=t.name, event_id=event_id)
-        return Receipt(id=event_id, topic=t.name, published_at=now, receivers=len(receivers))
+        hdrs = self._codec.check_headers(t.name, headers)
+        return await self._routes.feature(t).publish_many(t, events, hdrs)
 
     # -- durable topics: inspection ---------------------------------------------------
 
@@ -1278,27 +721,15 @@ class EventBus:
         :raises eventbus.errors.ConfigurationError: a topic that is not durable.
         """
         self._require_open("read stats")
-        wanted: list[Topic[Any]] = []
-        if topics:
-            wanted += [self._durable_only(topic, (), "stats") for topic in topics]
-        else:
-            for reg in self._groups:
-                self._keys(reg.topic)
-            wanted = list(self._durable_topics.values())
-        results = []
-        for topic in sorted(wanted, key=lambda t: t.name):
-            with map_exceptions(topic=topic.name, command="XINFO"):
-                results.append(await topic_stats(self._client, topic.name, self._keys(topic)))
-        return BusStats(topics=tuple(results))
+        return await self._durable.stats([_durable_only(t, (), "stats") for t in topics])
 
     async def dead_letters(
         self, topic: Topic[Any] | str, *, count: int = 100, after: str | None = None
     ) -> list[DeadLetter]:
         """Up to ``count`` dead letters of ``topic``, oldest first (after id ``after``)."""
         self._require_open("read dead letters")
-        t = self._durable_only(topic, (), "dead_letters")
-        with map_exceptions(topic=t.name, command="XRANGE"):
-            return await list_dead_letters(self._client, self._keys(t), count=count, after=after)
+        t = _durable_only(topic, (), "dead_letters")
+        return await self._durable.dead_letters(t, count=count, after=after)
 
     async def replay_dead_letters(
         self, topic: Topic[Any] | str, ids: Sequence[str] | None = None
@@ -1309,36 +740,31 @@ class EventBus:
         ids (``DeadLetter.id``); ``None``: all. Undecodable dead letters carry no
         envelope and are skipped. Returns how many were replayed."""
         self._require_open("replay dead letters")
-        t = self._durable_only(topic, (), "replay_dead_letters")
-        with map_exceptions(topic=t.name, command="EVALSHA"):
-            return await replay_dead_letters(self._client, self._keys(t), ids)
+        t = _durable_only(topic, (), "replay_dead_letters")
+        return await self._durable.replay_dead_letters(t, ids)
 
     async def purge_dead_letters(
         self, topic: Topic[Any] | str, ids: Sequence[str] | None = None
     ) -> int:
         """Delete dead letters of ``topic`` (``ids``, or all); returns how many."""
         self._require_open("purge dead letters")
-        t = self._durable_only(topic, (), "purge_dead_letters")
-        with map_exceptions(topic=t.name, command="XDEL"):
-            return await purge_dead_letters(self._client, self._keys(t), ids)
+        t = _durable_only(topic, (), "purge_dead_letters")
+        return await self._durable.purge_dead_letters(t, ids)
 
     async def trim(self, topic: Topic[Any]) -> int:
         """Trim ``topic`` now by its ``maxlen``/``retention`` (the bus also does it in
         the background as it publishes); returns the entries removed."""
         self._require_open("trim")
-        t = self._durable_only(topic, (), "trim")
-        assert self._trimmer is not None
-        with map_exceptions(topic=t.name, command="XTRIM"):
-            return await self._trimmer.trim(t, self._keys(t))
+        return await self._durable.trim(_durable_only(topic, (), "trim"))
 
     # -- introspection -----------------------------------------------------------------
 
     @property
     def reconnects(self) -> int:
         """Times the push connection was re-established since the bus opened."""
-        return 0 if self._live is None else self._live.reconnects
+        return self._live.statistics().reconnects
 
     @property
     def push_client_id(self) -> int | None:
         """Redis ``CLIENT ID`` of the push connection (``None`` before it is opened)."""
-        return None if self._live is None else self._live.client_id
+        return self._live.statistics().push_client_id

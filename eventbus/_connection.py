@@ -331,3 +331,18 @@ class ClientFactory:
         return aioredis.ConnectionPool.from_url(
             self.url, socket_timeout=None, retry=Retry(NoBackoff(), 0), **self._options
         )
+
+    async def preflight(self) -> None:
+        """PING once on a connection of its own, then close it: fails fast on
+        credentials, TLS and reachability before anything else starts, and leaves
+        no connection open (a process that only subscribes then holds exactly the
+        push connection).
+
+        :raises eventbus.errors.EventBusError: as :func:`translate` maps the failure.
+        """
+        client = self.command_client()
+        try:
+            with map_exceptions(command="PING", tls=self.tls):
+                await client.ping()
+        finally:
+            await client.aclose()

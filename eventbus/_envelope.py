@@ -1,4 +1,5 @@
-"""The envelope: one event with its metadata, decoded once and shared by all subscribers."""
+"""The envelope: one event with its metadata, decoded once and shared by all subscribers;
+and the two public records about one event: its :class:`Delivery` and its :class:`Receipt`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any, Final, final
 
 import attrs
 
-__all__ = ["CONTENT_BYTES", "CONTENT_JSON", "WIRE_VERSION", "Delivery", "Envelope"]
+__all__ = ["CONTENT_BYTES", "CONTENT_JSON", "WIRE_VERSION", "Delivery", "Envelope", "Receipt"]
 
 WIRE_VERSION: Final = 1
 CONTENT_JSON: Final = "application/json"
@@ -49,6 +50,29 @@ class Delivery:
     """Id of the event whose handler published this one (chaining), else empty."""
     correlation_id: str = ""
     """Id of the first event of a chain, inherited by every event it caused, else empty."""
+
+
+@final
+@attrs.frozen
+class Receipt:
+    """What ``publish`` returns once the event was handed over.
+
+    .. versionadded:: 0.1
+    """
+
+    id: str
+    """The event id (unique; subscribers see it as ``Delivery.id``)."""
+    topic: str
+    """The topic name."""
+    published_at: datetime
+    """When it was published (UTC, publisher clock)."""
+    receivers: int
+    """Live topic: what Redis's PUBLISH counted, one per matching subscription of
+    each push connection (a process subscribed to the channel and to a matching
+    pattern counts twice). Local topic: local subscriptions it was offered to.
+    Durable topic: 0 (consumers read the stream; see ``stats()``)."""
+    stream_id: str | None = None
+    """Durable topic: the entry id Redis gave the event in the topic's stream."""
 
 
 @attrs.define(slots=True, eq=False)

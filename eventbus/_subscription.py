@@ -61,7 +61,7 @@ class Subscription(Generic[T]):
         receiver: Receiver,
         payload_type: Any,
         codec: Codec,
-        attach: Callable[[Receiver], Awaitable[None]],
+        attach: Callable[[Receiver, Callable[[], None]], Awaitable[None]],
         detach: Callable[[Receiver], None],
         sender: object,
     ) -> None:
@@ -85,7 +85,7 @@ class Subscription(Generic[T]):
             raise BusStateError(f"subscription of {self._label!r} was already entered")
         self._state = "opening"
         try:
-            await self._attach(self._receiver)
+            await self._attach(self._receiver, self._closed_by_bus)
         except BaseException:
             self._state = "closed"
             raise

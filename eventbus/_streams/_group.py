@@ -265,6 +265,8 @@ class GroupConsumer:
         self._ack_idle.set()
         self._stopping = False
         self._closed = False
+        self._unstarted: list[_Work] = []
+        """What was prefetched and not started when :meth:`begin_stop` ran."""
         self._acks_closed = False
         self._read_scope = anyio.CancelScope()
         self._claim_scope = anyio.CancelScope()
@@ -359,20 +361,26 @@ class GroupConsumer:
             tg.start_soon(self._claim_loop)
             task_status.started()
 
-    async def stop(self, deadline: float) -> None:
-        """Stop reading, release what was prefetched, let running handlers finish until
-        ``deadline`` (``anyio.current_time()`` based), then flush acks."""
+    def begin_stop(self) -> None:
+        """Stop reading, claiming and retrying; no worker starts another prefetched
+        entry once this returns (it takes them before any await). Idempotent."""
+        if self._stopping:
+            return
         self._stopping = True
         self._closed = True
-        # Taken before any await, so no worker starts another prefetched entry.
-        unstarted = list(self._buffer)
+        self._unstarted = list(self._buffer)
         self._buffer.clear()
         self._wake_all()
         self._read_scope.cancel()
         self._claim_scope.cancel()
         self._retry_scope.cancel()
+
+    async def stop(self, deadline: float) -> None:
+        """:meth:`begin_stop`, release what was prefetched, let running handlers finish
+        until ``deadline`` (``anyio.current_time()`` based), then flush acks."""
+        self.begin_stop()
         await self._reader_done.wait()
-        unstarted += self._buffer  # what a read that was already returning added
+        unstarted = self._unstarted + list(self._buffer)  # and what a returning read added
         self._buffer.clear()
         retrying = list(self._retrying.values())
         self._retrying.clear()

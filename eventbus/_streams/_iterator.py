@@ -63,7 +63,7 @@ class GroupSubscription(Generic[T]):
         token: object,
         *,
         payload_type: Any,
-        start: Callable[[HandlerSpec], Awaitable[GroupConsumer]],
+        start: Callable[[HandlerSpec, Callable[[], None]], Awaitable[GroupConsumer]],
         stop: Callable[[GroupConsumer], Awaitable[None]],
     ) -> None:
         if token is not _TOKEN:
@@ -103,7 +103,8 @@ class GroupSubscription(Generic[T]):
             is_async=True,
             name="GroupSubscription",
         )
-        self._consumer = await self._start(spec)
+        # The bus calls the second argument when it closes (see ``_bus_closing``).
+        self._consumer = await self._start(spec, self._bus_closing)
         return self
 
     async def __aexit__(

@@ -489,7 +489,7 @@ async def test_cancelled_publishers_do_not_abort_the_batch_they_share(
                 async with anyio.create_task_group() as kept, anyio.create_task_group() as doomed:
                     for n in range(20):
                         (doomed if n % 2 == 0 else kept).start_soon(publisher, n)
-                    await wait_until(lambda: len(bus._writer._queue) >= 1)  # type: ignore[union-attr]
+                    await wait_until(lambda: len(bus._durable._writer._queue) >= 1)  # type: ignore[union-attr]
                     doomed.cancel_scope.cancel()
                     proxy.heal()
             entries = await ctl.xrange(topic_keys(bus.prefix, "shared").stream)

@@ -1,0 +1,203 @@
+"""The plug between the bus and its features: the protocol, the shared context, ids.
+
+A *feature* is one way an event can travel: in this process (``_local``),
+live over Redis pub/sub (``_live``), stored in a Redis Stream (``_streams``);
+next, held for later (delayed) and handed to one worker (queues). The bus
+maps each topic to the feature that serves it and talks to features only
+through :class:`Feature`. A feature reaches what the bus shares (codec, hub,
+client factory, key prefix, signal sender, id and sequence minting) through
+one frozen :class:`FeatureContext`, never through the bus itself: features do
+not import ``_bus``, nor each other (``tests/test_layers.py`` checks both).
+
+Each feature opens and closes its own Redis connections, so that a feature
+can hold what its topology needs (one connection per Cluster shard, one
+blocking connection per group member) without the bus knowing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio.abc
+import attrs
+
+from . import signals
+from ._envelope import Receipt
+from .signals import emit
+
+if TYPE_CHECKING:
+    from ._codec import Codec
+    from ._config import Limits, LivePolicy
+    from ._connection import ClientFactory
+    from ._hub import Hub, Receiver
+    from ._topic import Topic
+
+__all__ = ["Declarations", "Feature", "FeatureContext", "Minter", "receipt"]
+
+
+class Minter:
+    """Event ids and per-topic sequence numbers of one publisher (one bus).
+
+    A sequence number is read with :meth:`next_seq` and taken with :meth:`take`
+    only once the event is encoded: an event that fails to encode must not
+    leave a hole that subscribers would report as a gap.
+    """
+
+    __slots__ = ("_seq", "publisher_id")
+
+    def __init__(self) -> None:
+        self.publisher_id = uuid.uuid4().hex[:16]
+        self._seq: dict[str, int] = {}
+
+    @staticmethod
+    def event_id() -> str:
+        """128 random bits as 32 hex digits (a uuid4's worth of randomness, faster)."""
+        return os.urandom(16).hex()
+
+    def next_seq(self, topic: str) -> int:
+        """The next sequence number of ``topic``, not yet taken."""
+        return self._seq.get(topic, 0) + 1
+
+    def take(self, topic: str, seq: int) -> None:
+        """Record ``seq`` as the last number used on ``topic``."""
+        self._seq[topic] = seq
+
+
+def receipt(
+    sender: object,
+    topic: str,
+    event_id: str,
+    published_ms: int,
+    *,
+    receivers: int = 0,
+    stream_id: str | None = None,
+) -> Receipt:
+    """The :class:`Receipt` of one published event, and its ``signals.published``."""
+    if signals.published.receivers:
+        emit(signals.published, sender, topic=topic, event_id=event_id)
+    return Receipt(
+        id=event_id,
+        topic=topic,
+        published_at=datetime.fromtimestamp(published_ms / 1000, tz=timezone.utc),
+        receivers=receivers,
+        stream_id=stream_id,
+    )
+
+
+@attrs.frozen
+class FeatureContext:
+    """What every feature shares, handed to :meth:`Feature.start` when the bus opens."""
+
+    clients: ClientFactory
+    """Builds Redis clients for the bus's URL, TLS and credentials."""
+    codec: Codec
+    """Events to envelope bytes and back; payloads to their types."""
+    hub: Hub
+    """Routes to the local subscribers' bounded buffers."""
+    prefix: str
+    """The namespace of every channel and key."""
+    sender: object
+    """The ``sender`` of every signal (the bus)."""
+    ids: Minter
+    """Event ids, the publisher id and per-topic sequence numbers."""
+    limits: Limits
+    live_policy: LivePolicy
+    publish_timeout: float
+    """Seconds a durable publish keeps retrying through a dropped connection."""
+    shutdown_grace: float
+    """Seconds the drain of one subscription may take when it ends alone."""
+    publish: Callable[[Topic[Any], Any], Awaitable[Receipt]]
+    """The bus's ``publish``: for an event whose topic another feature serves
+    (a group handler's output to a live or local topic)."""
+    task_group: anyio.abc.TaskGroup
+    """The bus's root task group: where features run their background tasks
+    (so that a feature with nothing to do holds no task)."""
+
+
+class Declarations:
+    """Subscribers declared to a feature before it runs, attached when it starts."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Sequence[Topic[Any]], Receiver, object]] = []
+
+    def add(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
+        self._items.append((topics, receiver, from_))
+
+    def remove(self, receiver: Receiver) -> bool:
+        """Forget ``receiver``'s declaration; whether there was one."""
+        kept = [item for item in self._items if item[1] is not receiver]
+        found = len(kept) < len(self._items)
+        self._items = kept
+        return found
+
+    async def attach_all(
+        self, attach: Callable[[Sequence[Topic[Any]], Receiver, object], Awaitable[None]]
+    ) -> None:
+        """Attach every declared subscriber, one by one, each confirmed."""
+        items, self._items = self._items, []
+        for topics, receiver, from_ in items:
+            await attach(topics, receiver, from_)
+
+
+class Feature(Protocol):
+    """One way an event travels. The bus calls, in this order:
+
+    ``declare`` for subscribers declared before the bus opens, ``start`` once (with
+    ``tg.start`` in the bus's task group), then any number of ``attach`` /
+    ``detach`` / ``publish`` / ``publish_many`` while the bus is open, then
+    ``begin_drain`` and ``drain`` when it closes; after its task group ended, ``aclose``.
+    """
+
+    async def start(self, ctx: FeatureContext, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Open what the feature needs (in ``ctx.task_group``) and start what was
+        declared before the bus opened; ``task_status.started()`` only once its
+        subscriptions and groups are confirmed by Redis. A failure before that
+        propagates as itself and the bus does not open."""
+        ...
+
+    def declare(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
+        """Before ``run``: attach ``receiver`` as ``run`` starts (a handler declared
+        before the bus opened), before ``started()``."""
+        ...
+
+    async def attach(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
+        """Feed ``receiver`` with the events of ``topics`` (all served by this
+        feature); returns once they are confirmed. On failure nothing stays attached."""
+        ...
+
+    def detach(self, topics: Sequence[Topic[Any]], receiver: Receiver) -> None:
+        """Stop feeding ``receiver`` from ``topics`` (or forget its declaration).
+        Never blocks."""
+        ...
+
+    async def publish(self, topic: Topic[Any], event: Any, headers: dict[str, str]) -> Receipt:
+        """Publish one checked event (headers already validated)."""
+        ...
+
+    async def publish_many(
+        self, topic: Topic[Any], events: Iterable[Any], headers: dict[str, str]
+    ) -> list[Receipt]:
+        """Publish ``events`` in order."""
+        ...
+
+    def begin_drain(self) -> None:
+        """The bus is closing: take in nothing new (no reads, no pushed messages)."""
+        ...
+
+    async def drain(self, deadline: float) -> None:
+        """Finish or hand back in-flight work by ``deadline`` (``anyio.current_time()``)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close every connection the feature opened (the bus's task group has ended)."""
+        ...
+
+    def statistics(self) -> object:
+        """A frozen record of the feature's counters."""
+        ...

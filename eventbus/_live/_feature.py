@@ -1,0 +1,166 @@
+"""Live topics as a feature: ``PUBLISH`` out, the ONE push connection in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+
+from .._envelope import Receipt
+from .._feature import Declarations, FeatureContext, receipt
+from .._hub import Receiver
+from .._keys import live_channel, live_pattern
+from .._topic import Topic
+from ._publisher import OrderedPublisher
+from ._push import LiveConnection, pattern_route
+
+__all__ = ["LiveFeature", "LiveStatistics"]
+
+
+@attrs.frozen
+class LiveStatistics:
+    """Counters of the live feature."""
+
+    reconnects: int
+    """Times the push connection was re-established since the bus opened."""
+    push_client_id: int | None
+    """Redis ``CLIENT ID`` of the push connection (``None`` before it is opened)."""
+    decode_errors: int
+    """Pushed messages that could not be decoded (logged and skipped)."""
+
+
+class LiveFeature:
+    """Owns the command client that sends ``PUBLISH`` (through an
+    :class:`OrderedPublisher`) and the push connection, started by the first live
+    subscription: a bus that only publishes holds no push connection."""
+
+    def __init__(self) -> None:
+        self._ctx: FeatureContext | None = None
+        self._client: Any = None
+        self._publisher: OrderedPublisher | None = None
+        self._live: LiveConnection | None = None
+        self._live_lock = anyio.Lock()
+        self._live_scope: anyio.CancelScope | None = None
+        self._declared = Declarations()
+
+    async def start(self, ctx: FeatureContext, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        self._ctx = ctx
+        self._client = ctx.clients.command_client()
+        self._publisher = OrderedPublisher(self._client)
+        self._live = LiveConnection(
+            pool=ctx.clients.push_pool(),
+            hub=ctx.hub,
+            codec=ctx.codec,
+            prefix=ctx.prefix,
+            policy=ctx.live_policy,
+            sender=ctx.sender,
+        )
+        await self._declared.attach_all(self.attach)
+        task_status.started()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+        if self._live is not None:
+            await self._live.aclose()
+
+    async def _ensure_live(self) -> LiveConnection:
+        """The push connection, started (and its first routes confirmed) on first use."""
+        live = self._live
+        assert live is not None
+        assert self._ctx is not None
+        tg = self._ctx.task_group
+        async with self._live_lock:
+            if self._live_scope is None:
+                self._live_scope = scope = anyio.CancelScope()
+
+                async def supervise(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                    with scope:
+                        await live.run(task_status=task_status)
+
+                try:
+                    await tg.start(supervise)
+                except BaseException:
+                    self._live_scope = None
+                    raise
+        return live
+
+    def _route(self, topic: Topic[Any]) -> tuple[bytes, bytes, bytes]:
+        """(hub route, subscribe command, channel or pattern) of ``topic``."""
+        assert self._ctx is not None
+        if topic.pattern:
+            name = live_pattern(self._ctx.prefix, topic.name).encode()
+            return pattern_route(name), b"PSUBSCRIBE", name
+        name = live_channel(self._ctx.prefix, topic.name).encode()
+        return name, b"SUBSCRIBE", name
+
+    def declare(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
+        self._declared.add(topics, receiver, from_)
+
+    async def attach(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
+        attached: list[bytes] = []
+        try:
+            for topic in topics:
+                route, kind, name = self._route(topic)
+                live = await self._ensure_live()
+                await live.attach(route, kind, name, receiver)
+                attached.append(route)
+        except BaseException:
+            assert self._live is not None
+            for route in attached:
+                self._live.detach(route, receiver)
+            raise
+
+    def detach(self, topics: Sequence[Topic[Any]], receiver: Receiver) -> None:
+        if not self._declared.remove(receiver) and self._live is not None:
+            for topic in topics:
+                self._live.detach(self._route(topic)[0], receiver)
+
+    async def publish(self, topic: Topic[Any], event: Any, headers: dict[str, str]) -> Receipt:
+        ctx = self._ctx
+        assert ctx is not None
+        assert self._publisher is not None
+        name = topic.name
+        ids = ctx.ids
+        event_id = ids.event_id()
+        seq = ids.next_seq(name)
+        raw, ms = ctx.codec.encode(
+            name, event, event_id=event_id, publisher=ids.publisher_id, seq=seq, headers=headers
+        )
+        # Taken (synchronously) in the order the publisher will send them.
+        ids.take(name, seq)
+        reached = await self._publisher.publish(name, live_channel(ctx.prefix, name), raw)
+        return receipt(ctx.sender, name, event_id, ms, receivers=int(reached))
+
+    async def publish_many(
+        self, topic: Topic[Any], events: Iterable[Any], headers: dict[str, str]
+    ) -> list[Receipt]:
+        # Concurrent publishes: the OrderedPublisher sends them in seq order, pipelined.
+        results: list[Receipt | None] = []
+        async with anyio.create_task_group() as tg:
+            for index, event in enumerate(events):
+                results.append(None)
+
+                async def one(i: int = index, e: Any = event) -> None:
+                    results[i] = await self.publish(topic, e, headers)
+
+                tg.start_soon(one)
+        return [r for r in results if r is not None]
+
+    def begin_drain(self) -> None:
+        if self._live_scope is not None:
+            self._live_scope.cancel()  # no more incoming messages
+
+    async def drain(self, deadline: float) -> None:
+        pass  # live subscribers' buffers are drained by whoever feeds them
+
+    def statistics(self) -> LiveStatistics:
+        live = self._live
+        return LiveStatistics(
+            reconnects=0 if live is None else live.reconnects,
+            push_client_id=None if live is None else live.client_id,
+            decode_errors=0 if live is None else live.decode_errors,
+        )

@@ -1,0 +1,98 @@
+"""Group options: validated in one place for ``bus.on(..., group=)`` and
+``bus.subscribe(..., group=)``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from datetime import timedelta
+from typing import Any, Final
+
+import attrs
+
+from .._config import ClaimPolicy, RetryPolicy, seconds
+from .._topic import Topic, as_topic
+from ..errors import ConfigurationError
+from ._group import GroupOptions, StartPosition
+
+__all__ = ["group_options"]
+
+_NAME_MAX: Final = 200
+_ADAPTIVE_FIRST_BATCH: Final = 100
+"""A member's first read without ``batch=``; reads double while handlers keep up..."""
+_ADAPTIVE_MAX_BATCH: Final = 1000
+"""... up to this (``XREADGROUP COUNT``; a larger count saves little more)."""
+
+
+def _check_name(kind: str, name: object) -> str:
+    if not isinstance(name, str) or not name or len(name) > _NAME_MAX:
+        raise ConfigurationError(f"{kind} name must be a non-empty str of at most 200 characters")
+    if any(ch.isspace() or not ch.isprintable() for ch in name):
+        raise ConfigurationError(
+            f"{kind} name {name!r} must not contain spaces or control characters"
+        )
+    return name
+
+
+def _default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def group_options(
+    topic: Topic[Any],
+    *,
+    group: str,
+    consumer: str | None,
+    concurrency: int,
+    max_attempts: int | None,
+    claim_idle: float | timedelta | None,
+    retry: RetryPolicy,
+    claim: ClaimPolicy,
+    batch: int | None,
+    block: float | timedelta,
+    start: StartPosition,
+    publish_to: Topic[Any] | str | None,
+    dedupe: float | timedelta | None,
+) -> GroupOptions:
+    """Check the group options of one member of ``topic`` and fold the shortcuts
+    (``max_attempts``, ``claim_idle``) into their policies.
+
+    ``batch=None`` reads adaptively: 100 entries first, doubling up to 1,000
+    while the handlers keep up.
+
+    :raises eventbus.errors.ConfigurationError: a bad name, count, start or target.
+    """
+    _check_name("group", group)
+    name = _check_name("consumer", consumer or _default_consumer_name())
+    if batch is None:
+        batch, max_batch = _ADAPTIVE_FIRST_BATCH, _ADAPTIVE_MAX_BATCH
+    else:
+        max_batch = batch
+    for label, value in (("concurrency", concurrency), ("batch", batch)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigurationError(
+                f"topic {topic.name!r}: {label} must be a positive int, got {value!r}"
+            )
+    if start not in ("earliest", "latest"):
+        raise ConfigurationError(f"start must be 'earliest' or 'latest', got {start!r}")
+    if max_attempts is not None:
+        retry = attrs.evolve(retry, max_attempts=max_attempts)
+    if claim_idle is not None:
+        claim = attrs.evolve(claim, idle=claim_idle)
+    target = None if publish_to is None else as_topic(publish_to)
+    if target is not None and target.pattern:
+        raise ConfigurationError("publish_to must be a topic, not a pattern")
+    return GroupOptions(
+        group=group,
+        consumer=name,
+        concurrency=concurrency,
+        batch=batch,
+        max_batch=max_batch,
+        block=seconds(block, name="block"),
+        retry=retry,
+        claim=claim,
+        start=start,
+        publish_to=target,
+        dedupe=None if dedupe is None else seconds(dedupe, name="dedupe"),
+    )

@@ -1,0 +1,215 @@
+"""The bus's plain subscribers: ``@bus.on`` handlers and open ``bus.subscribe`` iterators.
+
+Each has a :class:`~eventbus._hub.Receiver` (its own bounded buffer) that the
+features serving its topics feed; a subscriber may span topics of several
+features (a live topic and a durable one of the same type). Handlers run in
+one task each (:func:`~eventbus._handlers.run_handler`), in the bus's task
+group. Consumer-group members are not here: the durable feature owns them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import attrs
+
+from . import signals
+from ._codec import Codec
+from ._config import Overflow
+from ._handlers import Handler, HandlerSpec, run_handler
+from ._hub import Receiver, SubscriptionStatistics
+from ._subscription import Subscription
+from ._topic import Topic
+from .errors import EventBusError
+from .signals import emit
+
+__all__ = ["Router", "Subscribers"]
+
+logger = logging.getLogger("eventbus")
+
+
+class Router(Protocol):
+    """How subscribers reach the features serving their topics (the bus)."""
+
+    def declare(self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object) -> None:
+        """Before the bus opens: attach ``receiver`` when each feature starts."""
+        ...
+
+    async def attach(
+        self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object
+    ) -> None:
+        """On an open bus: attach now (all topics, or none on failure)."""
+        ...
+
+    def detach(self, topics: tuple[Topic[Any], ...], receiver: Receiver) -> None: ...
+
+
+@attrs.define(eq=False)
+class _Handler:
+    spec: HandlerSpec
+    topics: tuple[Topic[Any], ...]
+    receiver: Receiver
+    from_: object
+    attached: bool = False
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    """Set when the handler's task has returned."""
+
+
+class Subscribers:
+    """Handlers and iterators of one bus (see the module doc)."""
+
+    def __init__(self, router: Router, codec: Codec, sender: object) -> None:
+        self._router = router
+        self._codec = codec
+        self._sender = sender
+        self._handlers: list[_Handler] = []
+        self._open: dict[Receiver, Callable[[], None]] = {}
+        """Receivers of open iterators, with what tells each that the bus closed it."""
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def receiver(self, topics: tuple[Topic[Any], ...], buffer: int, overflow: Overflow) -> Receiver:
+        return Receiver(
+            label=",".join(t.name for t in topics),
+            capacity=buffer,
+            overflow=overflow,
+            multi_route=len(topics) > 1,
+            on_overflow=self._on_overflow,
+        )
+
+    def _on_overflow(self, receiver: Receiver) -> None:
+        if signals.overflowed.receivers:
+            emit(
+                signals.overflowed,
+                self._sender,
+                topic=receiver.label,
+                subscription=receiver.owner,
+                policy=receiver.overflow,
+                dropped=receiver.dropped,
+            )
+
+    # -- handlers -----------------------------------------------------------------------
+
+    def add_handler(
+        self,
+        spec: HandlerSpec,
+        topics: tuple[Topic[Any], ...],
+        buffer: int,
+        overflow: Overflow,
+        from_: object,
+    ) -> None:
+        """Declare a handler: before :meth:`start`, it is attached when the features
+        start; afterwards it is attached in the background (a failure is logged and
+        sent as ``signals.failed``, and the handler dropped)."""
+        receiver = self.receiver(topics, buffer, overflow)
+        receiver.owner = spec.fn
+        handler = _Handler(spec=spec, topics=topics, receiver=receiver, from_=from_)
+        self._handlers.append(handler)
+        if self._tg is None:
+            self._router.declare(topics, receiver, from_)
+            handler.attached = True
+        else:
+            self._tg.start_soon(self._attach_later, handler)
+
+    def start(self, tg: anyio.abc.TaskGroup) -> None:
+        """The features started (with every declared handler attached): run the handlers."""
+        self._tg = tg
+        for handler in self._handlers:
+            tg.start_soon(self._serve, handler)
+
+    async def _serve(self, handler: _Handler) -> None:
+        try:
+            await run_handler(handler.receiver, handler.spec, self._codec, self._sender)
+        finally:
+            handler.done.set()
+
+    async def _attach_later(self, handler: _Handler) -> None:
+        try:
+            await self._router.attach(handler.topics, handler.receiver, handler.from_)
+        except EventBusError as exc:
+            if handler in self._handlers:
+                self._handlers.remove(handler)
+            handler.done.set()
+            logger.error("handler %s could not subscribe: %s", handler.spec.name, exc)
+            if signals.failed.receivers:
+                emit(
+                    signals.failed,
+                    self._sender,
+                    topic=handler.topics[0].name,
+                    event_id=None,
+                    subscription=handler.spec.fn,
+                    error=exc,
+                )
+            return
+        handler.attached = True
+        if handler.receiver.closed:  # removed (off) or the bus closed meanwhile
+            self._router.detach(handler.topics, handler.receiver)
+            handler.done.set()
+            return
+        await self._serve(handler)
+
+    def remove(self, fn: Handler) -> None:
+        """Unsubscribe every handler registration of ``fn``; what is buffered is discarded."""
+        for handler in [h for h in self._handlers if h.spec.fn is fn]:
+            self._handlers.remove(handler)
+            handler.receiver.close(discard=True)
+            if handler.attached:
+                self._router.detach(handler.topics, handler.receiver)
+
+    def statistics(self, fn: Handler) -> list[SubscriptionStatistics]:
+        if self._tg is None:
+            return []
+        return [h.receiver.statistics() for h in self._handlers if h.spec.fn is fn and h.attached]
+
+    # -- iterators ----------------------------------------------------------------------
+
+    def subscription(
+        self,
+        topics: tuple[Topic[Any], ...],
+        buffer: int,
+        overflow: Overflow,
+        from_: object,
+        check_open: Callable[[], None],
+    ) -> Subscription[Any]:
+        receiver = self.receiver(topics, buffer, overflow)
+
+        async def attach(r: Receiver, closed_by_bus: Callable[[], None]) -> None:
+            check_open()
+            await self._router.attach(topics, r, from_)
+            self._open[r] = closed_by_bus
+
+        def detach(r: Receiver) -> None:
+            self._open.pop(r, None)
+            self._router.detach(topics, r)
+
+        subscription: Subscription[Any] = Subscription._create(
+            receiver=receiver,
+            payload_type=topics[0].type,
+            codec=self._codec,
+            attach=attach,
+            detach=detach,
+            sender=self._sender,
+        )
+        receiver.owner = subscription
+        return subscription
+
+    # -- closing ------------------------------------------------------------------------
+
+    async def drain(self, deadline: float) -> bool:
+        """Close every receiver without discarding what it holds: handlers finish
+        what is buffered, iterators end after it. Wait for the handlers until
+        ``deadline``; returns whether they all finished."""
+        for handler in self._handlers:
+            handler.receiver.close()
+        for receiver, closed_by_bus in list(self._open.items()):
+            receiver.close()
+            closed_by_bus()
+        with anyio.move_on_after(max(deadline - anyio.current_time(), 0)):
+            for handler in self._handlers:
+                if handler.attached:
+                    await handler.done.wait()
+            return True
+        return False
