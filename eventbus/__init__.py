@@ -15,7 +15,7 @@ from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPoli
 from ._envelope import Delivery, Receipt
 from ._hub import Gap, SubscriptionStatistics
 from ._streams._admin import BusStats, DeadLetter, GroupStats, TopicStats
-from ._streams._group import ConsumerStatistics
+from ._streams._group import ConsumerStatistics, StartPosition
 from ._streams._iterator import GroupSubscription
 from ._subscription import Subscription
 from ._topic import Topic
@@ -37,6 +37,7 @@ __all__ = [
     "Overflow",
     "Receipt",
     "RetryPolicy",
+    "StartPosition",
     "Subscription",
     "SubscriptionStatistics",
     "Topic",

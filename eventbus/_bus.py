@@ -33,9 +33,9 @@ from ._config import (
 )
 from ._connection import ClientFactory, mask_url
 from ._envelope import Receipt
-from ._feature import Feature, FeatureContext, Minter
+from ._feature import Feature, FeatureContext, Minter, Routes
 from ._handlers import Handler, inspect_handler
-from ._hub import Hub, Receiver, SubscriptionStatistics
+from ._hub import Hub, SubscriptionStatistics
 from ._keys import DEFAULT_PREFIX, validate_prefix
 from ._live._feature import LiveFeature
 from ._local import LocalFeature
@@ -112,48 +112,6 @@ def _publishable(topic: Topic[Any] | str) -> Topic[Any]:
     if t.pattern:
         raise ConfigurationError(f"cannot publish to pattern {t.name!r}: publish to a topic")
     return t
-
-
-class _Routes:
-    """The map from a topic to the feature that serves it (the subscribers' router)."""
-
-    def __init__(self, local: Feature, live: Feature, durable: Feature) -> None:
-        self._local = local
-        self._live = live
-        self._durable = durable
-
-    def feature(self, topic: Topic[Any]) -> Feature:
-        if topic.durable:
-            return self._durable
-        return self._local if topic.local else self._live
-
-    def _by_feature(self, topics: tuple[Topic[Any], ...]) -> dict[Feature, tuple[Topic[Any], ...]]:
-        """``topics`` grouped by the feature serving them, durable ones first."""
-        grouped: dict[Feature, list[Topic[Any]]] = {}
-        for topic in sorted(topics, key=lambda t: not t.durable):
-            grouped.setdefault(self.feature(topic), []).append(topic)
-        return {feature: tuple(served) for feature, served in grouped.items()}
-
-    def declare(self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object) -> None:
-        for feature, served in self._by_feature(topics).items():
-            feature.declare(served, receiver, from_)
-
-    async def attach(
-        self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object
-    ) -> None:
-        attached: list[tuple[Feature, tuple[Topic[Any], ...]]] = []
-        try:
-            for feature, served in self._by_feature(topics).items():
-                await feature.attach(served, receiver, from_)
-                attached.append((feature, served))
-        except BaseException:
-            for feature, served in attached:
-                feature.detach(served, receiver)
-            raise
-
-    def detach(self, topics: tuple[Topic[Any], ...], receiver: Receiver) -> None:
-        for feature, served in self._by_feature(topics).items():
-            feature.detach(served, receiver)
 
 
 @final
@@ -237,7 +195,7 @@ class EventBus:
         # Started in this order (a handler's live subscription is confirmed before a
         # group that publishes to it starts), drained together.
         self._features: tuple[Feature, ...] = (self._local, self._live, self._durable)
-        self._routes = _Routes(self._local, self._live, self._durable)
+        self._routes = Routes(self._local, self._live, self._durable)
         self._subscribers = Subscribers(self._routes, self._codec, self)
         self._state = BusState.UNOPENED
         self._stack: AsyncExitStack | None = None

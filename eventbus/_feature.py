@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ._hub import Hub, Receiver
     from ._topic import Topic
 
-__all__ = ["Declarations", "Feature", "FeatureContext", "Minter", "receipt"]
+__all__ = ["Declarations", "Feature", "FeatureContext", "Minter", "Routes", "receipt"]
 
 
 class Minter:
@@ -201,3 +201,46 @@ class Feature(Protocol):
     def statistics(self) -> object:
         """A frozen record of the feature's counters."""
         ...
+
+
+class Routes:
+    """The map from a topic to the feature that serves it, held by the bus; the
+    router of subscribers whose topics span features."""
+
+    def __init__(self, local: Feature, live: Feature, durable: Feature) -> None:
+        self._local = local
+        self._live = live
+        self._durable = durable
+
+    def feature(self, topic: Topic[Any]) -> Feature:
+        if topic.durable:
+            return self._durable
+        return self._local if topic.local else self._live
+
+    def _by_feature(self, topics: tuple[Topic[Any], ...]) -> dict[Feature, tuple[Topic[Any], ...]]:
+        """``topics`` grouped by the feature serving them, durable ones first."""
+        grouped: dict[Feature, list[Topic[Any]]] = {}
+        for topic in sorted(topics, key=lambda t: not t.durable):
+            grouped.setdefault(self.feature(topic), []).append(topic)
+        return {feature: tuple(served) for feature, served in grouped.items()}
+
+    def declare(self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object) -> None:
+        for feature, served in self._by_feature(topics).items():
+            feature.declare(served, receiver, from_)
+
+    async def attach(
+        self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object
+    ) -> None:
+        attached: list[tuple[Feature, tuple[Topic[Any], ...]]] = []
+        try:
+            for feature, served in self._by_feature(topics).items():
+                await feature.attach(served, receiver, from_)
+                attached.append((feature, served))
+        except BaseException:
+            for feature, served in attached:
+                feature.detach(served, receiver)
+            raise
+
+    def detach(self, topics: tuple[Topic[Any], ...], receiver: Receiver) -> None:
+        for feature, served in self._by_feature(topics).items():
+            feature.detach(served, receiver)

@@ -1,4 +1,5 @@
-"""Handlers: what a function wants (payload type, Delivery) and the loop that feeds it."""
+"""Handlers: what a function wants (payload type, Delivery), the one function that
+calls user code (:func:`invoke`), and the loop that feeds a live subscriber's handler."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import attrs
 
 from . import signals
 from ._codec import Codec
-from ._envelope import Delivery
+from ._envelope import Delivery, Envelope
 from ._hub import Receiver
 from .errors import ConfigurationError, DecodeError
 from .signals import emit
 
-__all__ = ["Handler", "HandlerSpec", "inspect_handler", "run_handler"]
+__all__ = ["Handler", "HandlerSpec", "inspect_handler", "invoke", "report_failure", "run_handler"]
 
 logger = logging.getLogger("eventbus")
 
@@ -81,6 +82,25 @@ def inspect_handler(fn: Handler, default_type: Any) -> HandlerSpec:
     )
 
 
+def invoke(
+    spec: HandlerSpec, payload: Any, env: Envelope, group: str | None = None, attempt: int = 1
+) -> Any:
+    """Call the user's function with ``payload`` (and its :class:`Delivery`, if it
+    asks for one): the one place where user code is called, for live, local and
+    stream-tail subscribers (:func:`run_handler`) and consumer-group members alike,
+    so that timing, tracing and error reporting wrap one call.
+
+    Returns what the function returned: for an async handler (``spec.is_async``)
+    the awaitable, which the caller awaits in its own task (one await fewer per
+    event than awaiting here). Exceptions propagate to the caller, whose
+    delivery guarantee decides what they mean (logged and counted for a live
+    subscriber, retried or dead-lettered in a group).
+    """
+    if not spec.wants_delivery:
+        return spec.fn(payload)
+    return spec.fn(payload, env.delivery() if group is None else env.group_delivery(group, attempt))
+
+
 def report_failure(
     sender: object,
     receiver: Receiver,
@@ -119,10 +139,8 @@ async def run_handler(receiver: Receiver, spec: HandlerSpec, codec: Codec, sende
     A handler that raises is logged and keeps receiving; it never stops its
     neighbours. Cancelling this task abandons what is still buffered.
     """
-    fn = spec.fn
     tp = spec.payload_type
     untyped = tp is object or tp is Any
-    wants_delivery = spec.wants_delivery
     is_async = spec.is_async
     structure = codec.structure
     get = receiver.get
@@ -152,7 +170,7 @@ async def run_handler(receiver: Receiver, spec: HandlerSpec, codec: Codec, sende
                 payload = env.cache.get(tp, _MISSING)
                 if payload is _MISSING or isinstance(payload, DecodeError):
                     payload = structure(env, tp)
-            result = fn(payload, env.delivery()) if wants_delivery else fn(payload)
+            result = invoke(spec, payload, env)
             if is_async:
                 await result
         except Exception as exc:  # isolation: one handler's failure is its own

@@ -40,12 +40,3 @@ def test_every_module_declares_all() -> None:
     for info in pkgutil.walk_packages(eventbus.__path__, "eventbus."):
         module = importlib.import_module(info.name)
         assert hasattr(module, "__all__"), info.name
-
-
-def test_runtime_never_imports_testing() -> None:
-    import subprocess
-    import sys
-
-    code = "import eventbus, sys; print('eventbus.testing' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
