@@ -1,5 +1,12 @@
-"""The EventBus facade: lifecycle, argument checks, and the map from a topic to
-the feature that serves it (see ``_feature.py`` and docs/architecture.md)."""
+"""The EventBus facade: lifecycle state, the root task group, argument checks, and
+the map from a topic to the feature that serves it (see ``_feature.py`` and
+docs/architecture.md). It holds no Redis connection and does no feature's work.
+
+Why one module past 600 lines: it is the public surface, one concept (the
+facade). About a third of it is the public docstrings of ``on``, ``subscribe``
+and ``publish``, which state delivery and cancellation semantics and belong
+where users read them; the code is checks and one call to a feature per method.
+"""
 
 from __future__ import annotations
 
@@ -436,7 +443,11 @@ class EventBus:
         With ``group=`` (durable topics only) the subscription is a member of that
         consumer group and returns a :class:`GroupSubscription`: each event goes to
         one member of the group, at least once; the group options are those of
-        :meth:`on`.
+        :meth:`on` and are checked by the same code. Two defaults differ, because an
+        iterator hands out one event at a time and acks it when the loop asks for the
+        next: ``concurrency=1`` (more would only hold events un-acked, waiting for the
+        loop) and ``batch=10`` (what a member prefetches is held from the group's
+        other members, and a loop has no use for more).
 
         :raises eventbus.errors.ConfigurationError: bad buffer or policy, topics of
             different event types, ``from_`` or ``group`` on a live topic.
@@ -517,7 +528,8 @@ class EventBus:
           the group existed) or ``"latest"`` (only events published after);
         * one reader per member reads batches of ``batch`` (``XREADGROUP``,
           ``BLOCK`` ``block`` seconds), and the next batch while one is handled;
-          up to ``concurrency`` handler calls run at once; acks are batched in the
+          up to ``concurrency`` handler calls run at once (default 10, where
+          :meth:`subscribe`'s iterator takes one at a time); acks are batched in the
           background. Without ``batch``, reads start at 100 events and double up
           to 1,000 while the handlers finish each batch before the next arrives
           (fewer round trips), halving back when they fall behind (a slow member
