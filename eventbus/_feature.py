@@ -117,6 +117,66 @@ class FeatureContext:
     """The bus's root task group: where features run their background tasks
     (so that a feature with nothing to do holds no task)."""
 
+    def encode(
+        self,
+        topic: str,
+        event: Any,
+        headers: dict[str, str],
+        *,
+        event_id: str | None = None,
+        cause: str = "",
+        corr: str = "",
+    ) -> tuple[str, bytes, int]:
+        """Mint the event id (unless given) and the topic's next seq, and encode the
+        envelope: ``(event id, bytes, published_at ms)``. The seq is taken only once
+        the event is encoded (a refused event leaves no hole that subscribers would
+        report as a gap), synchronously, so events go out in the order they were
+        numbered if the caller sends before it awaits anything else.
+
+        :raises eventbus.errors.EncodeError: the event cannot be unstructured.
+        :raises eventbus.errors.PayloadTooLarge: over the limit, before any I/O.
+        """
+        ids = self.ids
+        if event_id is None:
+            event_id = ids.event_id()
+        seq = ids.next_seq(topic)
+        raw, ms = self.codec.encode(
+            topic,
+            event,
+            event_id=event_id,
+            publisher=ids.publisher_id,
+            seq=seq,
+            headers=headers,
+            cause=cause,
+            corr=corr,
+        )
+        ids.take(topic, seq)
+        return event_id, raw, ms
+
+    def encode_many(
+        self, topic: str, events: Iterable[Any], headers: dict[str, str]
+    ) -> list[tuple[str, bytes, int]]:
+        """:meth:`encode` for a batch, all or nothing: a bad event raises before any
+        of the batch's seqs is taken."""
+        ids = self.ids
+        seq = ids.next_seq(topic) - 1
+        encoded = []
+        for event in events:
+            event_id = ids.event_id()
+            seq += 1
+            raw, ms = self.codec.encode(
+                topic,
+                event,
+                event_id=event_id,
+                publisher=ids.publisher_id,
+                seq=seq,
+                headers=headers,
+            )
+            encoded.append((event_id, raw, ms))
+        if encoded:
+            ids.take(topic, seq)
+        return encoded
+
 
 class Declarations:
     """Subscribers declared to a feature before it runs, attached when it starts."""

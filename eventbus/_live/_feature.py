@@ -124,14 +124,8 @@ class LiveFeature:
         assert ctx is not None
         assert self._publisher is not None
         name = topic.name
-        ids = ctx.ids
-        event_id = ids.event_id()
-        seq = ids.next_seq(name)
-        raw, ms = ctx.codec.encode(
-            name, event, event_id=event_id, publisher=ids.publisher_id, seq=seq, headers=headers
-        )
-        # Taken (synchronously) in the order the publisher will send them.
-        ids.take(name, seq)
+        # Numbered, then queued before any await: the publisher sends in seq order.
+        event_id, raw, ms = ctx.encode(name, event, headers)
         reached = await self._publisher.publish(name, live_channel(ctx.prefix, name), raw)
         return receipt(ctx.sender, name, event_id, ms, receivers=int(reached))
 

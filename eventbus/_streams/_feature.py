@@ -233,19 +233,9 @@ class DurableFeature:
         self, target: Topic[Any], event: Any, event_id: str, cause: Envelope
     ) -> bytes:
         """Encode a handler's output event (chaining), caused by ``cause``."""
-        ctx = self._ctx
-        assert ctx is not None
-        seq = ctx.ids.next_seq(target.name)
-        ctx.ids.take(target.name, seq)
-        raw, _ms = ctx.codec.encode(
-            target.name,
-            event,
-            event_id=event_id,
-            publisher=ctx.ids.publisher_id,
-            seq=seq,
-            headers={},
-            cause=cause.id,
-            corr=cause.corr or cause.id,
+        assert self._ctx is not None
+        _id, raw, _ms = self._ctx.encode(
+            target.name, event, {}, event_id=event_id, cause=cause.id, corr=cause.corr or cause.id
         )
         return raw
 
@@ -319,16 +309,9 @@ class DurableFeature:
         ctx = self._ctx
         assert ctx is not None
         assert self._writer is not None
-        name = topic.name
-        ids = ctx.ids
-        event_id = ids.event_id()
-        seq = ids.next_seq(name)
-        raw, ms = ctx.codec.encode(
-            name, event, event_id=event_id, publisher=ids.publisher_id, seq=seq, headers=headers
-        )
-        ids.take(name, seq)
+        event_id, raw, ms = ctx.encode(topic.name, event, headers)
         stream_id = await self._writer.add_one(topic, self.keys(topic), event_id, raw)
-        return receipt(ctx.sender, name, event_id, ms, stream_id=stream_id)
+        return receipt(ctx.sender, topic.name, event_id, ms, stream_id=stream_id)
 
     async def publish_many(
         self, topic: Topic[Any], events: Iterable[Any], headers: dict[str, str]
@@ -338,28 +321,13 @@ class DurableFeature:
         ctx = self._ctx
         assert ctx is not None
         assert self._writer is not None
-        ids = ctx.ids
-        encoded: list[tuple[str, bytes]] = []
-        times: list[int] = []
-        seq = ids.next_seq(topic.name) - 1
-        for event in events:
-            event_id = ids.event_id()
-            seq += 1
-            raw, ms = ctx.codec.encode(
-                topic.name,
-                event,
-                event_id=event_id,
-                publisher=ids.publisher_id,
-                seq=seq,
-                headers=headers,
-            )
-            encoded.append((event_id, raw))
-            times.append(ms)
-        ids.take(topic.name, seq)
-        stream_ids = await self._writer.add(topic, self.keys(topic), encoded)
+        encoded = ctx.encode_many(topic.name, events, headers)
+        stream_ids = await self._writer.add(
+            topic, self.keys(topic), [(event_id, raw) for event_id, raw, _ms in encoded]
+        )
         return [
             receipt(ctx.sender, topic.name, event_id, ms, stream_id=stream_id)
-            for (event_id, _raw), ms, stream_id in zip(encoded, times, stream_ids, strict=True)
+            for (event_id, _raw, ms), stream_id in zip(encoded, stream_ids, strict=True)
         ]
 
     # -- read back from Redis -----------------------------------------------------------
