@@ -41,6 +41,7 @@ import redis.exceptions as rex
 from .. import signals
 from .._codec import Codec, field_map
 from .._config import ClaimPolicy, Limits, RetryPolicy
+from .._connection import CONNECTION_ERRORS, is_busygroup, is_nogroup, is_unblocked
 from .._envelope import Envelope
 from .._handlers import HandlerSpec
 from .._keys import TopicKeys
@@ -56,7 +57,6 @@ logger = logging.getLogger("eventbus")
 
 StartPosition = Literal["earliest", "latest"]
 
-_CONNECTION_ERRORS: Final = (rex.ConnectionError, rex.TimeoutError, OSError)
 _CHAIN_NAMESPACE: Final = uuid.UUID("6f1c5f7e-8a1b-4d0e-9a57-2f4b3c9e0d11")
 _MAX_ERROR_MESSAGE: Final = 1024
 _MAX_TRACEBACK: Final = 4096
@@ -336,7 +336,7 @@ class GroupConsumer:
                 self.keys.stream, self.options.group, id=start, mkstream=True
             )
         except rex.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if not is_busygroup(exc):
                 raise
 
     async def run(
@@ -471,7 +471,7 @@ class GroupConsumer:
                     except rex.ResponseError as exc:
                         # NOGROUP: the group is gone. UNBLOCKED: the stream was
                         # deleted (DEL, FLUSHALL) under a blocked read (Redis >= 7).
-                        if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
+                        if is_nogroup(exc) or is_unblocked(exc):
                             await self._recreate_group()
                             continue
                         # E.g. an ACL changed under a running member: say so, keep
@@ -485,7 +485,7 @@ class GroupConsumer:
                         await anyio.sleep(backoff * (1 + self._rand.random()))
                         backoff = min(backoff * 2, 5.0)
                         continue
-                    except _CONNECTION_ERRORS as exc:
+                    except CONNECTION_ERRORS as exc:
                         failures += 1
                         logger.warning(
                             "group %r of topic %r: read failed (%s); reconnecting",
@@ -581,14 +581,14 @@ class GroupConsumer:
                     consumername=self.options.consumer,
                 )
             except rex.ResponseError as exc:
-                if "NOGROUP" in str(exc):
+                if is_nogroup(exc):
                     await self._recreate_group()
                 else:
                     logger.error(
                         "group %r: reading own pending entries: %s", self.options.group, exc
                     )
                 return
-            except _CONNECTION_ERRORS:
+            except CONNECTION_ERRORS:
                 await anyio.sleep(0.2)
                 continue
             counts = {
@@ -599,7 +599,7 @@ class GroupConsumer:
             if counts:
                 try:
                     await self._take(list(counts), counts)
-                except _CONNECTION_ERRORS:
+                except CONNECTION_ERRORS:
                     await anyio.sleep(0.2)
                     continue
             if len(pending) < page:
@@ -657,7 +657,7 @@ class GroupConsumer:
         candidates: list[str] = []
         try:
             stored = await self._client.hget(self.keys.cursors, self.options.group)
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             stored = None
         if stored:
             candidates.append(stored.decode())
@@ -679,9 +679,9 @@ class GroupConsumer:
                 self.keys.stream, self.options.group, id=start, mkstream=True
             )
         except rex.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if not is_busygroup(exc):
                 logger.error("group %r: recreating failed: %s", self.options.group, exc)
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             logger.warning("group %r: recreating failed: %s", self.options.group, exc)
         else:
             self.group_recreated += 1
@@ -703,9 +703,9 @@ class GroupConsumer:
                     await self._heartbeat()
                     await self._claim_pass()
                 except rex.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
+                    if not is_nogroup(exc):
                         logger.warning("group %r: claim failed: %s", self.options.group, exc)
-                except _CONNECTION_ERRORS as exc:
+                except CONNECTION_ERRORS as exc:
                     logger.debug("group %r: claim failed: %s", self.options.group, exc)
 
     async def _heartbeat(self) -> None:
@@ -1167,7 +1167,7 @@ class GroupConsumer:
                 # list meanwhile must not take them for new (or trimmed) entries.
                 self._held_after_ack(ids)
                 break
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 logger.warning("group %r: ack failed (%s); retrying", self.options.group, exc)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
