@@ -13,9 +13,9 @@ from ._bus import EventBus, Receipt
 from ._codec import configure_converter, make_converter
 from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPolicy
 from ._envelope import Delivery
-from ._hub import Gap, SubscriptionStatistics
-from ._streams._admin import BusStats, DeadLetter, GroupStats, TopicStats
-from ._streams._group import ConsumerStatistics
+from ._hub import Gap
+from ._stats import BusStats, ConsumerStatistics, GroupStats, SubscriptionStatistics, TopicStats
+from ._streams._admin import DeadLetter
 from ._streams._iterator import GroupSubscription
 from ._subscription import Subscription
 from ._topic import Topic

@@ -40,7 +40,7 @@ from ._config import (
 from ._connection import ClientFactory, map_exceptions, mask_url
 from ._envelope import CONTENT_JSON, Envelope
 from ._handlers import Handler, inspect_handler, run_handler
-from ._hub import Hub, Receiver, SubscriptionStatistics
+from ._hub import Hub, Receiver
 from ._keys import (
     DEFAULT_PREFIX,
     TopicKeys,
@@ -52,15 +52,15 @@ from ._keys import (
 from ._live import LiveConnection, pattern_route
 from ._pipeline import OrderedPublisher
 from ._server import RedisServer
+from ._stats import BusStats, ConsumerStatistics, SubscriptionStatistics
 from ._streams._admin import (
-    BusStats,
     DeadLetter,
     list_dead_letters,
     purge_dead_letters,
     replay_dead_letters,
     topic_stats,
 )
-from ._streams._group import ConsumerStatistics, GroupConsumer, GroupOptions, StartPosition
+from ._streams._group import GroupConsumer, GroupOptions, StartPosition
 from ._streams._iterator import GroupSubscription
 from ._streams._publisher import StreamWriter, Trimmer
 from ._streams._tail import StreamTail, resolve_position

@@ -10,12 +10,10 @@ import attrs
 
 from .._keys import TopicKeys
 from .._scripts import REPLAY_DEAD_LETTERS
+from .._stats import GroupStats, TopicStats
 
 __all__ = [
-    "BusStats",
     "DeadLetter",
-    "GroupStats",
-    "TopicStats",
     "list_dead_letters",
     "purge_dead_letters",
     "replay_dead_letters",
@@ -131,70 +129,6 @@ async def purge_dead_letters(client: Any, keys: TopicKeys, ids: Sequence[str] | 
     if not ids:
         return 0
     return int(await client.xdel(keys.dlq, *ids))
-
-
-@attrs.frozen
-class GroupStats:
-    """One consumer group of a durable topic, as Redis reports it.
-
-    .. versionadded:: 0.2
-    """
-
-    name: str
-    """The group name."""
-    consumers: int
-    """Consumer names the group knows (including idle and dead ones)."""
-    pending: int
-    """Entries delivered to a member and not yet acknowledged."""
-    lag: int | None
-    """Entries not yet delivered to any member (``None`` when Redis cannot tell:
-    before 7.0, or after deletions in the middle of the stream)."""
-    oldest_pending_age: float | None
-    """Seconds since the oldest pending entry was published (Redis clock), ``None``
-    if nothing is pending."""
-    last_delivered_id: str
-    """The newest entry id delivered to the group."""
-    dead_letters: int
-    """Events this group moved to the dead-letter stream (``purge`` resets it)."""
-
-
-@attrs.frozen
-class TopicStats:
-    """A durable topic's stream and its consumer groups.
-
-    .. versionadded:: 0.2
-    """
-
-    name: str
-    """The topic name."""
-    length: int
-    """Entries in the stream."""
-    first_id: str | None
-    """Oldest entry id (``None``: empty)."""
-    last_id: str | None
-    """Newest entry id (``None``: empty)."""
-    dead_letters: int
-    """Entries in the dead-letter stream."""
-    groups: tuple[GroupStats, ...]
-    """Each consumer group, by name."""
-
-
-@attrs.frozen
-class BusStats:
-    """What :meth:`EventBus.stats` returns.
-
-    .. versionadded:: 0.2
-    """
-
-    topics: tuple[TopicStats, ...]
-    """Each durable topic this bus knows, by name."""
-
-    def topic(self, name: str) -> TopicStats:
-        """The stats of topic ``name`` (``KeyError`` if absent)."""
-        for topic in self.topics:
-            if topic.name == name:
-                return topic
-        raise KeyError(name)
 
 
 def _decode(value: Any) -> str:

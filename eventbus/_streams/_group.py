@@ -46,12 +46,13 @@ from .._envelope import Envelope
 from .._handlers import HandlerSpec
 from .._keys import TopicKeys
 from .._scripts import ACK_PUBLISH, DEAD_LETTER
+from .._stats import ConsumerCounters, ConsumerStatistics
 from .._topic import Topic
 from ..errors import DecodeError
 from ..signals import emit
 from ._ids import id_key, previous_id
 
-__all__ = ["ConsumerStatistics", "GroupConsumer", "GroupOptions", "Release", "StartPosition"]
+__all__ = ["GroupConsumer", "GroupOptions", "Release", "StartPosition"]
 
 logger = logging.getLogger("eventbus")
 
@@ -64,46 +65,6 @@ _MAX_RAW: Final = 64 * 1024
 _CLAIM_CALLS_PER_TICK: Final = 10
 _RELEASE_IDLE_MS: Final = 10**12
 """``XCLAIM ... IDLE`` of a released entry: idle past any ``claim_idle``."""
-
-
-@attrs.frozen
-class ConsumerStatistics:
-    """Counters of one consumer-group member since the bus opened.
-
-    .. versionadded:: 0.2
-    """
-
-    group: str
-    """The consumer group."""
-    consumer: str
-    """This member's consumer name."""
-    handled: int
-    """Events the handler completed (acked, or acked with their chained outputs)."""
-    failed: int
-    """Handler invocations that raised."""
-    retried: int
-    """Retries started (after a failure and its backoff)."""
-    dead_lettered: int
-    """Events this member moved to the dead-letter stream (failures and undecodable)."""
-    claimed: int
-    """Entries taken over from other (crashed, hung) members with ``XAUTOCLAIM``."""
-    acked: int
-    """Entries ``XACK`` removed from the group's pending list."""
-    ack_lost_ownership: int
-    """Acks that found nothing to ack. Usually another member claimed and finished
-    the entry first (Redis acks have no owner check), so it ran twice; also an ack
-    retried after its reply was lost, or an entry trimmed while it was held."""
-    lost_to_trim: int
-    """Pending entries trimmed from the stream before they were handled
-    (``XAUTOCLAIM``'s deleted ids, or a re-read that found them gone)."""
-    released: int
-    """Prefetched entries handed back unstarted on shutdown."""
-    reads: int
-    """``XREADGROUP`` calls made (own pending list and new entries)."""
-    deduplicated: int
-    """Events skipped because their id was already handled (``dedupe=``)."""
-    group_recreated: int
-    """Times the group had vanished (``NOGROUP``) and was recreated."""
 
 
 class Release(Exception):
@@ -287,18 +248,7 @@ class GroupConsumer:
         self._set_read_count(options.batch)
         self._primed = False  # a batch was read: an empty buffer now means the handlers keep up
 
-        self.handled = 0
-        self.failed = 0
-        self.retried = 0
-        self.dead_lettered = 0
-        self.claimed = 0
-        self.acked = 0
-        self.ack_lost_ownership = 0
-        self.lost_to_trim = 0
-        self.released = 0
-        self.reads = 0
-        self.deduplicated = 0
-        self.group_recreated = 0
+        self._counters = ConsumerCounters()
 
     def _set_read_count(self, count: int) -> None:
         # Double buffering: the next batch is read while the workers still have
@@ -312,18 +262,7 @@ class GroupConsumer:
         return ConsumerStatistics(
             group=self.options.group,
             consumer=self.options.consumer,
-            handled=self.handled,
-            failed=self.failed,
-            retried=self.retried,
-            dead_lettered=self.dead_lettered,
-            claimed=self.claimed,
-            acked=self.acked,
-            ack_lost_ownership=self.ack_lost_ownership,
-            lost_to_trim=self.lost_to_trim,
-            released=self.released,
-            reads=self.reads,
-            deduplicated=self.deduplicated,
-            group_recreated=self.group_recreated,
+            **attrs.asdict(self._counters),
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -440,7 +379,7 @@ class GroupConsumer:
                     exc,
                 )
                 continue
-            self.released += len(ids)
+            self._counters.released += len(ids)
             for entry_id in ids:
                 self._held.pop(entry_id, None)
 
@@ -460,7 +399,7 @@ class GroupConsumer:
                         continue
                     count = min(self._read_count, self._capacity - len(self._buffer))
                     try:
-                        self.reads += 1
+                        self._counters.reads += 1
                         response = await self._blocking.xreadgroup(
                             self.options.group,
                             self.options.consumer,
@@ -571,7 +510,7 @@ class GroupConsumer:
         page = max(self.options.batch, 10)
         while not self._stopping:
             try:
-                self.reads += 1
+                self._counters.reads += 1
                 pending = await self._client.xpending_range(
                     self.keys.stream,
                     self.options.group,
@@ -629,7 +568,7 @@ class GroupConsumer:
             self._count_trimmed(gone)
 
     def _count_trimmed(self, ids: list[str]) -> None:
-        self.lost_to_trim += len(ids)
+        self._counters.lost_to_trim += len(ids)
         logger.error(
             "topic %r group %r: %d pending entries were trimmed before they were handled: %s",
             self.topic.name,
@@ -684,7 +623,7 @@ class GroupConsumer:
         except CONNECTION_ERRORS as exc:
             logger.warning("group %r: recreating failed: %s", self.options.group, exc)
         else:
-            self.group_recreated += 1
+            self._counters.group_recreated += 1
 
     def _watermark(self) -> str | None:
         """An id at or below which everything this consumer read is handled."""
@@ -767,7 +706,7 @@ class GroupConsumer:
             ]
             if fresh:
                 counts = await self._counts([e for e, _ in fresh])
-                self.claimed += len(fresh)
+                self._counters.claimed += len(fresh)
                 budget -= len(fresh)
                 for entry_id, fields in reversed(fresh):
                     if not fields:
@@ -866,7 +805,7 @@ class GroupConsumer:
             and env.id
             and await self._client.exists(self.keys.seen + self.options.group + ":" + env.id)
         ):
-            self.deduplicated += 1
+            self._counters.deduplicated += 1
             self._ack(work.id, None)
             return
         try:
@@ -880,7 +819,7 @@ class GroupConsumer:
             self._handed_back.append((work, release.charge))
             return
         except Exception as exc:
-            self.failed += 1
+            self._counters.failed += 1
             self._report(env, exc, work.count)
             if work.count >= max_attempts:
                 await self._dead_letter(work, env, reason="handler_error", error=exc)
@@ -891,7 +830,7 @@ class GroupConsumer:
             await self._chain(work, env, result)
         else:
             self._ack(work.id, env.id)
-        self.handled += 1
+        self._counters.handled += 1
         if signals.delivered.receivers:
             emit(
                 signals.delivered,
@@ -902,7 +841,7 @@ class GroupConsumer:
             )
 
     def _report(self, env: Envelope, error: BaseException, attempt: int) -> None:
-        if self.failed == 1 or self.failed % 100 == 0:
+        if self._counters.failed == 1 or self._counters.failed % 100 == 0:
             logger.error(
                 "handler %s of %r (group %r) failed on attempt %d (%d failures so far;"
                 " logged once per 100): %s",
@@ -910,9 +849,9 @@ class GroupConsumer:
                 self.topic.name,
                 self.options.group,
                 attempt,
-                self.failed,
+                self._counters.failed,
                 error,
-                exc_info=error if self.failed == 1 else None,
+                exc_info=error if self._counters.failed == 1 else None,
             )
         if signals.failed.receivers:
             emit(
@@ -972,7 +911,7 @@ class GroupConsumer:
                 self._held.pop(work.id, None)
                 self._count_trimmed([work.id])
                 return
-            self.retried += 1
+            self._counters.retried += 1
             work.fields = fields
             work.count = attempt + 1
             self._add(work, front=True)
@@ -1050,9 +989,9 @@ class GroupConsumer:
             return
         self._held.pop(work.id, None)
         if dlq_id is None:
-            self.ack_lost_ownership += 1
+            self._counters.ack_lost_ownership += 1
             return
-        self.dead_lettered += 1
+        self._counters.dead_lettered += 1
         if env is not None:
             logged_id = env.id
         elif isinstance(error, DecodeError) and error.event_id:
@@ -1103,9 +1042,9 @@ class GroupConsumer:
         )
         self._held.pop(work.id, None)
         if ids is None:
-            self.ack_lost_ownership += 1
+            self._counters.ack_lost_ownership += 1
         else:
-            self.acked += 1
+            self._counters.acked += 1
             self._note_output(target, len(ids))
             if self.options.dedupe is not None and env.id:
                 ttl = max(int(self.options.dedupe * 1000), 1)
@@ -1177,9 +1116,9 @@ class GroupConsumer:
             acked = 0
         else:
             acked = int(result)
-        self.acked += acked
+        self._counters.acked += acked
         if acked < len(ids):
-            self.ack_lost_ownership += len(ids) - acked
+            self._counters.ack_lost_ownership += len(ids) - acked
 
     def _held_after_ack(self, ids: list[str]) -> None:
         for entry_id in ids:
