@@ -15,7 +15,7 @@ from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPoli
 from ._envelope import Delivery
 from ._hub import Gap
 from ._stats import BusStats, ConsumerStatistics, GroupStats, SubscriptionStatistics, TopicStats
-from ._streams._admin import DeadLetter
+from ._streams._deadletter import DeadLetter
 from ._streams._iterator import GroupSubscription
 from ._subscription import Subscription
 from ._topic import Topic

@@ -53,12 +53,12 @@ from ._live import LiveConnection, pattern_route
 from ._pipeline import OrderedPublisher
 from ._server import RedisServer
 from ._stats import BusStats, ConsumerStatistics, SubscriptionStatistics
-from ._streams._admin import (
+from ._streams._admin import topic_stats
+from ._streams._deadletter import (
     DeadLetter,
     list_dead_letters,
     purge_dead_letters,
     replay_dead_letters,
-    topic_stats,
 )
 from ._streams._group import GroupConsumer, GroupOptions, StartPosition
 from ._streams._iterator import GroupSubscription

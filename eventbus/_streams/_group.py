@@ -21,11 +21,9 @@ crashes, and a retry is an ``XCLAIM`` by the same consumer, which Redis counts.
 
 from __future__ import annotations
 
-import base64
 import logging
 import random
 import time
-import traceback
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -34,22 +32,24 @@ from typing import Any, Final, Literal
 import anyio
 import anyio.abc
 import attrs
-import orjson
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from .. import signals
-from .._codec import Codec, field_map
+from .._codec import Codec
 from .._config import ClaimPolicy, Limits, RetryPolicy
 from .._connection import CONNECTION_ERRORS, is_busygroup, is_nogroup, is_unblocked
 from .._envelope import Envelope
 from .._handlers import HandlerSpec
 from .._keys import TopicKeys
-from .._scripts import ACK_PUBLISH, DEAD_LETTER
+from .._scripts import ACK_PUBLISH
 from .._stats import ConsumerCounters, ConsumerStatistics
 from .._topic import Topic
 from ..errors import DecodeError
 from ..signals import emit
+from ._deadletter import DeadLetterWriter
+from ._dedupe import Dedupe
+from ._entry import Work, entries_as_sent
 from ._ids import id_key, previous_id
 
 __all__ = ["GroupConsumer", "GroupOptions", "Release", "StartPosition"]
@@ -59,9 +59,6 @@ logger = logging.getLogger("eventbus")
 StartPosition = Literal["earliest", "latest"]
 
 _CHAIN_NAMESPACE: Final = uuid.UUID("6f1c5f7e-8a1b-4d0e-9a57-2f4b3c9e0d11")
-_MAX_ERROR_MESSAGE: Final = 1024
-_MAX_TRACEBACK: Final = 4096
-_MAX_RAW: Final = 64 * 1024
 _CLAIM_CALLS_PER_TICK: Final = 10
 _RELEASE_IDLE_MS: Final = 10**12
 """``XCLAIM ... IDLE`` of a released entry: idle past any ``claim_idle``."""
@@ -96,70 +93,6 @@ class GroupOptions:
     dedupe: float | None
 
 
-class _Work:
-    """One entry held by this consumer.
-
-    ``fields``: as XREADGROUP sent them (``[name, value, ...]``), or as a dict
-    (XCLAIM replies); :meth:`field_map` gives the dict either way.
-    """
-
-    __slots__ = ("count", "fields", "id")
-
-    def __init__(self, entry_id: str, fields: list[bytes] | dict[bytes, bytes], count: int) -> None:
-        self.id = entry_id
-        self.fields = fields
-        self.count = count
-
-    def field_map(self) -> dict[bytes, bytes]:
-        fields = self.fields
-        if isinstance(fields, list):
-            fields = self.fields = field_map(fields)
-        return fields
-
-
-def _entries_as_sent(response: Any, **_options: Any) -> list[Any]:
-    """The member's XREADGROUP reply callback: a one-stream reply's entries as Redis
-    sent them, ``[id, [field, value, ...]]`` (RESP2 or RESP3), without redis-py's
-    dict per entry (``Codec.decode_entry`` reads the usual two fields as they are)."""
-    if not response:
-        return []
-    if isinstance(response, dict):  # RESP3: {stream: entries}
-        return next(iter(response.values()))
-    return response[0][1]  # type: ignore[no-any-return]  # RESP2: [[stream, entries]]
-
-
-def _truncate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _truncate_start(text: str, limit: int) -> str:
-    """Keep the end (of a traceback: the innermost frames and the error line)."""
-    return text if len(text) <= limit else "..." + text[len(text) - limit + 3 :]
-
-
-def _raw_fields(fields: dict[bytes, bytes]) -> bytes:
-    """The fields of an undecodable entry as JSON, kept for inspection.
-
-    At most ``_MAX_RAW`` bytes of JSON: the size counted is each item's encoded
-    size (quotes and escapes included), so control characters cannot inflate it.
-    """
-    shown: dict[str, str] = {}
-    size = 2
-    for key, value in fields.items():
-        name = key.decode("utf-8", "replace")
-        try:
-            text = value.decode("utf-8")
-        except UnicodeDecodeError:
-            text = "base64:" + base64.b64encode(value).decode("ascii")
-        item = len(orjson.dumps(name)) + len(orjson.dumps(text)) + 2
-        if size + item > _MAX_RAW - 64:
-            shown["..."] = f"truncated: {len(fields)} fields in all"
-            break
-        size += item
-        shown[name] = text
-    return orjson.dumps(shown)
-
-
 class GroupConsumer:
     """A consumer-group member feeding one handler (see the module doc)."""
 
@@ -185,31 +118,43 @@ class GroupConsumer:
         self.options = options
         self.spec = spec
         self._codec = codec
-        self._limits = limits
         self._client: Any = client  # redis-py's stubs type replies as unions
         self._blocking: Any = blocking_client
-        blocking_client.set_response_callback("XREADGROUP", _entries_as_sent)
+        blocking_client.set_response_callback("XREADGROUP", entries_as_sent)
         self._encode_output = encode_output
         self._target_keys = target_keys
         self._publish_output = publish_output
         self._note_output = note_output
         self._sender = sender
-        self._dead_letter_script = client.register_script(DEAD_LETTER)
         self._ack_publish_script = client.register_script(ACK_PUBLISH)
         self._rand = random.Random()
+        self._counters = ConsumerCounters()
+        self._dead_letters = DeadLetterWriter(
+            client=client,
+            keys=keys,
+            topic=topic.name,
+            group=options.group,
+            consumer=options.consumer,
+            codec=codec,
+            maxlen=limits.dead_letter_maxlen,
+            counters=self._counters,
+            sender=sender,
+        )
         # Looked up once: _process runs per entry.
         self._payload_type = spec.payload_type
         self._passthrough = spec.payload_type is object or spec.payload_type is Any
         self._max_attempts = options.retry.max_attempts
         self._decode = codec.decode_entry
-        self._dedupe = options.dedupe
+        self._dedupe = (
+            None if options.dedupe is None else Dedupe(client, keys, options.group, options.dedupe)
+        )
         self._chained = options.publish_to is not None
 
-        self._buffer: deque[_Work] = deque()
-        self._held: dict[str, _Work] = {}
-        self._running: dict[str, _Work] = {}
-        self._retrying: dict[str, _Work] = {}
-        self._handed_back: list[tuple[_Work, bool]] = []
+        self._buffer: deque[Work] = deque()
+        self._held: dict[str, Work] = {}
+        self._running: dict[str, Work] = {}
+        self._retrying: dict[str, Work] = {}
+        self._handed_back: list[tuple[Work, bool]] = []
         self._acks: list[str] = []
         self._marks: list[str] = []
         self._idle: list[anyio.Event] = []
@@ -247,8 +192,6 @@ class GroupConsumer:
         self._refill_at = 0
         self._set_read_count(options.batch)
         self._primed = False  # a batch was read: an empty buffer now means the handlers keep up
-
-        self._counters = ConsumerCounters()
 
     def _set_read_count(self, count: int) -> None:
         # Double buffering: the next batch is read while the workers still have
@@ -350,7 +293,7 @@ class GroupConsumer:
             )
             self._ack_scope.cancel()
 
-    async def _release(self, unstarted: list[_Work], retrying: list[_Work]) -> None:
+    async def _release(self, unstarted: list[Work], retrying: list[Work]) -> None:
         """Hand entries back to the group, claimable by others at once, without
         charging a delivery to the unstarted ones (``RETRYCOUNT`` = count - 1)."""
         by_count: dict[int, list[str]] = {}
@@ -475,7 +418,7 @@ class GroupConsumer:
             entry_id = raw_id.decode()
             if entry_id in held:
                 continue  # already here (running, or waiting for its ack)
-            work = held[entry_id] = _Work(entry_id, flat or {}, 1)
+            work = held[entry_id] = Work(entry_id, flat or {}, 1)
             buffer.append(work)
         self._last_read_id = entry_id
         self._wake_one()
@@ -494,7 +437,7 @@ class GroupConsumer:
             ready.set()
         self._idle.clear()
 
-    def _add(self, work: _Work, *, front: bool = False) -> None:
+    def _add(self, work: Work, *, front: bool = False) -> None:
         if work.id in self._held and self._held[work.id] is not work:
             return  # already here (running, or waiting for its ack)
         self._held[work.id] = work
@@ -561,7 +504,7 @@ class GroupConsumer:
             if not fields:
                 self._count_trimmed([eid])
                 continue
-            self._add(_Work(eid, fields, counts.get(eid, 0) + 1))
+            self._add(Work(eid, fields, counts.get(eid, 0) + 1))
         gone = [i for i in ids if i not in got]
         if gone:
             # Redis >= 7 drops deleted entries from the pending list on XCLAIM.
@@ -712,7 +655,7 @@ class GroupConsumer:
                     if not fields:
                         self._count_trimmed([entry_id])
                         continue
-                    self._add(_Work(entry_id, fields, counts.get(entry_id, 1)), front=True)
+                    self._add(Work(entry_id, fields, counts.get(entry_id, 1)), front=True)
             if self._claim_cursor == "0-0":
                 return
 
@@ -784,7 +727,7 @@ class GroupConsumer:
             finally:
                 self._running.pop(work.id, None)
 
-    async def _process(self, work: _Work) -> None:
+    async def _process(self, work: Work) -> None:
         spec = self.spec
         try:
             env = self._decode(self.topic.name, work.id, work.fields)
@@ -800,11 +743,8 @@ class GroupConsumer:
             # keeps crashing (or hanging) its process. Do not run it again.
             await self._dead_letter(work, env, reason="max_deliveries", error=None)
             return
-        if (
-            self._dedupe is not None
-            and env.id
-            and await self._client.exists(self.keys.seen + self.options.group + ":" + env.id)
-        ):
+        dedupe = self._dedupe
+        if dedupe is not None and env.id and await dedupe.seen(env.id):
             self._counters.deduplicated += 1
             self._ack(work.id, None)
             return
@@ -871,7 +811,7 @@ class GroupConsumer:
             self._ack_waiting = False
             self._ack_ready.set()
 
-    def _schedule_retry(self, work: _Work) -> None:
+    def _schedule_retry(self, work: Work) -> None:
         attempt = work.count
         delay = min(
             self.options.retry.delay(attempt, self._rand.random()), self.options.claim.idle / 2
@@ -927,100 +867,12 @@ class GroupConsumer:
                 await anyio.sleep_forever()
 
     async def _dead_letter(
-        self, work: _Work, env: Envelope | None, *, reason: str, error: BaseException | None
+        self, work: Work, env: Envelope | None, *, reason: str, error: BaseException | None
     ) -> None:
-        fields: list[Any] = [
-            "topic", self.topic.name,
-            "original_id", work.id,
-            "group", self.options.group,
-            "consumer", self.options.consumer,
-            "attempts", work.count,
-            "reason", reason,
-            "failed_at", int(time.time() * 1000),
-        ]  # fmt: skip
-        entry = work.field_map()
-        original = entry.get(b"env")
-        if env is not None and original is None:
-            # A bare payload (written by another client): store it as an envelope,
-            # so that a replay is read like any event.
-            try:
-                original, _ms = self._codec.encode(
-                    self.topic.name,
-                    env.data,
-                    event_id=env.id or work.id,
-                    publisher=env.publisher,
-                    seq=0,
-                    headers=env.headers,
-                )
-            except Exception:
-                original = None
-        if env is not None and original is not None:
-            fields += ["id", env.id or work.id, "env", original]
-        else:
-            event_id = entry.get(b"id")
-            if event_id is not None and len(event_id) <= 256:
-                fields += ["id", event_id]
-            fields += ["raw", _raw_fields(entry)]
-        if error is not None:
-            fields += [
-                "error_type",
-                type(error).__qualname__,
-                "error_message",
-                _truncate(str(error), _MAX_ERROR_MESSAGE),
-                "traceback",
-                _truncate_start(
-                    "".join(traceback.format_exception(type(error), error, error.__traceback__)),
-                    _MAX_TRACEBACK,
-                ),
-            ]
-        try:
-            dlq_id = await self._dead_letter_script(
-                keys=[self.keys.stream, self.keys.dlq, self.keys.dlq_count],
-                args=[self.options.group, work.id, self._limits.dead_letter_maxlen, *fields],
-            )
-        except Exception as exc:
-            logger.error(
-                "group %r: could not dead-letter %s (%s); it stays pending and is retried",
-                self.options.group,
-                work.id,
-                exc,
-            )
-            self._held.pop(work.id, None)
-            return
+        await self._dead_letters.write(work, env, reason=reason, error=error)
         self._held.pop(work.id, None)
-        if dlq_id is None:
-            self._counters.ack_lost_ownership += 1
-            return
-        self._counters.dead_lettered += 1
-        if env is not None:
-            logged_id = env.id
-        elif isinstance(error, DecodeError) and error.event_id:
-            logged_id = error.event_id
-        else:
-            logged_id = entry.get(b"id", b"")[:256].decode("utf-8", "replace")
-        logger.warning(
-            "topic %r group %r: event %s (entry %s) dead-lettered after %d deliveries: %s%s",
-            self.topic.name,
-            self.options.group,
-            logged_id or "?",
-            work.id,
-            work.count,
-            reason,
-            f" ({type(error).__name__}: {error})" if error is not None else "",
-        )
-        if signals.dead_lettered.receivers:
-            emit(
-                signals.dead_lettered,
-                self._sender,
-                topic=self.topic.name,
-                event_id=logged_id,
-                group=self.options.group,
-                reason=reason,
-                error=error,
-                dead_letter_id=dlq_id.decode() if isinstance(dlq_id, bytes) else dlq_id,
-            )
 
-    async def _chain(self, work: _Work, env: Envelope, result: Any) -> None:
+    async def _chain(self, work: Work, env: Envelope, result: Any) -> None:
         target = self.options.publish_to
         assert target is not None
         events = list(result) if isinstance(result, list | tuple) else [result]
@@ -1046,11 +898,8 @@ class GroupConsumer:
         else:
             self._counters.acked += 1
             self._note_output(target, len(ids))
-            if self.options.dedupe is not None and env.id:
-                ttl = max(int(self.options.dedupe * 1000), 1)
-                await self._client.set(
-                    self.keys.seen + self.options.group + ":" + env.id, 1, px=ttl
-                )
+            if self._dedupe is not None and env.id:
+                await self._dedupe.mark(env.id)
 
     # -- acking --------------------------------------------------------------------------
 
@@ -1078,10 +927,8 @@ class GroupConsumer:
         backoff = 0.05
         while True:
             extra: list[tuple[Any, ...]] = []
-            if marks and self.options.dedupe is not None:
-                ttl = max(int(self.options.dedupe * 1000), 1)
-                prefix = self.keys.seen + self.options.group + ":"
-                extra += [("SET", prefix + event_id, 1, "PX", ttl) for event_id in marks]
+            if marks and self._dedupe is not None:
+                extra += self._dedupe.mark_commands(marks)
             now = time.monotonic()
             if now - self._cursor_written >= 1.0:
                 # The durable cursor trails by up to a second: it only bounds
