@@ -7,9 +7,16 @@ Tasks of one :class:`GroupConsumer` (all in its own task group):
   it reads only while the prefetch buffer has room;
 * ``concurrency`` workers: decode, run the handler, ack (or retry, or
   dead-letter);
-* the claimer: every ``claim.interval``, ``XAUTOCLAIM`` of entries idle past
-  ``claim.idle`` in crashed or hung consumers, following the cursor;
+* the claimer (:class:`~._claim.Claimer`, which sees this member only as its
+  ``ClaimHost``): every ``claim.interval``, a heartbeat of the entries held here
+  and ``XAUTOCLAIM`` of entries idle past ``claim.idle`` in crashed or hung
+  consumers, following the cursor;
 * the acker: ``XACK`` of everything handled since its last flush, in one call.
+
+The member also holds a :class:`~._deadletter.DeadLetterWriter` (giving up on an
+entry), a :class:`~._chain.Chainer` (``publish_to=``) and a
+:class:`~._dedupe.Dedupe` (``dedupe=``); all of them count in the one
+:class:`~eventbus._stats.ConsumerCounters` it owns.
 
 Every entry this consumer holds (buffered, running, waiting for a retry or for
 its ack) is in ``_held``, so a re-read of its own pending list or a claim never
@@ -24,7 +31,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal
@@ -42,11 +48,12 @@ from .._connection import CONNECTION_ERRORS, is_busygroup, is_nogroup, is_unbloc
 from .._envelope import Envelope
 from .._handlers import HandlerSpec
 from .._keys import TopicKeys
-from .._scripts import ACK_PUBLISH
 from .._stats import ConsumerCounters, ConsumerStatistics
 from .._topic import Topic
 from ..errors import DecodeError
 from ..signals import emit
+from ._chain import Chainer
+from ._claim import Claimer
 from ._deadletter import DeadLetterWriter
 from ._dedupe import Dedupe
 from ._entry import Work, entries_as_sent
@@ -58,8 +65,6 @@ logger = logging.getLogger("eventbus")
 
 StartPosition = Literal["earliest", "latest"]
 
-_CHAIN_NAMESPACE: Final = uuid.UUID("6f1c5f7e-8a1b-4d0e-9a57-2f4b3c9e0d11")
-_CLAIM_CALLS_PER_TICK: Final = 10
 _RELEASE_IDLE_MS: Final = 10**12
 """``XCLAIM ... IDLE`` of a released entry: idle past any ``claim_idle``."""
 
@@ -121,12 +126,7 @@ class GroupConsumer:
         self._client: Any = client  # redis-py's stubs type replies as unions
         self._blocking: Any = blocking_client
         blocking_client.set_response_callback("XREADGROUP", entries_as_sent)
-        self._encode_output = encode_output
-        self._target_keys = target_keys
-        self._publish_output = publish_output
-        self._note_output = note_output
         self._sender = sender
-        self._ack_publish_script = client.register_script(ACK_PUBLISH)
         self._rand = random.Random()
         self._counters = ConsumerCounters()
         self._dead_letters = DeadLetterWriter(
@@ -148,8 +148,35 @@ class GroupConsumer:
         self._dedupe = (
             None if options.dedupe is None else Dedupe(client, keys, options.group, options.dedupe)
         )
-        self._chained = options.publish_to is not None
 
+        self._claimer = Claimer(
+            client=client,
+            keys=keys,
+            group=options.group,
+            consumer=options.consumer,
+            policy=options.claim,
+            batch=options.batch,
+            host=self,
+            counters=self._counters,
+        )
+        self._chainer = (
+            None
+            if options.publish_to is None
+            else Chainer(
+                client=client,
+                keys=keys,
+                group=options.group,
+                target=options.publish_to,
+                target_keys=target_keys,
+                encode_output=encode_output,
+                publish_output=publish_output,
+                note_output=note_output,
+                dedupe=self._dedupe,
+                counters=self._counters,
+                ack=self._ack,
+                forget=self._forget,
+            )
+        )
         self._buffer: deque[Work] = deque()
         self._held: dict[str, Work] = {}
         self._running: dict[str, Work] = {}
@@ -173,7 +200,6 @@ class GroupConsumer:
         self._closed = False
         self._acks_closed = False
         self._read_scope = anyio.CancelScope()
-        self._claim_scope = anyio.CancelScope()
         self._retry_scope = anyio.CancelScope()
         self._worker_scope = anyio.CancelScope()
         self._ack_scope = anyio.CancelScope()
@@ -182,9 +208,7 @@ class GroupConsumer:
         self._workers_done = anyio.Event()
         self._acker_done = anyio.Event()
         self._last_read_id: str | None = None
-        self._last_heartbeat = time.monotonic()
         self._cursor_written = 0.0
-        self._claim_cursor = "0-0"
         self._recreate_times: deque[float] = deque(maxlen=5)
         self._nogroup_logged = False
         self._read_count = 0
@@ -238,7 +262,7 @@ class GroupConsumer:
             tg.start_soon(self._retries)
             tg.start_soon(self._workers)
             tg.start_soon(self._read_loop)
-            tg.start_soon(self._claim_loop)
+            tg.start_soon(self._claimer.run)
             task_status.started()
 
     async def stop(self, deadline: float) -> None:
@@ -251,7 +275,7 @@ class GroupConsumer:
         self._buffer.clear()
         self._wake_all()
         self._read_scope.cancel()
-        self._claim_scope.cancel()
+        self._claimer.stop()
         self._retry_scope.cancel()
         await self._reader_done.wait()
         unstarted += self._buffer  # what a read that was already returning added
@@ -502,15 +526,32 @@ class GroupConsumer:
             eid = entry_id.decode()
             got.add(eid)
             if not fields:
-                self._count_trimmed([eid])
+                self.count_trimmed([eid])
                 continue
             self._add(Work(eid, fields, counts.get(eid, 0) + 1))
         gone = [i for i in ids if i not in got]
         if gone:
             # Redis >= 7 drops deleted entries from the pending list on XCLAIM.
-            self._count_trimmed(gone)
+            self.count_trimmed(gone)
 
-    def _count_trimmed(self, ids: list[str]) -> None:
+    # The claimer's view of this member (ClaimHost).
+
+    def holds(self, entry_id: str) -> bool:
+        return entry_id in self._held
+
+    def heartbeat_ids(self) -> list[str]:
+        return [i for i in self._held if i not in self._retrying]
+
+    def claim_space(self) -> int:
+        return self._capacity - len(self._buffer)
+
+    def add_claimed(self, work: Work) -> None:
+        self._add(work, front=True)
+
+    def _forget(self, entry_id: str) -> None:
+        self._held.pop(entry_id, None)
+
+    def count_trimmed(self, ids: list[str]) -> None:
         self._counters.lost_to_trim += len(ids)
         logger.error(
             "topic %r group %r: %d pending entries were trimmed before they were handled: %s",
@@ -573,105 +614,6 @@ class GroupConsumer:
         if self._held:
             return previous_id(min(self._held, key=id_key))
         return self._last_read_id
-
-    # -- claiming ------------------------------------------------------------------------
-
-    async def _claim_loop(self) -> None:
-        claim = self.options.claim
-        with self._claim_scope:
-            while not self._stopping:
-                await anyio.sleep(claim.interval)
-                try:
-                    await self._heartbeat()
-                    await self._claim_pass()
-                except rex.ResponseError as exc:
-                    if not is_nogroup(exc):
-                        logger.warning("group %r: claim failed: %s", self.options.group, exc)
-                except CONNECTION_ERRORS as exc:
-                    logger.debug("group %r: claim failed: %s", self.options.group, exc)
-
-    async def _heartbeat(self) -> None:
-        """Reset the idle time of entries this member holds, so that a live member's
-        slow handler (or long prefetch queue) is not claimed by others: only a
-        crashed or hung member stops doing this. ``JUSTID`` leaves delivery counts
-        alone; entries other members claimed meanwhile are left to them."""
-        now = time.monotonic()
-        if now - self._last_heartbeat < self.options.claim.idle / 3:
-            return
-        self._last_heartbeat = now
-        ids = [i for i in self._held if i not in self._retrying]
-        if not ids:
-            return
-        held = set(ids)
-        mine = [i for i in await self._counts(ids, slack=1000) if i in held]
-        # min-idle: an entry another member claimed since the XPENDING above has
-        # just had its idle time reset, and is left to that member.
-        min_idle = int(self.options.claim.idle * 1000 / 6)
-        for i in range(0, len(mine), 500):
-            await self._client.xclaim(
-                self.keys.stream,
-                self.options.group,
-                self.options.consumer,
-                min_idle,
-                mine[i : i + 500],
-                justid=True,
-            )
-
-    async def _claim_pass(self) -> None:
-        """Follow the XAUTOCLAIM cursor for up to ``_CLAIM_CALLS_PER_TICK`` calls."""
-        min_idle = int(self.options.claim.idle * 1000)
-        # At least a batch per pass, even over a full buffer: a crashed member's
-        # entries are already late, and they go to the front of the queue.
-        budget = max(self._capacity - len(self._buffer), self.options.batch)
-        for _ in range(_CLAIM_CALLS_PER_TICK):
-            space = budget
-            if space <= 0:
-                return
-            reply = await self._client.xautoclaim(
-                self.keys.stream,
-                self.options.group,
-                self.options.consumer,
-                min_idle,
-                self._claim_cursor,
-                count=min(self.options.claim.count, space),
-            )
-            # Redis >= 7 adds the ids it found deleted (trimmed); 6.2 returns two
-            # elements and hands deleted entries back with no fields.
-            cursor, entries = reply[0], reply[1]
-            deleted = reply[2] if len(reply) > 2 else []
-            self._claim_cursor = cursor.decode()
-            if deleted:
-                self._count_trimmed([d.decode() for d in deleted])
-            fresh = [
-                (e.decode(), f)
-                for e, f in entries
-                if e is not None and e.decode() not in self._held
-            ]
-            if fresh:
-                counts = await self._counts([e for e, _ in fresh])
-                self._counters.claimed += len(fresh)
-                budget -= len(fresh)
-                for entry_id, fields in reversed(fresh):
-                    if not fields:
-                        self._count_trimmed([entry_id])
-                        continue
-                    self._add(Work(entry_id, fields, counts.get(entry_id, 1)), front=True)
-            if self._claim_cursor == "0-0":
-                return
-
-    async def _counts(self, ids: list[str], *, slack: int = 100) -> dict[str, int]:
-        """Redis's delivery counts of those of ``ids`` still pending with this consumer
-        (one XPENDING over their range, reading up to ``slack`` other entries in it)."""
-        first, last = min(ids, key=id_key), max(ids, key=id_key)
-        pending = await self._client.xpending_range(
-            self.keys.stream,
-            self.options.group,
-            min=first,
-            max=last,
-            count=len(ids) + slack,
-            consumername=self.options.consumer,
-        )
-        return {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
 
     # -- handling ------------------------------------------------------------------------
 
@@ -766,8 +708,8 @@ class GroupConsumer:
             else:
                 self._schedule_retry(work)
             return
-        if result is not None and self._chained:
-            await self._chain(work, env, result)
+        if result is not None and self._chainer is not None:
+            await self._chainer.chain(work, env, result)
         else:
             self._ack(work.id, env.id)
         self._counters.handled += 1
@@ -849,7 +791,7 @@ class GroupConsumer:
             entry_id, fields = claimed[0]
             if entry_id is None or not fields:
                 self._held.pop(work.id, None)
-                self._count_trimmed([work.id])
+                self.count_trimmed([work.id])
                 return
             self._counters.retried += 1
             work.fields = fields
@@ -870,36 +812,7 @@ class GroupConsumer:
         self, work: Work, env: Envelope | None, *, reason: str, error: BaseException | None
     ) -> None:
         await self._dead_letters.write(work, env, reason=reason, error=error)
-        self._held.pop(work.id, None)
-
-    async def _chain(self, work: Work, env: Envelope, result: Any) -> None:
-        target = self.options.publish_to
-        assert target is not None
-        events = list(result) if isinstance(result, list | tuple) else [result]
-        if self._target_keys is None:
-            # A live or local target: publish, then ack (at least once).
-            for event in events:
-                await self._publish_output(target, event)
-            self._ack(work.id, env.id)
-            return
-        args: list[Any] = [self.options.group, work.id, ""]
-        if target.trim == "hard" and target.maxlen is not None:
-            args[2] = target.maxlen
-        parent = env.id or work.id
-        for index, event in enumerate(events):
-            child_id = uuid.uuid5(_CHAIN_NAMESPACE, f"{parent}/{index}").hex
-            args += [child_id, self._encode_output(target, event, child_id, env)]
-        ids = await self._ack_publish_script(
-            keys=[self.keys.stream, self._target_keys.stream], args=args
-        )
-        self._held.pop(work.id, None)
-        if ids is None:
-            self._counters.ack_lost_ownership += 1
-        else:
-            self._counters.acked += 1
-            self._note_output(target, len(ids))
-            if self._dedupe is not None and env.id:
-                await self._dedupe.mark(env.id)
+        self._forget(work.id)
 
     # -- acking --------------------------------------------------------------------------
 
