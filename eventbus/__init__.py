@@ -13,10 +13,11 @@ from ._bus import EventBus
 from ._codec import configure_converter, make_converter
 from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPolicy
 from ._envelope import Delivery, Receipt
-from ._hub import Gap, SubscriptionStatistics
-from ._streams._admin import BusStats, DeadLetter, GroupStats, TopicStats
-from ._streams._group import ConsumerStatistics, StartPosition
+from ._hub import Gap
+from ._stats import BusStats, ConsumerStatistics, GroupStats, SubscriptionStatistics, TopicStats
+from ._streams._deadletter import DeadLetter
 from ._streams._iterator import GroupSubscription
+from ._streams._options import StartPosition
 from ._subscription import Subscription
 from ._topic import Topic
 from ._version import __version__

@@ -42,16 +42,16 @@ from ._connection import ClientFactory, mask_url
 from ._envelope import Receipt
 from ._feature import Feature, FeatureContext, Minter, Routes
 from ._handlers import Handler, inspect_handler
-from ._hub import Hub, SubscriptionStatistics
+from ._hub import Hub
 from ._keys import DEFAULT_PREFIX, validate_prefix
 from ._live._feature import LiveFeature
 from ._local import LocalFeature
 from ._server import RedisServer
-from ._streams._admin import BusStats, DeadLetter
+from ._stats import BusStats, ConsumerStatistics, SubscriptionStatistics
+from ._streams._deadletter import DeadLetter
 from ._streams._feature import DurableFeature
-from ._streams._group import ConsumerStatistics, StartPosition
 from ._streams._iterator import GroupSubscription
-from ._streams._options import group_options
+from ._streams._options import StartPosition, group_options
 from ._subscribers import Subscribers
 from ._subscription import Subscription
 from ._topic import Topic, as_topic

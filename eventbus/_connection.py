@@ -27,13 +27,43 @@ from .errors import (
     TLSError,
 )
 
-__all__ = ["ClientFactory", "map_exceptions", "mask_url", "translate"]
+__all__ = [
+    "CONNECTION_ERRORS",
+    "ClientFactory",
+    "is_busygroup",
+    "is_nogroup",
+    "is_unblocked",
+    "map_exceptions",
+    "mask_url",
+    "translate",
+]
 
 logger = logging.getLogger("eventbus")
 
 # Commands retried by the command client: redis-py's retry covers every
 # ConnectionError, including AuthenticationError (a subclass), which must fail at once.
 _NOT_RETRYABLE: Final = (rex.AuthenticationError, rex.AuthorizationError)
+
+CONNECTION_ERRORS: Final = (rex.ConnectionError, rex.TimeoutError, OSError)
+"""What a lost or unreachable connection raises: loops that reconnect catch these
+(redis-py's ``TimeoutError`` is not a ``ConnectionError``, and sockets raise ``OSError``)."""
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis's ``NOGROUP``: the consumer group (or its stream) is gone
+    (FLUSHALL, DEL, a failover to a replica that never had it)."""
+    return isinstance(exc, rex.ResponseError) and "NOGROUP" in str(exc)
+
+
+def is_busygroup(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis's ``BUSYGROUP``: ``XGROUP CREATE`` found the group there."""
+    return isinstance(exc, rex.ResponseError) and "BUSYGROUP" in str(exc)
+
+
+def is_unblocked(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis's ``UNBLOCKED`` (Redis >= 7): the stream was deleted
+    (DEL, FLUSHALL) under a blocked ``XREADGROUP``, which then ends without ``NOGROUP``."""
+    return isinstance(exc, rex.ResponseError) and "UNBLOCKED" in str(exc)
 
 
 def _quiet_connect_options() -> dict[str, Any]:
@@ -168,7 +198,7 @@ def translate(
         )
     if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
         return AuthenticationFailed(f"Redis rejected the credentials: {exc}", topic=topic)
-    if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
+    if isinstance(exc, CONNECTION_ERRORS):
         cause: BaseException | None = exc
         while cause is not None:
             if isinstance(cause, ssl.SSLError):

@@ -26,9 +26,10 @@ import attrs
 
 from ._config import Overflow
 from ._envelope import Envelope
+from ._stats import SubscriptionStatistics
 from .errors import SubscriberOverflow
 
-__all__ = ["Gap", "Hub", "Receiver", "SubscriptionStatistics"]
+__all__ = ["Gap", "Hub", "Receiver"]
 
 logger = logging.getLogger("eventbus")
 
@@ -60,38 +61,6 @@ class Gap:
     def size(self) -> int:
         """How many events were missed."""
         return self.last_missing - self.first_missing + 1
-
-
-@final
-@attrs.frozen
-class SubscriptionStatistics:
-    """A snapshot of one subscription's counters.
-
-    ``received == delivered + dropped + buffered`` at every snapshot.
-
-    .. versionadded:: 0.1
-    """
-
-    received: int
-    """Events that reached this subscription."""
-    delivered: int
-    """Events handed to the consumer (the iterator or the handler)."""
-    dropped: int
-    """Events discarded by the overflow policy."""
-    buffered: int
-    """Events waiting in the buffer now."""
-    buffer_size: int
-    """Capacity of the buffer."""
-    overflow: str
-    """The overflow policy."""
-    gaps: int
-    """Gaps detected: runs of a publisher's events that never arrived."""
-    missed: int
-    """Events in those gaps."""
-    reconnects: int
-    """Times the push connection was re-established while subscribed (each may lose events)."""
-    errors: int
-    """Handler exceptions and payloads that could not be structured."""
 
 
 class Receiver:

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "TopicKeys",
     "channel_topic",
+    "dedupe_prefix",
     "live_channel",
     "live_pattern",
     "topic_keys",
@@ -76,7 +77,7 @@ class TopicKeys(NamedTuple):
     dlq_count: str
     cursors: str
     seen: str
-    """Prefix of dedupe marks: ``seen + group + ":" + event_id``."""
+    """Prefix of dedupe marks (build them with :func:`dedupe_prefix`)."""
 
 
 def topic_keys(prefix: str, topic: str) -> TopicKeys:
@@ -89,3 +90,11 @@ def topic_keys(prefix: str, topic: str) -> TopicKeys:
         cursors=f"{base}:cursors",
         seen=f"{base}:seen:",
     )
+
+
+def dedupe_prefix(keys: TopicKeys, group: str) -> str:
+    """The dedupe marks of ``group`` on a durable topic: event ``event_id``'s mark is
+    ``dedupe_prefix(keys, group) + event_id`` (``{prefix}:{<topic>}:seen:<group>:<event id>``).
+
+    A prefix, not a whole key: a member builds it once and appends each event id."""
+    return keys.seen + group + ":"

@@ -17,22 +17,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio.abc
-import attrs
 
 from ._envelope import CONTENT_JSON, Envelope, Receipt
 from ._feature import Declarations, FeatureContext, receipt
 from ._hub import Receiver
+from ._stats import LocalStatistics
 from ._topic import Topic
 
-__all__ = ["LocalFeature", "LocalStatistics"]
-
-
-@attrs.frozen
-class LocalStatistics:
-    """Counters of the local feature."""
-
-    published: int
-    """Events published to local topics."""
+__all__ = ["LocalFeature"]
 
 
 class LocalFeature:

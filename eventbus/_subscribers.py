@@ -21,7 +21,8 @@ from . import signals
 from ._codec import Codec
 from ._config import Overflow
 from ._handlers import Handler, HandlerSpec, run_handler
-from ._hub import Receiver, SubscriptionStatistics
+from ._hub import Receiver
+from ._stats import SubscriptionStatistics
 from ._subscription import Subscription
 from ._topic import Topic
 from .errors import EventBusError

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from ._envelope import Delivery
 from ._handlers import report_failure
-from ._hub import Receiver, SubscriptionStatistics
+from ._hub import Receiver
+from ._stats import SubscriptionStatistics
 from .errors import BusStateError, DecodeError
 
 if TYPE_CHECKING:

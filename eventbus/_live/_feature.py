@@ -7,29 +7,17 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import attrs
 
 from .._envelope import Receipt
 from .._feature import Declarations, FeatureContext, receipt
 from .._hub import Receiver
 from .._keys import live_channel, live_pattern
+from .._stats import LiveStatistics
 from .._topic import Topic
 from ._publisher import OrderedPublisher
 from ._push import LiveConnection, pattern_route
 
-__all__ = ["LiveFeature", "LiveStatistics"]
-
-
-@attrs.frozen
-class LiveStatistics:
-    """Counters of the live feature."""
-
-    reconnects: int
-    """Times the push connection was re-established since the bus opened."""
-    push_client_id: int | None
-    """Redis ``CLIENT ID`` of the push connection (``None`` before it is opened)."""
-    decode_errors: int
-    """Pushed messages that could not be decoded (logged and skipped)."""
+__all__ = ["LiveFeature"]
 
 
 class LiveFeature:

@@ -25,37 +25,28 @@ from .._feature import Declarations, FeatureContext, receipt
 from .._handlers import HandlerSpec
 from .._hub import Receiver
 from .._keys import TopicKeys, topic_keys
+from .._stats import BusStats, ConsumerStatistics, DurableStatistics
 from .._topic import Topic
 from ..errors import EventBusError
-from ._admin import (
-    BusStats,
+from ._admin import topic_stats
+from ._deadletter import (
     DeadLetter,
     list_dead_letters,
     purge_dead_letters,
     replay_dead_letters,
-    topic_stats,
 )
-from ._group import ConsumerStatistics, GroupConsumer, GroupOptions
+from ._group import GroupConsumer
 from ._iterator import GroupSubscription
+from ._options import GroupOptions
 from ._publisher import StreamWriter, Trimmer
 from ._tail import StreamTail, resolve_position
 
-__all__ = ["DurableFeature", "DurableStatistics"]
+__all__ = ["DurableFeature"]
 
 logger = logging.getLogger("eventbus")
 
 _TAIL_BLOCK: Final = 5.0
 """Seconds an XREAD of live subscribers of durable topics blocks per call."""
-
-
-@attrs.frozen
-class DurableStatistics:
-    """Counters of the durable feature."""
-
-    consumers: tuple[ConsumerStatistics, ...]
-    """Each running consumer-group member (handlers and iterators)."""
-    trimmed: int
-    """Entries removed by background trimming."""
 
 
 @attrs.define(eq=False)

@@ -7,9 +7,16 @@ Tasks of one :class:`GroupConsumer` (all in its own task group):
   it reads only while the prefetch buffer has room;
 * ``concurrency`` workers: decode, run the handler, ack (or retry, or
   dead-letter);
-* the claimer: every ``claim.interval``, ``XAUTOCLAIM`` of entries idle past
-  ``claim.idle`` in crashed or hung consumers, following the cursor;
+* the claimer (:class:`~._claim.Claimer`, which sees this member only as its
+  ``ClaimHost``): every ``claim.interval``, a heartbeat of the entries held here
+  and ``XAUTOCLAIM`` of entries idle past ``claim.idle`` in crashed or hung
+  consumers, following the cursor;
 * the acker: ``XACK`` of everything handled since its last flush, in one call.
+
+The member also holds a :class:`~._deadletter.DeadLetterWriter` (giving up on an
+entry), a :class:`~._chain.Chainer` (``publish_to=``) and a
+:class:`~._dedupe.Dedupe` (``dedupe=``); all of them count in the one
+:class:`~eventbus._stats.ConsumerCounters` it owns.
 
 Every entry this consumer holds (buffered, running, waiting for a retry or for
 its ack) is in ``_held``, so a re-read of its own pending list or a claim never
@@ -17,93 +24,56 @@ starts a second copy of an entry already in progress here.
 
 Delivery counts come from Redis (``XPENDING``), never from memory: they survive
 crashes, and a retry is an ``XCLAIM`` by the same consumer, which Redis counts.
+
+Why one module past 600 lines: what is left is the member's core, one concept.
+The reader, the prefetch buffer with its worker wake-up, the workers, the
+retries, the acker and the hand-back on stop all keep the same two invariants
+(an entry is in ``_held`` from the read that brought it until its ack or its
+hand-back; no worker starts an entry once ``begin_stop`` ran) over the same
+state; split further, each part would reach into the others' state, which is
+what the claimer, the dead-letter writer and the chainer were moved out to stop.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import random
 import time
-import traceback
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import anyio
 import anyio.abc
 import attrs
-import orjson
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from .. import signals
-from .._codec import Codec, field_map
-from .._config import ClaimPolicy, Limits, RetryPolicy
+from .._codec import Codec
+from .._config import Limits
+from .._connection import CONNECTION_ERRORS, is_busygroup, is_nogroup, is_unblocked
 from .._envelope import Envelope
-from .._handlers import HandlerSpec
+from .._handlers import HandlerSpec, invoke
 from .._keys import TopicKeys
-from .._scripts import ACK_PUBLISH, DEAD_LETTER
+from .._stats import ConsumerCounters, ConsumerStatistics
 from .._topic import Topic
 from ..errors import DecodeError
 from ..signals import emit
+from ._chain import Chainer
+from ._claim import Claimer
+from ._deadletter import DeadLetterWriter
+from ._dedupe import Dedupe
+from ._entry import Work, entries_as_sent
 from ._ids import id_key, previous_id
+from ._options import GroupOptions
 
-__all__ = ["ConsumerStatistics", "GroupConsumer", "GroupOptions", "Release", "StartPosition"]
+__all__ = ["GroupConsumer", "Release"]
 
 logger = logging.getLogger("eventbus")
 
-StartPosition = Literal["earliest", "latest"]
-
-_CONNECTION_ERRORS: Final = (rex.ConnectionError, rex.TimeoutError, OSError)
-_CHAIN_NAMESPACE: Final = uuid.UUID("6f1c5f7e-8a1b-4d0e-9a57-2f4b3c9e0d11")
-_MAX_ERROR_MESSAGE: Final = 1024
-_MAX_TRACEBACK: Final = 4096
-_MAX_RAW: Final = 64 * 1024
-_CLAIM_CALLS_PER_TICK: Final = 10
 _RELEASE_IDLE_MS: Final = 10**12
 """``XCLAIM ... IDLE`` of a released entry: idle past any ``claim_idle``."""
-
-
-@attrs.frozen
-class ConsumerStatistics:
-    """Counters of one consumer-group member since the bus opened.
-
-    .. versionadded:: 0.2
-    """
-
-    group: str
-    """The consumer group."""
-    consumer: str
-    """This member's consumer name."""
-    handled: int
-    """Events the handler completed (acked, or acked with their chained outputs)."""
-    failed: int
-    """Handler invocations that raised."""
-    retried: int
-    """Retries started (after a failure and its backoff)."""
-    dead_lettered: int
-    """Events this member moved to the dead-letter stream (failures and undecodable)."""
-    claimed: int
-    """Entries taken over from other (crashed, hung) members with ``XAUTOCLAIM``."""
-    acked: int
-    """Entries ``XACK`` removed from the group's pending list."""
-    ack_lost_ownership: int
-    """Acks that found nothing to ack. Usually another member claimed and finished
-    the entry first (Redis acks have no owner check), so it ran twice; also an ack
-    retried after its reply was lost, or an entry trimmed while it was held."""
-    lost_to_trim: int
-    """Pending entries trimmed from the stream before they were handled
-    (``XAUTOCLAIM``'s deleted ids, or a re-read that found them gone)."""
-    released: int
-    """Prefetched entries handed back unstarted on shutdown."""
-    reads: int
-    """``XREADGROUP`` calls made (own pending list and new entries)."""
-    deduplicated: int
-    """Events skipped because their id was already handled (``dedupe=``)."""
-    group_recreated: int
-    """Times the group had vanished (``NOGROUP``) and was recreated."""
 
 
 class Release(Exception):
@@ -115,88 +85,6 @@ class Release(Exception):
     def __init__(self, *, charge: bool) -> None:
         super().__init__("released")
         self.charge = charge
-
-
-@attrs.frozen
-class GroupOptions:
-    """How one handler consumes a durable topic as a member of a group."""
-
-    group: str
-    consumer: str
-    concurrency: int
-    batch: int
-    max_batch: int
-    """Largest read: ``batch`` when it was given, else reads grow while handlers keep up."""
-    block: float
-    retry: RetryPolicy
-    claim: ClaimPolicy
-    start: StartPosition
-    publish_to: Topic[Any] | None
-    dedupe: float | None
-
-
-class _Work:
-    """One entry held by this consumer.
-
-    ``fields``: as XREADGROUP sent them (``[name, value, ...]``), or as a dict
-    (XCLAIM replies); :meth:`field_map` gives the dict either way.
-    """
-
-    __slots__ = ("count", "fields", "id")
-
-    def __init__(self, entry_id: str, fields: list[bytes] | dict[bytes, bytes], count: int) -> None:
-        self.id = entry_id
-        self.fields = fields
-        self.count = count
-
-    def field_map(self) -> dict[bytes, bytes]:
-        fields = self.fields
-        if isinstance(fields, list):
-            fields = self.fields = field_map(fields)
-        return fields
-
-
-def _entries_as_sent(response: Any, **_options: Any) -> list[Any]:
-    """The member's XREADGROUP reply callback: a one-stream reply's entries as Redis
-    sent them, ``[id, [field, value, ...]]`` (RESP2 or RESP3), without redis-py's
-    dict per entry (``Codec.decode_entry`` reads the usual two fields as they are)."""
-    if not response:
-        return []
-    if isinstance(response, dict):  # RESP3: {stream: entries}
-        return next(iter(response.values()))
-    return response[0][1]  # type: ignore[no-any-return]  # RESP2: [[stream, entries]]
-
-
-def _truncate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _truncate_start(text: str, limit: int) -> str:
-    """Keep the end (of a traceback: the innermost frames and the error line)."""
-    return text if len(text) <= limit else "..." + text[len(text) - limit + 3 :]
-
-
-def _raw_fields(fields: dict[bytes, bytes]) -> bytes:
-    """The fields of an undecodable entry as JSON, kept for inspection.
-
-    At most ``_MAX_RAW`` bytes of JSON: the size counted is each item's encoded
-    size (quotes and escapes included), so control characters cannot inflate it.
-    """
-    shown: dict[str, str] = {}
-    size = 2
-    for key, value in fields.items():
-        name = key.decode("utf-8", "replace")
-        try:
-            text = value.decode("utf-8")
-        except UnicodeDecodeError:
-            text = "base64:" + base64.b64encode(value).decode("ascii")
-        item = len(orjson.dumps(name)) + len(orjson.dumps(text)) + 2
-        if size + item > _MAX_RAW - 64:
-            shown["..."] = f"truncated: {len(fields)} fields in all"
-            break
-        size += item
-        shown[name] = text
-    return orjson.dumps(shown)
 
 
 class GroupConsumer:
@@ -224,31 +112,65 @@ class GroupConsumer:
         self.options = options
         self.spec = spec
         self._codec = codec
-        self._limits = limits
         self._client: Any = client  # redis-py's stubs type replies as unions
         self._blocking: Any = blocking_client
-        blocking_client.set_response_callback("XREADGROUP", _entries_as_sent)
-        self._encode_output = encode_output
-        self._target_keys = target_keys
-        self._publish_output = publish_output
-        self._note_output = note_output
+        blocking_client.set_response_callback("XREADGROUP", entries_as_sent)
         self._sender = sender
-        self._dead_letter_script = client.register_script(DEAD_LETTER)
-        self._ack_publish_script = client.register_script(ACK_PUBLISH)
         self._rand = random.Random()
+        self._counters = ConsumerCounters()
+        self._dead_letters = DeadLetterWriter(
+            client=client,
+            keys=keys,
+            topic=topic.name,
+            group=options.group,
+            consumer=options.consumer,
+            codec=codec,
+            maxlen=limits.dead_letter_maxlen,
+            counters=self._counters,
+            sender=sender,
+        )
         # Looked up once: _process runs per entry.
         self._payload_type = spec.payload_type
         self._passthrough = spec.payload_type is object or spec.payload_type is Any
         self._max_attempts = options.retry.max_attempts
         self._decode = codec.decode_entry
-        self._dedupe = options.dedupe
-        self._chained = options.publish_to is not None
+        self._dedupe = (
+            None if options.dedupe is None else Dedupe(client, keys, options.group, options.dedupe)
+        )
 
-        self._buffer: deque[_Work] = deque()
-        self._held: dict[str, _Work] = {}
-        self._running: dict[str, _Work] = {}
-        self._retrying: dict[str, _Work] = {}
-        self._handed_back: list[tuple[_Work, bool]] = []
+        self._claimer = Claimer(
+            client=client,
+            keys=keys,
+            group=options.group,
+            consumer=options.consumer,
+            policy=options.claim,
+            batch=options.batch,
+            host=self,
+            counters=self._counters,
+        )
+        self._chainer = (
+            None
+            if options.publish_to is None
+            else Chainer(
+                client=client,
+                keys=keys,
+                group=options.group,
+                target=options.publish_to,
+                target_keys=target_keys,
+                encode_output=encode_output,
+                publish_output=publish_output,
+                note_output=note_output,
+                dedupe=self._dedupe,
+                counters=self._counters,
+                ack=self._ack,
+                forget=self._forget,
+            )
+        )
+        self._buffer: deque[Work] = deque()
+        self._held: dict[str, Work] = {}
+        self._running: dict[str, Work] = {}
+        self._retrying: dict[str, Work] = {}
+        self._handed_back: list[tuple[Work, bool]] = []
         self._acks: list[str] = []
         self._marks: list[str] = []
         self._idle: list[anyio.Event] = []
@@ -265,11 +187,10 @@ class GroupConsumer:
         self._ack_idle.set()
         self._stopping = False
         self._closed = False
-        self._unstarted: list[_Work] = []
+        self._unstarted: list[Work] = []
         """What was prefetched and not started when :meth:`begin_stop` ran."""
         self._acks_closed = False
         self._read_scope = anyio.CancelScope()
-        self._claim_scope = anyio.CancelScope()
         self._retry_scope = anyio.CancelScope()
         self._worker_scope = anyio.CancelScope()
         self._ack_scope = anyio.CancelScope()
@@ -278,9 +199,7 @@ class GroupConsumer:
         self._workers_done = anyio.Event()
         self._acker_done = anyio.Event()
         self._last_read_id: str | None = None
-        self._last_heartbeat = time.monotonic()
         self._cursor_written = 0.0
-        self._claim_cursor = "0-0"
         self._recreate_times: deque[float] = deque(maxlen=5)
         self._nogroup_logged = False
         self._read_count = 0
@@ -288,19 +207,6 @@ class GroupConsumer:
         self._refill_at = 0
         self._set_read_count(options.batch)
         self._primed = False  # a batch was read: an empty buffer now means the handlers keep up
-
-        self.handled = 0
-        self.failed = 0
-        self.retried = 0
-        self.dead_lettered = 0
-        self.claimed = 0
-        self.acked = 0
-        self.ack_lost_ownership = 0
-        self.lost_to_trim = 0
-        self.released = 0
-        self.reads = 0
-        self.deduplicated = 0
-        self.group_recreated = 0
 
     def _set_read_count(self, count: int) -> None:
         # Double buffering: the next batch is read while the workers still have
@@ -314,18 +220,7 @@ class GroupConsumer:
         return ConsumerStatistics(
             group=self.options.group,
             consumer=self.options.consumer,
-            handled=self.handled,
-            failed=self.failed,
-            retried=self.retried,
-            dead_lettered=self.dead_lettered,
-            claimed=self.claimed,
-            acked=self.acked,
-            ack_lost_ownership=self.ack_lost_ownership,
-            lost_to_trim=self.lost_to_trim,
-            released=self.released,
-            reads=self.reads,
-            deduplicated=self.deduplicated,
-            group_recreated=self.group_recreated,
+            **attrs.asdict(self._counters),
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -338,7 +233,7 @@ class GroupConsumer:
                 self.keys.stream, self.options.group, id=start, mkstream=True
             )
         except rex.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if not is_busygroup(exc):
                 raise
 
     async def run(
@@ -358,7 +253,7 @@ class GroupConsumer:
             tg.start_soon(self._retries)
             tg.start_soon(self._workers)
             tg.start_soon(self._read_loop)
-            tg.start_soon(self._claim_loop)
+            tg.start_soon(self._claimer.run)
             task_status.started()
 
     def begin_stop(self) -> None:
@@ -372,7 +267,7 @@ class GroupConsumer:
         self._buffer.clear()
         self._wake_all()
         self._read_scope.cancel()
-        self._claim_scope.cancel()
+        self._claimer.stop()
         self._retry_scope.cancel()
 
     async def stop(self, deadline: float) -> None:
@@ -419,7 +314,7 @@ class GroupConsumer:
             )
             self._ack_scope.cancel()
 
-    async def _release(self, unstarted: list[_Work], retrying: list[_Work]) -> None:
+    async def _release(self, unstarted: list[Work], retrying: list[Work]) -> None:
         """Hand entries back to the group, claimable by others at once, without
         charging a delivery to the unstarted ones (``RETRYCOUNT`` = count - 1)."""
         by_count: dict[int, list[str]] = {}
@@ -448,7 +343,7 @@ class GroupConsumer:
                     exc,
                 )
                 continue
-            self.released += len(ids)
+            self._counters.released += len(ids)
             for entry_id in ids:
                 self._held.pop(entry_id, None)
 
@@ -468,7 +363,7 @@ class GroupConsumer:
                         continue
                     count = min(self._read_count, self._capacity - len(self._buffer))
                     try:
-                        self.reads += 1
+                        self._counters.reads += 1
                         response = await self._blocking.xreadgroup(
                             self.options.group,
                             self.options.consumer,
@@ -479,7 +374,7 @@ class GroupConsumer:
                     except rex.ResponseError as exc:
                         # NOGROUP: the group is gone. UNBLOCKED: the stream was
                         # deleted (DEL, FLUSHALL) under a blocked read (Redis >= 7).
-                        if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
+                        if is_nogroup(exc) or is_unblocked(exc):
                             await self._recreate_group()
                             continue
                         # E.g. an ACL changed under a running member: say so, keep
@@ -493,7 +388,7 @@ class GroupConsumer:
                         await anyio.sleep(backoff * (1 + self._rand.random()))
                         backoff = min(backoff * 2, 5.0)
                         continue
-                    except _CONNECTION_ERRORS as exc:
+                    except CONNECTION_ERRORS as exc:
                         failures += 1
                         logger.warning(
                             "group %r of topic %r: read failed (%s); reconnecting",
@@ -544,7 +439,7 @@ class GroupConsumer:
             entry_id = raw_id.decode()
             if entry_id in held:
                 continue  # already here (running, or waiting for its ack)
-            work = held[entry_id] = _Work(entry_id, flat or {}, 1)
+            work = held[entry_id] = Work(entry_id, flat or {}, 1)
             buffer.append(work)
         self._last_read_id = entry_id
         self._wake_one()
@@ -563,7 +458,7 @@ class GroupConsumer:
             ready.set()
         self._idle.clear()
 
-    def _add(self, work: _Work, *, front: bool = False) -> None:
+    def _add(self, work: Work, *, front: bool = False) -> None:
         if work.id in self._held and self._held[work.id] is not work:
             return  # already here (running, or waiting for its ack)
         self._held[work.id] = work
@@ -579,7 +474,7 @@ class GroupConsumer:
         page = max(self.options.batch, 10)
         while not self._stopping:
             try:
-                self.reads += 1
+                self._counters.reads += 1
                 pending = await self._client.xpending_range(
                     self.keys.stream,
                     self.options.group,
@@ -589,14 +484,14 @@ class GroupConsumer:
                     consumername=self.options.consumer,
                 )
             except rex.ResponseError as exc:
-                if "NOGROUP" in str(exc):
+                if is_nogroup(exc):
                     await self._recreate_group()
                 else:
                     logger.error(
                         "group %r: reading own pending entries: %s", self.options.group, exc
                     )
                 return
-            except _CONNECTION_ERRORS:
+            except CONNECTION_ERRORS:
                 await anyio.sleep(0.2)
                 continue
             counts = {
@@ -607,7 +502,7 @@ class GroupConsumer:
             if counts:
                 try:
                     await self._take(list(counts), counts)
-                except _CONNECTION_ERRORS:
+                except CONNECTION_ERRORS:
                     await anyio.sleep(0.2)
                     continue
             if len(pending) < page:
@@ -628,16 +523,33 @@ class GroupConsumer:
             eid = entry_id.decode()
             got.add(eid)
             if not fields:
-                self._count_trimmed([eid])
+                self.count_trimmed([eid])
                 continue
-            self._add(_Work(eid, fields, counts.get(eid, 0) + 1))
+            self._add(Work(eid, fields, counts.get(eid, 0) + 1))
         gone = [i for i in ids if i not in got]
         if gone:
             # Redis >= 7 drops deleted entries from the pending list on XCLAIM.
-            self._count_trimmed(gone)
+            self.count_trimmed(gone)
 
-    def _count_trimmed(self, ids: list[str]) -> None:
-        self.lost_to_trim += len(ids)
+    # The claimer's view of this member (ClaimHost).
+
+    def holds(self, entry_id: str) -> bool:
+        return entry_id in self._held
+
+    def heartbeat_ids(self) -> list[str]:
+        return [i for i in self._held if i not in self._retrying]
+
+    def claim_space(self) -> int:
+        return self._capacity - len(self._buffer)
+
+    def add_claimed(self, work: Work) -> None:
+        self._add(work, front=True)
+
+    def _forget(self, entry_id: str) -> None:
+        self._held.pop(entry_id, None)
+
+    def count_trimmed(self, ids: list[str]) -> None:
+        self._counters.lost_to_trim += len(ids)
         logger.error(
             "topic %r group %r: %d pending entries were trimmed before they were handled: %s",
             self.topic.name,
@@ -665,7 +577,7 @@ class GroupConsumer:
         candidates: list[str] = []
         try:
             stored = await self._client.hget(self.keys.cursors, self.options.group)
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             stored = None
         if stored:
             candidates.append(stored.decode())
@@ -687,117 +599,18 @@ class GroupConsumer:
                 self.keys.stream, self.options.group, id=start, mkstream=True
             )
         except rex.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if not is_busygroup(exc):
                 logger.error("group %r: recreating failed: %s", self.options.group, exc)
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             logger.warning("group %r: recreating failed: %s", self.options.group, exc)
         else:
-            self.group_recreated += 1
+            self._counters.group_recreated += 1
 
     def _watermark(self) -> str | None:
         """An id at or below which everything this consumer read is handled."""
         if self._held:
             return previous_id(min(self._held, key=id_key))
         return self._last_read_id
-
-    # -- claiming ------------------------------------------------------------------------
-
-    async def _claim_loop(self) -> None:
-        claim = self.options.claim
-        with self._claim_scope:
-            while not self._stopping:
-                await anyio.sleep(claim.interval)
-                try:
-                    await self._heartbeat()
-                    await self._claim_pass()
-                except rex.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        logger.warning("group %r: claim failed: %s", self.options.group, exc)
-                except _CONNECTION_ERRORS as exc:
-                    logger.debug("group %r: claim failed: %s", self.options.group, exc)
-
-    async def _heartbeat(self) -> None:
-        """Reset the idle time of entries this member holds, so that a live member's
-        slow handler (or long prefetch queue) is not claimed by others: only a
-        crashed or hung member stops doing this. ``JUSTID`` leaves delivery counts
-        alone; entries other members claimed meanwhile are left to them."""
-        now = time.monotonic()
-        if now - self._last_heartbeat < self.options.claim.idle / 3:
-            return
-        self._last_heartbeat = now
-        ids = [i for i in self._held if i not in self._retrying]
-        if not ids:
-            return
-        held = set(ids)
-        mine = [i for i in await self._counts(ids, slack=1000) if i in held]
-        # min-idle: an entry another member claimed since the XPENDING above has
-        # just had its idle time reset, and is left to that member.
-        min_idle = int(self.options.claim.idle * 1000 / 6)
-        for i in range(0, len(mine), 500):
-            await self._client.xclaim(
-                self.keys.stream,
-                self.options.group,
-                self.options.consumer,
-                min_idle,
-                mine[i : i + 500],
-                justid=True,
-            )
-
-    async def _claim_pass(self) -> None:
-        """Follow the XAUTOCLAIM cursor for up to ``_CLAIM_CALLS_PER_TICK`` calls."""
-        min_idle = int(self.options.claim.idle * 1000)
-        # At least a batch per pass, even over a full buffer: a crashed member's
-        # entries are already late, and they go to the front of the queue.
-        budget = max(self._capacity - len(self._buffer), self.options.batch)
-        for _ in range(_CLAIM_CALLS_PER_TICK):
-            space = budget
-            if space <= 0:
-                return
-            reply = await self._client.xautoclaim(
-                self.keys.stream,
-                self.options.group,
-                self.options.consumer,
-                min_idle,
-                self._claim_cursor,
-                count=min(self.options.claim.count, space),
-            )
-            # Redis >= 7 adds the ids it found deleted (trimmed); 6.2 returns two
-            # elements and hands deleted entries back with no fields.
-            cursor, entries = reply[0], reply[1]
-            deleted = reply[2] if len(reply) > 2 else []
-            self._claim_cursor = cursor.decode()
-            if deleted:
-                self._count_trimmed([d.decode() for d in deleted])
-            fresh = [
-                (e.decode(), f)
-                for e, f in entries
-                if e is not None and e.decode() not in self._held
-            ]
-            if fresh:
-                counts = await self._counts([e for e, _ in fresh])
-                self.claimed += len(fresh)
-                budget -= len(fresh)
-                for entry_id, fields in reversed(fresh):
-                    if not fields:
-                        self._count_trimmed([entry_id])
-                        continue
-                    self._add(_Work(entry_id, fields, counts.get(entry_id, 1)), front=True)
-            if self._claim_cursor == "0-0":
-                return
-
-    async def _counts(self, ids: list[str], *, slack: int = 100) -> dict[str, int]:
-        """Redis's delivery counts of those of ``ids`` still pending with this consumer
-        (one XPENDING over their range, reading up to ``slack`` other entries in it)."""
-        first, last = min(ids, key=id_key), max(ids, key=id_key)
-        pending = await self._client.xpending_range(
-            self.keys.stream,
-            self.options.group,
-            min=first,
-            max=last,
-            count=len(ids) + slack,
-            consumername=self.options.consumer,
-        )
-        return {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
 
     # -- handling ------------------------------------------------------------------------
 
@@ -853,7 +666,7 @@ class GroupConsumer:
             finally:
                 self._running.pop(work.id, None)
 
-    async def _process(self, work: _Work) -> None:
+    async def _process(self, work: Work) -> None:
         spec = self.spec
         try:
             env = self._decode(self.topic.name, work.id, work.fields)
@@ -869,37 +682,31 @@ class GroupConsumer:
             # keeps crashing (or hanging) its process. Do not run it again.
             await self._dead_letter(work, env, reason="max_deliveries", error=None)
             return
-        if (
-            self._dedupe is not None
-            and env.id
-            and await self._client.exists(self.keys.seen + self.options.group + ":" + env.id)
-        ):
-            self.deduplicated += 1
+        dedupe = self._dedupe
+        if dedupe is not None and env.id and await dedupe.seen(env.id):
+            self._counters.deduplicated += 1
             self._ack(work.id, None)
             return
         try:
-            if spec.wants_delivery:
-                result = spec.fn(payload, env.group_delivery(self.options.group, work.count))
-            else:
-                result = spec.fn(payload)
+            result = invoke(spec, payload, env, self.options.group, work.count)
             if spec.is_async:
                 result = await result
         except Release as release:
             self._handed_back.append((work, release.charge))
             return
         except Exception as exc:
-            self.failed += 1
+            self._counters.failed += 1
             self._report(env, exc, work.count)
             if work.count >= max_attempts:
                 await self._dead_letter(work, env, reason="handler_error", error=exc)
             else:
                 self._schedule_retry(work)
             return
-        if result is not None and self._chained:
-            await self._chain(work, env, result)
+        if result is not None and self._chainer is not None:
+            await self._chainer.chain(work, env, result)
         else:
             self._ack(work.id, env.id)
-        self.handled += 1
+        self._counters.handled += 1
         if signals.delivered.receivers:
             emit(
                 signals.delivered,
@@ -910,7 +717,7 @@ class GroupConsumer:
             )
 
     def _report(self, env: Envelope, error: BaseException, attempt: int) -> None:
-        if self.failed == 1 or self.failed % 100 == 0:
+        if self._counters.failed == 1 or self._counters.failed % 100 == 0:
             logger.error(
                 "handler %s of %r (group %r) failed on attempt %d (%d failures so far;"
                 " logged once per 100): %s",
@@ -918,9 +725,9 @@ class GroupConsumer:
                 self.topic.name,
                 self.options.group,
                 attempt,
-                self.failed,
+                self._counters.failed,
                 error,
-                exc_info=error if self.failed == 1 else None,
+                exc_info=error if self._counters.failed == 1 else None,
             )
         if signals.failed.receivers:
             emit(
@@ -940,7 +747,7 @@ class GroupConsumer:
             self._ack_waiting = False
             self._ack_ready.set()
 
-    def _schedule_retry(self, work: _Work) -> None:
+    def _schedule_retry(self, work: Work) -> None:
         attempt = work.count
         delay = min(
             self.options.retry.delay(attempt, self._rand.random()), self.options.claim.idle / 2
@@ -978,9 +785,9 @@ class GroupConsumer:
             entry_id, fields = claimed[0]
             if entry_id is None or not fields:
                 self._held.pop(work.id, None)
-                self._count_trimmed([work.id])
+                self.count_trimmed([work.id])
                 return
-            self.retried += 1
+            self._counters.retried += 1
             work.fields = fields
             work.count = attempt + 1
             self._add(work, front=True)
@@ -996,130 +803,10 @@ class GroupConsumer:
                 await anyio.sleep_forever()
 
     async def _dead_letter(
-        self, work: _Work, env: Envelope | None, *, reason: str, error: BaseException | None
+        self, work: Work, env: Envelope | None, *, reason: str, error: BaseException | None
     ) -> None:
-        fields: list[Any] = [
-            "topic", self.topic.name,
-            "original_id", work.id,
-            "group", self.options.group,
-            "consumer", self.options.consumer,
-            "attempts", work.count,
-            "reason", reason,
-            "failed_at", int(time.time() * 1000),
-        ]  # fmt: skip
-        entry = work.field_map()
-        original = entry.get(b"env")
-        if env is not None and original is None:
-            # A bare payload (written by another client): store it as an envelope,
-            # so that a replay is read like any event.
-            try:
-                original, _ms = self._codec.encode(
-                    self.topic.name,
-                    env.data,
-                    event_id=env.id or work.id,
-                    publisher=env.publisher,
-                    seq=0,
-                    headers=env.headers,
-                )
-            except Exception:
-                original = None
-        if env is not None and original is not None:
-            fields += ["id", env.id or work.id, "env", original]
-        else:
-            event_id = entry.get(b"id")
-            if event_id is not None and len(event_id) <= 256:
-                fields += ["id", event_id]
-            fields += ["raw", _raw_fields(entry)]
-        if error is not None:
-            fields += [
-                "error_type",
-                type(error).__qualname__,
-                "error_message",
-                _truncate(str(error), _MAX_ERROR_MESSAGE),
-                "traceback",
-                _truncate_start(
-                    "".join(traceback.format_exception(type(error), error, error.__traceback__)),
-                    _MAX_TRACEBACK,
-                ),
-            ]
-        try:
-            dlq_id = await self._dead_letter_script(
-                keys=[self.keys.stream, self.keys.dlq, self.keys.dlq_count],
-                args=[self.options.group, work.id, self._limits.dead_letter_maxlen, *fields],
-            )
-        except Exception as exc:
-            logger.error(
-                "group %r: could not dead-letter %s (%s); it stays pending and is retried",
-                self.options.group,
-                work.id,
-                exc,
-            )
-            self._held.pop(work.id, None)
-            return
-        self._held.pop(work.id, None)
-        if dlq_id is None:
-            self.ack_lost_ownership += 1
-            return
-        self.dead_lettered += 1
-        if env is not None:
-            logged_id = env.id
-        elif isinstance(error, DecodeError) and error.event_id:
-            logged_id = error.event_id
-        else:
-            logged_id = entry.get(b"id", b"")[:256].decode("utf-8", "replace")
-        logger.warning(
-            "topic %r group %r: event %s (entry %s) dead-lettered after %d deliveries: %s%s",
-            self.topic.name,
-            self.options.group,
-            logged_id or "?",
-            work.id,
-            work.count,
-            reason,
-            f" ({type(error).__name__}: {error})" if error is not None else "",
-        )
-        if signals.dead_lettered.receivers:
-            emit(
-                signals.dead_lettered,
-                self._sender,
-                topic=self.topic.name,
-                event_id=logged_id,
-                group=self.options.group,
-                reason=reason,
-                error=error,
-                dead_letter_id=dlq_id.decode() if isinstance(dlq_id, bytes) else dlq_id,
-            )
-
-    async def _chain(self, work: _Work, env: Envelope, result: Any) -> None:
-        target = self.options.publish_to
-        assert target is not None
-        events = list(result) if isinstance(result, list | tuple) else [result]
-        if self._target_keys is None:
-            # A live or local target: publish, then ack (at least once).
-            for event in events:
-                await self._publish_output(target, event)
-            self._ack(work.id, env.id)
-            return
-        args: list[Any] = [self.options.group, work.id, ""]
-        if target.trim == "hard" and target.maxlen is not None:
-            args[2] = target.maxlen
-        parent = env.id or work.id
-        for index, event in enumerate(events):
-            child_id = uuid.uuid5(_CHAIN_NAMESPACE, f"{parent}/{index}").hex
-            args += [child_id, self._encode_output(target, event, child_id, env)]
-        ids = await self._ack_publish_script(
-            keys=[self.keys.stream, self._target_keys.stream], args=args
-        )
-        self._held.pop(work.id, None)
-        if ids is None:
-            self.ack_lost_ownership += 1
-        else:
-            self.acked += 1
-            self._note_output(target, len(ids))
-            if self.options.dedupe is not None and env.id:
-                ttl = max(int(self.options.dedupe * 1000), 1)
-                await self._client.set(
-                    self.keys.seen + self.options.group + ":" + env.id, 1, px=ttl
-                )
+        await self._dead_letters.write(work, env, reason=reason, error=error)
+        self._forget(work.id)
 
     # -- acking --------------------------------------------------------------------------
 
@@ -1147,10 +834,8 @@ class GroupConsumer:
         backoff = 0.05
         while True:
             extra: list[tuple[Any, ...]] = []
-            if marks and self.options.dedupe is not None:
-                ttl = max(int(self.options.dedupe * 1000), 1)
-                prefix = self.keys.seen + self.options.group + ":"
-                extra += [("SET", prefix + event_id, 1, "PX", ttl) for event_id in marks]
+            if marks and self._dedupe is not None:
+                extra += self._dedupe.mark_commands(marks)
             now = time.monotonic()
             if now - self._cursor_written >= 1.0:
                 # The durable cursor trails by up to a second: it only bounds
@@ -1175,7 +860,7 @@ class GroupConsumer:
                 # list meanwhile must not take them for new (or trimmed) entries.
                 self._held_after_ack(ids)
                 break
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 logger.warning("group %r: ack failed (%s); retrying", self.options.group, exc)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
@@ -1185,9 +870,9 @@ class GroupConsumer:
             acked = 0
         else:
             acked = int(result)
-        self.acked += acked
+        self._counters.acked += acked
         if acked < len(ids):
-            self.ack_lost_ownership += len(ids) - acked
+            self._counters.ack_lost_ownership += len(ids) - acked
 
     def _held_after_ack(self, ids: list[str]) -> None:
         for entry_id in ids:

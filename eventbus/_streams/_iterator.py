@@ -11,8 +11,9 @@ import anyio
 
 from .._envelope import Delivery
 from .._handlers import HandlerSpec
+from .._stats import ConsumerStatistics
 from ..errors import BusStateError
-from ._group import ConsumerStatistics, GroupConsumer, Release
+from ._group import GroupConsumer, Release
 
 __all__ = ["GroupSubscription"]
 

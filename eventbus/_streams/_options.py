@@ -1,5 +1,5 @@
-"""Group options: validated in one place for ``bus.on(..., group=)`` and
-``bus.subscribe(..., group=)``."""
+"""Group options: what one member of a consumer group runs with (:class:`GroupOptions`),
+checked in one place for ``bus.on(..., group=)`` and ``bus.subscribe(..., group=)``."""
 
 from __future__ import annotations
 
@@ -7,22 +7,43 @@ import os
 import socket
 import uuid
 from datetime import timedelta
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import attrs
 
 from .._config import ClaimPolicy, RetryPolicy, seconds
 from .._topic import Topic, as_topic
 from ..errors import ConfigurationError
-from ._group import GroupOptions, StartPosition
 
-__all__ = ["group_options"]
+__all__ = ["GroupOptions", "StartPosition", "group_options"]
 
 _NAME_MAX: Final = 200
 _ADAPTIVE_FIRST_BATCH: Final = 100
 """A member's first read without ``batch=``; reads double while handlers keep up..."""
 _ADAPTIVE_MAX_BATCH: Final = 1000
 """... up to this (``XREADGROUP COUNT``; a larger count saves little more)."""
+
+
+StartPosition = Literal["earliest", "latest"]
+"""Where a new group starts: every event in the stream, or only those after it was created."""
+
+
+@attrs.frozen
+class GroupOptions:
+    """How one handler consumes a durable topic as a member of a group."""
+
+    group: str
+    consumer: str
+    concurrency: int
+    batch: int
+    max_batch: int
+    """Largest read: ``batch`` when it was given, else reads grow while handlers keep up."""
+    block: float
+    retry: RetryPolicy
+    claim: ClaimPolicy
+    start: StartPosition
+    publish_to: Topic[Any] | None
+    dedupe: float | None
 
 
 def _check_name(kind: str, name: object) -> str:

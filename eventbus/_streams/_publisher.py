@@ -30,7 +30,7 @@ import anyio.lowlevel
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
-from .._connection import translate
+from .._connection import CONNECTION_ERRORS, translate
 from .._keys import TopicKeys
 from .._scripts import TRIM_ACKED
 from .._topic import Topic
@@ -45,8 +45,6 @@ _SCAN_PAGE: Final = 1000
 _SCAN_LIMIT: Final = 200_000
 """Most entries read back to resolve one ambiguous batch; past it, re-send."""
 _TRIM_PROBE: Final = 10_000
-
-_CONNECTION_ERRORS: Final = (rex.ConnectionError, rex.TimeoutError, OSError)
 
 
 class _Item:
@@ -156,7 +154,7 @@ class StreamWriter:
                     results = await self._pipeline(remaining)
                 if scope.cancelled_caught:
                     raise TimeoutError("no reply to the XADD pipeline before the deadline")
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 remaining = await self._recover(remaining, exc, sent_at, deadline, attempt)
                 attempt += 1
                 continue
@@ -221,7 +219,7 @@ class StreamWriter:
                     await anyio.sleep(delay)
                     with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
                         return await self._unstored(items, sent_at)
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 error = exc
 
     async def _unstored(self, items: list[_Item], sent_at: float) -> list[_Item]:

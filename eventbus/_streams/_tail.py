@@ -21,9 +21,9 @@ from typing import Any, Final
 
 import anyio
 import redis.asyncio as aioredis
-import redis.exceptions as rex
 
 from .._codec import Codec
+from .._connection import CONNECTION_ERRORS
 from .._hub import Hub, Receiver
 from .._keys import TopicKeys
 from ..errors import ConfigurationError, DecodeError
@@ -34,7 +34,6 @@ __all__ = ["StreamTail", "resolve_position"]
 logger = logging.getLogger("eventbus")
 
 _STREAM_ID: Final = re.compile(r"\d+-\d+")
-_CONNECTION_ERRORS: Final = (rex.ConnectionError, rex.TimeoutError, OSError)
 _SEEK_PAGE: Final = 1000
 
 
@@ -152,7 +151,7 @@ class StreamTail:
                         count=1000,
                         block=self._block_ms,
                     )
-                except _CONNECTION_ERRORS as exc:
+                except CONNECTION_ERRORS as exc:
                     logger.warning("stream reader: %s; reconnecting", exc)
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)

@@ -1,0 +1,212 @@
+"""Statistics records: frozen snapshots of counters, returned by the bus.
+
+All of them live here (trio's ``MemoryChannelStatistics`` style): a snapshot is a
+value, never a live view, and each field has a docstring. This module is a
+primitive: it imports nothing of the bus's features, which import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, final
+
+import attrs
+
+__all__ = [
+    "BusStats",
+    "ConsumerCounters",
+    "ConsumerStatistics",
+    "DurableStatistics",
+    "GroupStats",
+    "LiveStatistics",
+    "LocalStatistics",
+    "SubscriptionStatistics",
+    "TopicStats",
+]
+
+
+@final
+@attrs.frozen
+class SubscriptionStatistics:
+    """A snapshot of one subscription's counters.
+
+    ``received == delivered + dropped + buffered`` at every snapshot.
+
+    .. versionadded:: 0.1
+    """
+
+    received: int
+    """Events that reached this subscription."""
+    delivered: int
+    """Events handed to the consumer (the iterator or the handler)."""
+    dropped: int
+    """Events discarded by the overflow policy."""
+    buffered: int
+    """Events waiting in the buffer now."""
+    buffer_size: int
+    """Capacity of the buffer."""
+    overflow: str
+    """The overflow policy."""
+    gaps: int
+    """Gaps detected: runs of a publisher's events that never arrived."""
+    missed: int
+    """Events in those gaps."""
+    reconnects: int
+    """Times the push connection was re-established while subscribed (each may lose events)."""
+    errors: int
+    """Handler exceptions and payloads that could not be structured."""
+
+
+@attrs.define
+class ConsumerCounters:
+    """The live counters of one consumer-group member: the one list of them.
+
+    Mutable, incremented in place by the member (and the parts it holds, such as
+    its claimer) as plain attribute increments; :class:`ConsumerStatistics` is
+    its frozen snapshot with the same fields.
+    """
+
+    handled: int = 0
+    """Events the handler completed (acked, or acked with their chained outputs)."""
+    failed: int = 0
+    """Handler invocations that raised."""
+    retried: int = 0
+    """Retries started (after a failure and its backoff)."""
+    dead_lettered: int = 0
+    """Events this member moved to the dead-letter stream (failures and undecodable)."""
+    claimed: int = 0
+    """Entries taken over from other (crashed, hung) members with ``XAUTOCLAIM``."""
+    acked: int = 0
+    """Entries ``XACK`` removed from the group's pending list."""
+    ack_lost_ownership: int = 0
+    """Acks that found nothing to ack. Usually another member claimed and finished
+    the entry first (Redis acks have no owner check), so it ran twice; also an ack
+    retried after its reply was lost, or an entry trimmed while it was held."""
+    lost_to_trim: int = 0
+    """Pending entries trimmed from the stream before they were handled
+    (``XAUTOCLAIM``'s deleted ids, or a re-read that found them gone)."""
+    released: int = 0
+    """Prefetched entries handed back unstarted on shutdown."""
+    reads: int = 0
+    """``XREADGROUP`` calls made (own pending list and new entries)."""
+    deduplicated: int = 0
+    """Events skipped because their id was already handled (``dedupe=``)."""
+    group_recreated: int = 0
+    """Times the group had vanished (``NOGROUP``) and was recreated."""
+
+
+def _member_first(cls: type, fields: list[attrs.Attribute[Any]]) -> list[attrs.Attribute[Any]]:
+    # attrs puts inherited fields first: keep group and consumer leading (repr, order).
+    own = [f for f in fields if f.name in ("group", "consumer")]
+    return own + [f for f in fields if f.name not in ("group", "consumer")]
+
+
+@attrs.frozen(kw_only=True, field_transformer=_member_first)
+class ConsumerStatistics(ConsumerCounters):
+    """Counters of one consumer-group member since the bus opened.
+
+    Its counter fields are those of :class:`ConsumerCounters` (declared once there).
+
+    .. versionadded:: 0.2
+    """
+
+    group: str
+    """The consumer group."""
+    consumer: str
+    """This member's consumer name."""
+
+
+@attrs.frozen
+class GroupStats:
+    """One consumer group of a durable topic, as Redis reports it.
+
+    .. versionadded:: 0.2
+    """
+
+    name: str
+    """The group name."""
+    consumers: int
+    """Consumer names the group knows (including idle and dead ones)."""
+    pending: int
+    """Entries delivered to a member and not yet acknowledged."""
+    lag: int | None
+    """Entries not yet delivered to any member (``None`` when Redis cannot tell:
+    before 7.0, or after deletions in the middle of the stream)."""
+    oldest_pending_age: float | None
+    """Seconds since the oldest pending entry was published (Redis clock), ``None``
+    if nothing is pending."""
+    last_delivered_id: str
+    """The newest entry id delivered to the group."""
+    dead_letters: int
+    """Events this group moved to the dead-letter stream (``purge`` resets it)."""
+
+
+@attrs.frozen
+class TopicStats:
+    """A durable topic's stream and its consumer groups.
+
+    .. versionadded:: 0.2
+    """
+
+    name: str
+    """The topic name."""
+    length: int
+    """Entries in the stream."""
+    first_id: str | None
+    """Oldest entry id (``None``: empty)."""
+    last_id: str | None
+    """Newest entry id (``None``: empty)."""
+    dead_letters: int
+    """Entries in the dead-letter stream."""
+    groups: tuple[GroupStats, ...]
+    """Each consumer group, by name."""
+
+
+@attrs.frozen
+class BusStats:
+    """What :meth:`EventBus.stats` returns.
+
+    .. versionadded:: 0.2
+    """
+
+    topics: tuple[TopicStats, ...]
+    """Each durable topic this bus knows, by name."""
+
+    def topic(self, name: str) -> TopicStats:
+        """The stats of topic ``name`` (``KeyError`` if absent)."""
+        for topic in self.topics:
+            if topic.name == name:
+                return topic
+        raise KeyError(name)
+
+
+# -- the features' records (bus internals, not exported) ---------------------------
+
+
+@attrs.frozen
+class LocalStatistics:
+    """Counters of the local feature."""
+
+    published: int
+    """Events published to local topics."""
+
+
+@attrs.frozen
+class LiveStatistics:
+    """Counters of the live feature."""
+
+    reconnects: int
+    """Times the push connection was re-established since the bus opened."""
+    push_client_id: int | None
+    """Redis ``CLIENT ID`` of the push connection (``None`` before it is opened)."""
+    decode_errors: int
+    """Pushed messages that could not be decoded (logged and skipped)."""
+
+
+@attrs.frozen
+class DurableStatistics:
+    """Counters of the durable feature."""
+
+    consumers: tuple[ConsumerStatistics, ...]
+    """Each running consumer-group member (handlers and iterators)."""
+    trimmed: int
+    """Entries removed by background trimming."""
