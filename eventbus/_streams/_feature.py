@@ -123,6 +123,8 @@ class DurableFeature:
     def begin_drain(self) -> None:
         if self._tail_scope is not None:
             self._tail_scope.cancel()
+        for replay in self._own_tails.values():
+            replay.cancel()
         for closing in self._iterators.values():
             closing()
         for consumer in self._consumers():
