@@ -13,6 +13,7 @@ from ._bus import EventBus
 from ._codec import configure_converter, make_converter
 from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPolicy
 from ._envelope import Delivery, Receipt
+from ._handlers import Handler
 from ._hub import Gap
 from ._stats import BusStats, ConsumerStatistics, GroupStats, SubscriptionStatistics, TopicStats
 from ._streams._deadletter import DeadLetter
@@ -33,6 +34,7 @@ __all__ = [
     "Gap",
     "GroupStats",
     "GroupSubscription",
+    "Handler",
     "Limits",
     "LivePolicy",
     "Overflow",

@@ -23,6 +23,8 @@ __all__ = ["Handler", "HandlerSpec", "inspect_handler", "invoke", "report_failur
 logger = logging.getLogger("eventbus")
 
 Handler = Callable[..., Awaitable[Any] | Any]
+"""A subscriber function (``on``, ``off``, ``consumer_statistics``): sync or async,
+taking the event and, optionally, its :class:`~eventbus.Delivery`."""
 
 _LOG_EVERY: Final = 100  # after the first, one log line per this many handler errors
 _MISSING: Final = object()
