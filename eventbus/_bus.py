@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
@@ -65,6 +66,7 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Handler)
 
 EMBEDDED_URL: Final = "embedded://"
+DEFAULT_URL: Final = "redis://localhost:6379/0"
 
 
 class BusState(enum.Enum):
@@ -136,7 +138,10 @@ class EventBus:
     subscriber's bounded buffer.
 
     :param url: ``redis://``, ``rediss://`` (TLS), ``unix://``, or ``embedded://``
-        (start a private redis-server for this bus; see :meth:`embedded`).
+        (start a private redis-server for this bus; see :meth:`embedded`). Without
+        one, the bus reads ``$EVENTBUS_URL``, else uses ``redis://localhost:6379/0``.
+        Credentials go in the URL (``redis://:PASSWORD@host:6379/0``, or
+        ``redis://USER:PASSWORD@...`` for an ACL user) or in ``credential_provider``.
     :param prefix: namespace of every channel and key (default ``eb``).
     :param converter: a cattrs converter (see :func:`eventbus.make_converter`).
     :param limits: size limits, enforced before anything reaches Redis.
@@ -157,7 +162,7 @@ class EventBus:
 
     def __init__(
         self,
-        url: str = "redis://localhost:6379/0",
+        url: str | None = None,
         *,
         prefix: str = DEFAULT_PREFIX,
         converter: cattrs.Converter | None = None,
@@ -173,6 +178,8 @@ class EventBus:
         insecure_skip_verify: bool = False,
         credential_provider: Any = None,
     ) -> None:
+        if url is None:
+            url = os.environ.get("EVENTBUS_URL") or DEFAULT_URL
         self._url = url
         self._embedded = url == EMBEDDED_URL
         self._prefix = validate_prefix(prefix)

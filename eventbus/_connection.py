@@ -181,11 +181,14 @@ def translate(
     command: str = "",
     channel: str | None = None,
     tls: bool | None = None,
+    credentials: bool | None = None,
 ) -> BaseException:
     """The eventbus error for a redis-py (or ssl) error; ``exc`` itself if unknown.
 
     ``tls``: whether the connection uses TLS, if the caller knows (it picks the hint
-    added to a reset or closed connection)."""
+    added to a reset or closed connection). ``credentials``: whether any were given
+    (a password or user in the URL, or a credential provider), if the caller knows:
+    a server that wants them and got none is told apart from one that refused them."""
     if isinstance(exc, rex.NoPermissionError):
         detail = str(exc)
         command = command or (_refused_command(detail) or "command").upper()
@@ -197,6 +200,14 @@ def translate(
             detail=detail,
         )
     if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
+        if credentials is False:
+            return AuthenticationFailed(
+                "Redis requires authentication and no credentials were given: put them in"
+                " the URL (redis://:PASSWORD@host:port/0 for a requirepass server,"
+                " redis://USER:PASSWORD@host:port/0 for an ACL user) or pass"
+                f" credential_provider= (Redis said: {exc})",
+                topic=topic,
+            )
         return AuthenticationFailed(f"Redis rejected the credentials: {exc}", topic=topic)
     if isinstance(exc, CONNECTION_ERRORS):
         cause: BaseException | None = exc
@@ -220,12 +231,15 @@ def map_exceptions(
     command: str = "",
     channel: str | None = None,
     tls: bool | None = None,
+    credentials: bool | None = None,
 ) -> Iterator[None]:
     """Re-raise redis-py errors as eventbus errors, chained with ``from``."""
     try:
         yield
     except (rex.RedisError, OSError) as exc:
-        mapped = translate(exc, topic=topic, command=command, channel=channel, tls=tls)
+        mapped = translate(
+            exc, topic=topic, command=command, channel=channel, tls=tls, credentials=credentials
+        )
         if mapped is exc:
             raise
         raise mapped from exc
@@ -298,6 +312,9 @@ class ClientFactory:
             raise ConfigurationError(f"protocol must be 2 or 3, got {protocol!r}")
         self.url = url
         self.tls = scheme == "rediss"
+        parts = urlsplit(url)
+        self.credentials = bool(parts.password or parts.username or credential_provider is not None)
+        """Whether any credentials were given (in the URL, or a provider)."""
         options: dict[str, Any] = {
             **_quiet_connect_options(),
             "protocol": protocol,
@@ -372,7 +389,7 @@ class ClientFactory:
         """
         client = self.command_client()
         try:
-            with map_exceptions(command="PING", tls=self.tls):
+            with map_exceptions(command="PING", tls=self.tls, credentials=self.credentials):
                 await client.ping()
         finally:
             await client.aclose()

@@ -9,7 +9,7 @@ import anyio
 import attrs
 import pytest
 
-from eventbus import Delivery, EventBus, Limits, LivePolicy, Topic, signals
+from eventbus import Delivery, EventBus, Limits, LivePolicy, Topic, errors, signals
 from eventbus.errors import (
     BusStateError,
     ConfigurationError,
@@ -497,3 +497,42 @@ def test_durations_accept_seconds_or_timedelta() -> None:
         LivePolicy(connect_timeout=-1)
     bus = EventBus("redis://127.0.0.1:1/0", shutdown_grace=timedelta(seconds=3))
     assert bus._shutdown_grace == 3.0
+
+
+async def test_eventbus_without_url_reads_eventbus_url(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EVENTBUS_URL", raising=False)
+    assert EventBus().url == "redis://localhost:6379/0"
+    monkeypatch.setenv("EVENTBUS_URL", redis_url)
+    bus = EventBus(prefix="envurl")
+    assert bus.url == redis_url
+    seen: list[int] = []
+    async with bus, bus.subscribe("n") as sub:
+        await bus.publish("n", 1)
+        with anyio.fail_after(5):
+            seen.append(await sub.receive())
+    assert seen == [1]
+
+
+@pytest.mark.security
+async def test_a_password_server_without_credentials_says_none_were_given(
+    redis_server_factory,
+) -> None:
+    server = redis_server_factory(extra_args=["--requirepass", "s3cret-pw"])
+    host_port = server.url.split("://", 1)[1]
+    for protocol in (3, 2):
+        with pytest.raises(errors.AuthenticationFailed) as info:
+            async with EventBus(server.url, protocol=protocol):
+                raise AssertionError("opened without credentials")
+        message = str(info.value)
+        assert "no credentials were given" in message
+        assert "redis://:PASSWORD@host:port/0" in message
+        assert "rejected the credentials" not in message
+    with pytest.raises(errors.AuthenticationFailed, match="rejected the credentials") as info:
+        async with EventBus(f"redis://:wrong-pw@{host_port}"):
+            raise AssertionError("opened with a wrong password")
+    assert "wrong-pw" not in str(info.value)
+    bus = EventBus(f"redis://:s3cret-pw@{host_port}", prefix="pw")
+    async with bus:
+        assert (await bus.publish("t", 1)).receivers == 0
