@@ -653,7 +653,9 @@ class EventBus:
 
         :return: a :class:`Receipt` with the event id.
         :raises eventbus.errors.PayloadTooLarge: over ``Limits.max_payload_bytes``, before any I/O.
-        :raises eventbus.errors.EncodeError: the event cannot be unstructured to JSON.
+        :raises eventbus.errors.EncodeError: the event cannot be unstructured to JSON, or
+            does not fit a typed topic (not an instance of ``Topic.type``, or a field
+            of the wrong type): refused before any I/O, naming the expected type.
         :raises eventbus.errors.ConfigurationError: a pattern topic, or bad headers.
         :raises eventbus.errors.BusStateError: the bus is not open.
         :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded retries.
@@ -662,6 +664,8 @@ class EventBus:
         t = _publishable(topic)
         self._require_open("publish")
         hdrs = self._codec.check_headers(t.name, headers)
+        if t.type is not object:
+            self._codec.check_event(t.name, event, t.type)
         return await self._routes.feature(t).publish(t, event, hdrs)
 
     async def publish_many(
@@ -673,16 +677,21 @@ class EventBus:
     ) -> list[Receipt]:
         """Publish ``events`` in order; returns their receipts.
 
-        Durable topic: encoded first (a bad event raises before anything is sent),
-        then stored with pipelined ``XADD`` in batches of up to 1,000, under the
-        same retry rules as :meth:`publish`. Live and local topics: one
-        :meth:`publish` per event, pipelined for live topics.
+        A typed topic's events are all checked first, and durable events are all
+        encoded first: a bad event raises before anything is sent. Durable topic:
+        stored with pipelined ``XADD`` in batches of up to 1,000, under the same
+        retry rules as :meth:`publish`. Live and local topics: one :meth:`publish`
+        per event, pipelined for live topics.
 
         :raises: as :meth:`publish`.
         """
         t = _publishable(topic)
         self._require_open("publish")
         hdrs = self._codec.check_headers(t.name, headers)
+        if t.type is not object:
+            events = list(events)
+            for event in events:  # the whole batch, before any I/O
+                self._codec.check_event(t.name, event, t.type)
         return await self._routes.feature(t).publish_many(t, events, hdrs)
 
     # -- durable topics: inspection ---------------------------------------------------

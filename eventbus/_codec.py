@@ -121,6 +121,37 @@ class Codec:
                 f"cannot unstructure {type(event).__name__}: {exc}", topic=topic
             ) from exc
 
+    def check_event(self, topic: str, event: object, tp: Any) -> None:
+        """Refuse an event that does not fit its topic's type ``tp``, before any I/O.
+
+        An untyped topic (``object``, ``Any``) takes any JSON value or bytes. For a
+        class, ``event`` must be an instance (an ``int`` counts as a ``float``, as
+        in Python's typing); an instance of a structured type (attrs class,
+        dataclass), or a value of a generic type (``list[int]``, a union), must
+        also make the round trip through the converter (unstructure, then
+        structure as ``tp``), so a field of the wrong type is caught here rather
+        than at every receiver.
+
+        :raises eventbus.errors.EncodeError: naming the topic and the expected type.
+        """
+        if tp is object or tp is Any:
+            return
+        name = getattr(tp, "__qualname__", None) or repr(tp)
+        if isinstance(tp, type):
+            if not isinstance(event, tp) and not (
+                tp is float and isinstance(event, int) and not isinstance(event, bool)
+            ):
+                got = type(event).__qualname__
+                raise EncodeError(f"expected a {name}, got a {got}: {event!r:.200}", topic=topic)
+            if tp in _JSON_NATIVE or tp is bytes:
+                return  # a plain value of its own type: nothing inside to check
+        try:
+            self.converter.structure(self.converter.unstructure(event, tp), tp)
+        except Exception as exc:
+            raise EncodeError(
+                f"event is not a valid {name}: {_error_path(exc)}", topic=topic
+            ) from exc
+
     def check_headers(self, topic: str, headers: Mapping[str, str] | None) -> dict[str, str]:
         if not headers:
             return {}
