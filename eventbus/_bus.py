@@ -41,7 +41,7 @@ from ._config import (
 )
 from ._connection import ClientFactory, mask_url
 from ._envelope import Receipt
-from ._feature import Feature, FeatureContext, Minter, Routes
+from ._feature import Feature, FeatureContext, Minter, Routes, Window
 from ._handlers import Handler, inspect_handler
 from ._hub import Hub
 from ._keys import DEFAULT_PREFIX, validate_prefix
@@ -379,6 +379,7 @@ class EventBus:
         buffer: int = ...,
         overflow: Overflow = ...,
         from_: object = ...,
+        until: object = ...,
         group: None = ...,
     ) -> Subscription[T]: ...
     @overload
@@ -405,6 +406,7 @@ class EventBus:
         buffer: int = DEFAULT_BUFFER,
         overflow: Overflow = "drop_oldest",
         from_: object = "latest",
+        until: object = None,
         group: str | None = None,
         consumer: str | None = None,
         concurrency: int = 1,
@@ -445,7 +447,12 @@ class EventBus:
         whole stream), a ``datetime`` (seek by time), or an event's stream id or
         event id (that event and those after it). Nothing is lost while the bus is
         reconnecting; a full buffer still follows ``overflow`` (``"block"`` is safe
-        here: it slows only this subscription's reader).
+        here: it slows only this subscription's reader). With ``until`` the
+        iteration ends (``StopAsyncIteration``, after what is buffered) once the
+        subscription read up to that bound, included: ``"latest"`` (the stream's last
+        entry when it subscribed), a ``datetime``, a stream id or an event id; never
+        past the stream's last entry when it subscribed, so a script can read a
+        window of history and exit.
 
         With ``group=`` (durable topics only) the subscription is a member of that
         consumer group and returns a :class:`GroupSubscription`: each event goes to
@@ -457,7 +464,8 @@ class EventBus:
         other members, and a loop has no use for more).
 
         :raises eventbus.errors.ConfigurationError: bad buffer or policy, topics of
-            different event types, ``from_`` or ``group`` on a live topic.
+            different event types, ``from_``, ``until`` or ``group`` on a live topic,
+            an unknown ``until`` or an event id not in the stream (on entry).
         :raises eventbus.errors.PermissionDenied: (on entry) the ACL refuses the channel.
         """
         if group is not None:
@@ -481,8 +489,14 @@ class EventBus:
         _check_overflow(buffer, overflow)
         topics = _topics(topic, more)
         _check_from(topics, from_)
+        if until is not None and not all(t.durable for t in topics):
+            raise ConfigurationError("until needs durable topics: a live topic keeps no history")
         return self._subscribers.subscription(
-            topics, buffer, overflow, from_, lambda: self._require_open("subscribe")
+            topics,
+            buffer,
+            overflow,
+            Window(from_, until),
+            lambda: self._require_open("subscribe"),
         )
 
     def on(
@@ -598,7 +612,7 @@ class EventBus:
         def decorator(fn: F) -> F:
             spec = inspect_handler(fn, topics[0].type)
             self._check_not_closed()
-            self._subscribers.add_handler(spec, topics, buffer, overflow, from_)
+            self._subscribers.add_handler(spec, topics, buffer, overflow, Window(from_))
             return fn
 
         return decorator

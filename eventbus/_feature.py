@@ -36,7 +36,27 @@ if TYPE_CHECKING:
     from ._hub import Hub, Receiver
     from ._topic import Topic
 
-__all__ = ["Declarations", "Feature", "FeatureContext", "Minter", "Routes", "receipt"]
+__all__ = [
+    "Declarations",
+    "Feature",
+    "FeatureContext",
+    "Minter",
+    "Routes",
+    "Window",
+    "receipt",
+]
+
+
+@attrs.frozen
+class Window:
+    """Which events a subscriber of durable topics reads: from ``start`` (``"latest"``,
+    ``"earliest"``, a datetime, a stream id or an event id) and, with ``until``, up
+    to that bound (``"latest"``: the stream's end when it subscribed; a datetime, a
+    stream id or an event id, included), after which its iteration ends. Live and
+    local topics only ever take ``Window()``."""
+
+    start: object = "latest"
+    until: object = None
 
 
 class Minter:
@@ -184,10 +204,10 @@ class Declarations:
     __slots__ = ("_items",)
 
     def __init__(self) -> None:
-        self._items: list[tuple[Sequence[Topic[Any]], Receiver, object]] = []
+        self._items: list[tuple[Sequence[Topic[Any]], Receiver, Window]] = []
 
-    def add(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
-        self._items.append((topics, receiver, from_))
+    def add(self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window) -> None:
+        self._items.append((topics, receiver, window))
 
     def remove(self, receiver: Receiver) -> bool:
         """Forget ``receiver``'s declaration; whether there was one."""
@@ -197,12 +217,12 @@ class Declarations:
         return found
 
     async def attach_all(
-        self, attach: Callable[[Sequence[Topic[Any]], Receiver, object], Awaitable[None]]
+        self, attach: Callable[[Sequence[Topic[Any]], Receiver, Window], Awaitable[None]]
     ) -> None:
         """Attach every declared subscriber, one by one, each confirmed."""
         items, self._items = self._items, []
-        for topics, receiver, from_ in items:
-            await attach(topics, receiver, from_)
+        for topics, receiver, window in items:
+            await attach(topics, receiver, window)
 
 
 class Feature(Protocol):
@@ -221,12 +241,14 @@ class Feature(Protocol):
         propagates as itself and the bus does not open."""
         ...
 
-    def declare(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
+    def declare(self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window) -> None:
         """Before ``run``: attach ``receiver`` as ``run`` starts (a handler declared
         before the bus opened), before ``started()``."""
         ...
 
-    async def attach(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
+    async def attach(
+        self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window
+    ) -> None:
         """Feed ``receiver`` with the events of ``topics`` (all served by this
         feature); returns once they are confirmed. On failure nothing stays attached."""
         ...
@@ -284,17 +306,17 @@ class Routes:
             grouped.setdefault(self.feature(topic), []).append(topic)
         return {feature: tuple(served) for feature, served in grouped.items()}
 
-    def declare(self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object) -> None:
+    def declare(self, topics: tuple[Topic[Any], ...], receiver: Receiver, window: Window) -> None:
         for feature, served in self._by_feature(topics).items():
-            feature.declare(served, receiver, from_)
+            feature.declare(served, receiver, window)
 
     async def attach(
-        self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object
+        self, topics: tuple[Topic[Any], ...], receiver: Receiver, window: Window
     ) -> None:
         attached: list[tuple[Feature, tuple[Topic[Any], ...]]] = []
         try:
             for feature, served in self._by_feature(topics).items():
-                await feature.attach(served, receiver, from_)
+                await feature.attach(served, receiver, window)
                 attached.append((feature, served))
         except BaseException:
             for feature, served in attached:

@@ -19,7 +19,7 @@ from typing import Any
 import anyio.abc
 
 from ._envelope import CONTENT_JSON, Envelope, Receipt
-from ._feature import Declarations, FeatureContext, receipt
+from ._feature import Declarations, FeatureContext, Window, receipt
 from ._hub import Receiver
 from ._stats import LocalStatistics
 from ._topic import Topic
@@ -53,10 +53,12 @@ class LocalFeature:
             return ("local-pattern", topic.name)
         return ("local", topic.name)
 
-    def declare(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
-        self._declared.add(topics, receiver, from_)
+    def declare(self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window) -> None:
+        self._declared.add(topics, receiver, window)
 
-    async def attach(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
+    async def attach(
+        self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window
+    ) -> None:
         assert self._ctx is not None
         for topic in topics:
             self._ctx.hub.add(self._route(topic), receiver)

@@ -20,6 +20,7 @@ import attrs
 from . import signals
 from ._codec import Codec
 from ._config import Overflow
+from ._feature import Window
 from ._handlers import Handler, HandlerSpec, run_handler
 from ._hub import Receiver
 from ._stats import SubscriptionStatistics
@@ -36,12 +37,12 @@ logger = logging.getLogger("eventbus")
 class Router(Protocol):
     """How subscribers reach the features serving their topics (the bus)."""
 
-    def declare(self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object) -> None:
+    def declare(self, topics: tuple[Topic[Any], ...], receiver: Receiver, window: Window) -> None:
         """Before the bus opens: attach ``receiver`` when each feature starts."""
         ...
 
     async def attach(
-        self, topics: tuple[Topic[Any], ...], receiver: Receiver, from_: object
+        self, topics: tuple[Topic[Any], ...], receiver: Receiver, window: Window
     ) -> None:
         """On an open bus: attach now (all topics, or none on failure)."""
         ...
@@ -54,7 +55,7 @@ class _Handler:
     spec: HandlerSpec
     topics: tuple[Topic[Any], ...]
     receiver: Receiver
-    from_: object
+    window: Window
     attached: bool = False
     done: anyio.Event = attrs.field(factory=anyio.Event)
     """Set when the handler's task has returned."""
@@ -100,17 +101,17 @@ class Subscribers:
         topics: tuple[Topic[Any], ...],
         buffer: int,
         overflow: Overflow,
-        from_: object,
+        window: Window,
     ) -> None:
         """Declare a handler: before :meth:`start`, it is attached when the features
         start; afterwards it is attached in the background (a failure is logged and
         sent as ``signals.failed``, and the handler dropped)."""
         receiver = self.receiver(topics, buffer, overflow)
         receiver.owner = spec.fn
-        handler = _Handler(spec=spec, topics=topics, receiver=receiver, from_=from_)
+        handler = _Handler(spec=spec, topics=topics, receiver=receiver, window=window)
         self._handlers.append(handler)
         if self._tg is None:
-            self._router.declare(topics, receiver, from_)
+            self._router.declare(topics, receiver, window)
             handler.attached = True
         else:
             self._tg.start_soon(self._attach_later, handler)
@@ -129,7 +130,7 @@ class Subscribers:
 
     async def _attach_later(self, handler: _Handler) -> None:
         try:
-            await self._router.attach(handler.topics, handler.receiver, handler.from_)
+            await self._router.attach(handler.topics, handler.receiver, handler.window)
         except EventBusError as exc:
             if handler in self._handlers:
                 self._handlers.remove(handler)
@@ -172,14 +173,14 @@ class Subscribers:
         topics: tuple[Topic[Any], ...],
         buffer: int,
         overflow: Overflow,
-        from_: object,
+        window: Window,
         check_open: Callable[[], None],
     ) -> Subscription[Any]:
         receiver = self.receiver(topics, buffer, overflow)
 
         async def attach(r: Receiver, closed_by_bus: Callable[[], None]) -> None:
             check_open()
-            await self._router.attach(topics, r, from_)
+            await self._router.attach(topics, r, window)
             self._open[r] = closed_by_bus
 
         def detach(r: Receiver) -> None:

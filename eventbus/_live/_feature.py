@@ -9,7 +9,7 @@ import anyio
 import anyio.abc
 
 from .._envelope import Receipt
-from .._feature import Declarations, FeatureContext, receipt
+from .._feature import Declarations, FeatureContext, Window, receipt
 from .._hub import Receiver
 from .._keys import live_channel, live_pattern
 from .._stats import LiveStatistics
@@ -85,10 +85,12 @@ class LiveFeature:
         name = live_channel(self._ctx.prefix, topic.name).encode()
         return name, b"SUBSCRIBE", name
 
-    def declare(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
-        self._declared.add(topics, receiver, from_)
+    def declare(self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window) -> None:
+        self._declared.add(topics, receiver, window)
 
-    async def attach(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
+    async def attach(
+        self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window
+    ) -> None:
         attached: list[bytes] = []
         try:
             for topic in topics:

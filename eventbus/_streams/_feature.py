@@ -21,7 +21,7 @@ import attrs
 
 from .._connection import map_exceptions
 from .._envelope import Envelope, Receipt
-from .._feature import Declarations, FeatureContext, receipt
+from .._feature import Declarations, FeatureContext, Window, receipt
 from .._handlers import HandlerSpec
 from .._hub import Receiver
 from .._keys import TopicKeys, topic_keys
@@ -39,7 +39,7 @@ from ._group import GroupConsumer
 from ._iterator import GroupSubscription
 from ._options import GroupOptions
 from ._publisher import StreamWriter, Trimmer
-from ._tail import StreamTail, resolve_position
+from ._tail import StreamTail, resolve_end, resolve_position
 
 __all__ = ["DurableFeature"]
 
@@ -239,30 +239,38 @@ class DurableFeature:
 
     # -- live subscribers: stream readers -----------------------------------------------
 
-    def declare(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
-        self._declared.add(topics, receiver, from_)
+    def declare(self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window) -> None:
+        self._declared.add(topics, receiver, window)
 
-    async def attach(self, topics: Sequence[Topic[Any]], receiver: Receiver, from_: object) -> None:
-        """Feed ``receiver`` from the streams of ``topics`` (``XREAD``), from ``from_``."""
+    async def attach(
+        self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window
+    ) -> None:
+        """Feed ``receiver`` from the streams of ``topics`` (``XREAD``), from
+        ``window.start``; with ``window.until``, close it once every stream reached
+        its bound (resolved now: ``"latest"`` is each stream's last entry now)."""
         ctx = self._ctx
         assert ctx is not None
         starts = []
         for topic in topics:
             keys = self.keys(topic)
             with map_exceptions(topic=topic.name, command="XREVRANGE"):
-                start = await resolve_position(self._client, topic.name, keys, from_)
-            starts.append((topic, keys, start))
-        if from_ == "latest":
+                start = await resolve_position(self._client, topic.name, keys, window.start)
+                end = None
+                if window.until is not None:
+                    end = await resolve_end(self._client, topic.name, keys, window.until)
+            starts.append((topic, keys, start, end))
+        if window.start == "latest" and window.until is None:
             if self._tail is None:
                 self._tail = self._new_tail()
                 self._tail_scope = self._run_tail(self._tail)
             tail = self._tail
         else:
-            # A replay reads on its own, so catching up never delays the others.
+            # A replay reads on its own, so catching up never delays the others;
+            # so does a window that ends (its end is the end of its tail).
             tail = self._new_tail()
             self._own_tails[receiver] = self._run_tail(tail)
-        for topic, keys, start in starts:
-            tail.add(topic.name, keys, receiver, start)
+        for topic, keys, start, end in starts:
+            tail.add(topic.name, keys, receiver, start, end)
 
     def detach(self, topics: Sequence[Topic[Any]], receiver: Receiver) -> None:
         if self._declared.remove(receiver):

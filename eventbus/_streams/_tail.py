@@ -27,9 +27,9 @@ from .._connection import CONNECTION_ERRORS
 from .._hub import Hub, Receiver
 from .._keys import TopicKeys
 from ..errors import ConfigurationError, DecodeError
-from ._ids import previous_id, read_batches
+from ._ids import id_key, previous_id, read_batches
 
-__all__ = ["StreamTail", "resolve_position"]
+__all__ = ["StreamTail", "resolve_end", "resolve_position"]
 
 logger = logging.getLogger("eventbus")
 
@@ -59,29 +59,65 @@ async def resolve_position(client: Any, topic: str, keys: TopicKeys, from_: obje
     if isinstance(from_, str) and _STREAM_ID.fullmatch(from_):
         return previous_id(from_)
     if isinstance(from_, str) and from_:
-        wanted = from_.encode()
-        start = "-"
-        while True:
-            page = await client.xrange(keys.stream, min=start, count=_SEEK_PAGE)
-            for entry_id, fields in page:
-                if fields.get(b"id") == wanted:
-                    return previous_id(entry_id.decode())
-            if len(page) < _SEEK_PAGE:
-                break
-            start = "(" + page[-1][0].decode()
-        raise ConfigurationError(f"topic {topic!r}: no event with id {from_!r} in the stream")
+        return previous_id(await _entry_of_event(client, topic, keys, from_))
     raise ConfigurationError(
         f"from_ must be 'latest', 'earliest', a datetime, a stream id or an event id, got {from_!r}"
     )
 
 
-class _Cursor:
-    __slots__ = ("keys", "last_id", "receivers", "topic")
+async def _entry_of_event(client: Any, topic: str, keys: TopicKeys, event_id: str) -> str:
+    """The stream id of the entry carrying event ``event_id`` (a scan of the stream)."""
+    wanted = event_id.encode()
+    start = "-"
+    while True:
+        page = await client.xrange(keys.stream, min=start, count=_SEEK_PAGE)
+        for entry_id, fields in page:
+            if fields.get(b"id") == wanted:
+                return entry_id.decode()  # type: ignore[no-any-return]
+        if len(page) < _SEEK_PAGE:
+            break
+        start = "(" + page[-1][0].decode()
+    raise ConfigurationError(f"topic {topic!r}: no event with id {event_id!r} in the stream")
 
-    def __init__(self, topic: str, keys: TopicKeys, last_id: str) -> None:
+
+async def resolve_end(client: Any, topic: str, keys: TopicKeys, until: object) -> str:
+    """The last id a subscription ending at ``until`` reads (included).
+
+    ``"latest"``: the newest entry now. A ``datetime``: the last entry at or before
+    it. A stream id: that entry. An event id: the entry carrying it. Never past
+    the newest entry now, so the window is history and its iteration ends even
+    when nothing more is published; ``"0-0"`` for an empty stream.
+
+    :raises eventbus.errors.ConfigurationError: an unknown bound, or an event id not
+        in the stream.
+    """
+    last = await client.xrevrange(keys.stream, count=1)
+    newest = last[0][0].decode() if last else "0-0"
+    if until == "latest":
+        return newest
+    if isinstance(until, datetime):
+        moment = until if until.tzinfo else until.replace(tzinfo=timezone.utc)
+        bound = f"{max(int(moment.timestamp() * 1000), 0)}-18446744073709551615"
+    elif isinstance(until, str) and _STREAM_ID.fullmatch(until):
+        bound = until
+    elif isinstance(until, str) and until:
+        bound = await _entry_of_event(client, topic, keys, until)
+    else:
+        raise ConfigurationError(
+            f"until must be 'latest', a datetime, a stream id or an event id, got {until!r}"
+        )
+    return min(bound, newest, key=id_key)
+
+
+class _Cursor:
+    __slots__ = ("end", "keys", "last_id", "receivers", "topic")
+
+    def __init__(self, topic: str, keys: TopicKeys, last_id: str, end: str | None) -> None:
         self.topic = topic
         self.keys = keys
         self.last_id = last_id
+        self.end = None if end is None else id_key(end)
+        """The last id to read (a subscription window that ends), else ``None``."""
         self.receivers: tuple[Receiver, ...] = ()
 
 
@@ -104,18 +140,34 @@ class StreamTail:
         """Close this tail's connection (after :meth:`run` ended)."""
         await self._client.aclose()
 
-    def add(self, topic: str, keys: TopicKeys, receiver: Receiver, last_id: str) -> None:
+    def add(
+        self, topic: str, keys: TopicKeys, receiver: Receiver, last_id: str, end: str | None = None
+    ) -> None:
         """Offer ``topic``'s entries after ``last_id`` to ``receiver``.
 
         A receiver joining a stream this tail already reads starts at the tail's
         position, which may be slightly behind ``last_id``: it can see a few events
         from just before it subscribed, never miss one after.
+
+        ``end`` (a tail of its own only): read up to that id, included; once every
+        stream of ``receiver`` reached its end, the receiver is closed, and its
+        iteration ends after what it buffered.
         """
         cursor = self._cursors.get(keys.stream)
         if cursor is None:
-            cursor = self._cursors[keys.stream] = _Cursor(topic, keys, last_id)
+            cursor = self._cursors[keys.stream] = _Cursor(topic, keys, last_id, end)
         cursor.receivers = (*cursor.receivers, receiver)
+        if cursor.end is not None and id_key(last_id) >= cursor.end:
+            self._finish(keys.stream)  # an empty window
         self._wake()
+
+    def _finish(self, key: str) -> None:
+        """A cursor reached its end: drop it, and close the receivers it was the last
+        unfinished stream of."""
+        cursor = self._cursors.pop(key)
+        for receiver in cursor.receivers:
+            if not any(receiver in c.receivers for c in self._cursors.values()):
+                receiver.close()
 
     def remove(self, keys: TopicKeys, receiver: Receiver) -> None:
         cursor = self._cursors.get(keys.stream)
@@ -161,6 +213,22 @@ class StreamTail:
             backoff = 0.05
             if response:
                 await self._dispatch(response)
+            elif any(c.end is not None for c in self._cursors.values()):
+                await self._finish_drained()
+
+    async def _finish_drained(self) -> None:
+        """After a read that found nothing: a window whose end entry was deleted
+        before it was read ends once nothing is left to read before its end."""
+        for key, cursor in list(self._cursors.items()):
+            if cursor.end is None:
+                continue
+            try:
+                last = await self._client.xrevrange(key, count=1)
+            except CONNECTION_ERRORS:
+                return  # the next read reconnects
+            newest = id_key(last[0][0].decode()) if last else (0, 0)
+            if newest <= id_key(cursor.last_id) and key in self._cursors:
+                self._finish(key)
 
     async def _dispatch(self, response: Any) -> None:
         for raw_key, entries in read_batches(response):
@@ -168,8 +236,12 @@ class StreamTail:
             cursor = self._cursors.get(key)
             if cursor is None:
                 continue
+            end = cursor.end
             for raw_id, fields in entries:
                 entry_id = raw_id.decode()
+                if end is not None and id_key(entry_id) > end:
+                    self._finish(key)
+                    break
                 cursor.last_id = entry_id
                 receivers = cursor.receivers
                 try:
@@ -178,7 +250,10 @@ class StreamTail:
                     for receiver in receivers:
                         receiver.errors += 1
                     logger.warning("topic %r: skipping entry %s: %s", cursor.topic, entry_id, exc)
-                    continue
-                blocked = self._hub.deliver(receivers, env)
-                if blocked:
-                    await self._hub.redeliver(blocked, env)
+                else:
+                    blocked = self._hub.deliver(receivers, env)
+                    if blocked:
+                        await self._hub.redeliver(blocked, env)
+                if end is not None and id_key(entry_id) >= end:
+                    self._finish(key)
+                    break
