@@ -675,7 +675,9 @@ class EventBus:
         :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded retries.
         :raises eventbus.errors.PermissionDenied: the ACL refuses ``PUBLISH`` on the channel.
         """
-        t = _publishable(topic)
+        t = topic if type(topic) is Topic else as_topic(topic)  # a call less per event
+        if t.pattern:
+            raise ConfigurationError(f"cannot publish to pattern {t.name!r}: publish to a topic")
         self._require_open("publish")
         hdrs = self._codec.check_headers(t.name, headers)
         if t.type is not object:

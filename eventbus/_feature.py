@@ -64,14 +64,17 @@ class Minter:
 
     A sequence number is read with :meth:`next_seq` and taken with :meth:`take`
     only once the event is encoded: an event that fails to encode must not
-    leave a hole that subscribers would report as a gap.
+    leave a hole that subscribers would report as a gap. (``FeatureContext.encode``,
+    the per-event path, does the same on ``last_seq`` directly: two method calls
+    there cost as much as the rest of its bookkeeping.)
     """
 
-    __slots__ = ("_seq", "publisher_id")
+    __slots__ = ("last_seq", "publisher_id")
 
     def __init__(self) -> None:
         self.publisher_id = uuid.uuid4().hex[:16]
-        self._seq: dict[str, int] = {}
+        self.last_seq: dict[str, int] = {}
+        """The last sequence number taken, per topic."""
 
     @staticmethod
     def event_id() -> str:
@@ -80,11 +83,11 @@ class Minter:
 
     def next_seq(self, topic: str) -> int:
         """The next sequence number of ``topic``, not yet taken."""
-        return self._seq.get(topic, 0) + 1
+        return self.last_seq.get(topic, 0) + 1
 
     def take(self, topic: str, seq: int) -> None:
         """Record ``seq`` as the last number used on ``topic``."""
-        self._seq[topic] = seq
+        self.last_seq[topic] = seq
 
 
 def receipt(
@@ -159,7 +162,8 @@ class FeatureContext:
         ids = self.ids
         if event_id is None:
             event_id = ids.event_id()
-        seq = ids.next_seq(topic)
+        seqs = ids.last_seq
+        seq = seqs.get(topic, 0) + 1
         raw, ms = self.codec.encode(
             topic,
             event,
@@ -170,7 +174,7 @@ class FeatureContext:
             cause=cause,
             corr=corr,
         )
-        ids.take(topic, seq)
+        seqs[topic] = seq
         return event_id, raw, ms
 
     def encode_many(
