@@ -117,7 +117,7 @@ def _durable_only(
 
 
 def _publishable(topic: Topic[Any] | str) -> Topic[Any]:
-    t = as_topic(topic)
+    t = topic if type(topic) is Topic else as_topic(topic)  # as_topic's call skipped per event
     if t.pattern:
         raise ConfigurationError(f"cannot publish to pattern {t.name!r}: publish to a topic")
     return t
@@ -675,9 +675,7 @@ class EventBus:
         :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded retries.
         :raises eventbus.errors.PermissionDenied: the ACL refuses ``PUBLISH`` on the channel.
         """
-        t = topic if type(topic) is Topic else as_topic(topic)  # a call less per event
-        if t.pattern:
-            raise ConfigurationError(f"cannot publish to pattern {t.name!r}: publish to a topic")
+        t = _publishable(topic)
         self._require_open("publish")
         hdrs = self._codec.check_headers(t.name, headers)
         if t.type is not object:
