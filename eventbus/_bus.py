@@ -156,6 +156,8 @@ class EventBus:
     :param ssl_certfile: client certificate (mutual TLS).
     :param ssl_keyfile: client key (mutual TLS).
     :param credential_provider: a redis-py ``CredentialProvider`` for rotating secrets.
+    :param handler_threads: how many sync handlers of this bus may run at once, each in
+        a worker thread (see :meth:`on`'s ``in_thread``).
 
     .. versionadded:: 0.1
     """
@@ -177,6 +179,7 @@ class EventBus:
         ssl_keyfile: str | None = None,
         insecure_skip_verify: bool = False,
         credential_provider: Any = None,
+        handler_threads: int = 40,
     ) -> None:
         if url is None:
             url = os.environ.get("EVENTBUS_URL") or DEFAULT_URL
@@ -199,6 +202,11 @@ class EventBus:
         if not self._embedded:
             # Validate the URL and TLS options now, before any I/O.
             ClientFactory(url, **self._client_options)
+        if not isinstance(handler_threads, int) or handler_threads < 1:
+            raise ConfigurationError(
+                f"handler_threads must be a positive int, got {handler_threads!r}"
+            )
+        self._threads = anyio.CapacityLimiter(handler_threads)
         self._shutdown_grace = seconds(shutdown_grace, name="shutdown_grace")
         self._publish_timeout = seconds(publish_timeout, name="publish_timeout")
         self._ids = Minter()
@@ -518,6 +526,7 @@ class EventBus:
         start: StartPosition = "earliest",
         publish_to: Topic[Any] | str | None = None,
         dedupe: float | timedelta | None = None,
+        in_thread: bool = True,
     ) -> Callable[[F], F]:
         """Decorator: call the function for every event of the topic(s).
 
@@ -533,9 +542,16 @@ class EventBus:
         topic's); a second parameter receives the :class:`Delivery`. Sync and
         async functions both work; each handler runs in its own task with its
         own bounded buffer (``buffer``/``overflow`` as in :meth:`subscribe`) and
-        sees events in the order they arrived. A handler that raises is logged
-        (rate-limited), counted and sent as ``signals.failed``; it keeps
-        receiving. The function is returned unchanged and held strongly.
+        sees events in the order they arrived. A sync function runs in a worker
+        thread, one call at a time, so a blocking one (``time.sleep``, a sync
+        client) delays no other subscriber; the bus runs at most
+        ``handler_threads`` of them at once. A cheap sync function can stay on the
+        event loop with ``in_thread=False`` (a thread costs tens of microseconds
+        per call; a handler on the loop must never block). A handler still running
+        in its thread when the shutdown grace ends is abandoned, not interrupted.
+        A handler that raises is logged (rate-limited), counted and sent as
+        ``signals.failed``; it keeps receiving. The function is returned unchanged
+        and held strongly.
 
         Declared before ``async with bus:``, the handler is subscribed (and
         confirmed) before the bus opens; declared on an open bus, it is
@@ -597,7 +613,7 @@ class EventBus:
             )
 
             def group_decorator(fn: F) -> F:
-                spec = inspect_handler(fn, t.type)
+                spec = inspect_handler(fn, t.type, self._threads if in_thread else None)
                 self._check_not_closed()
                 self._durable.add_member(spec, t, options)
                 return fn
@@ -610,7 +626,7 @@ class EventBus:
         _check_from(topics, from_)
 
         def decorator(fn: F) -> F:
-            spec = inspect_handler(fn, topics[0].type)
+            spec = inspect_handler(fn, topics[0].type, self._threads if in_thread else None)
             self._check_not_closed()
             self._subscribers.add_handler(spec, topics, buffer, overflow, Window(from_))
             return fn

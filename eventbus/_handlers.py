@@ -9,6 +9,8 @@ import typing
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import anyio
+import anyio.to_thread
 import attrs
 
 from . import signals
@@ -39,12 +41,23 @@ class HandlerSpec:
     wants_delivery: bool
     is_async: bool
     name: str
+    threads: anyio.CapacityLimiter | None = None
+    """A sync handler that runs in worker threads: the bus's limit of them.
+    ``None``: the handler runs on the event loop (async, or ``in_thread=False``)."""
+
+    @property
+    def awaits(self) -> bool:
+        """Whether what :func:`invoke` returns must be awaited."""
+        return self.is_async or self.threads is not None
 
 
-def inspect_handler(fn: Handler, default_type: Any) -> HandlerSpec:
+def inspect_handler(
+    fn: Handler, default_type: Any, threads: anyio.CapacityLimiter | None = None
+) -> HandlerSpec:
     """Read the payload type from the first parameter's annotation (else the topic's
     type), and whether a second parameter (or one annotated ``Delivery``) wants
-    the delivery context.
+    the delivery context. A sync function runs in worker threads under ``threads``
+    (the bus's limit), or on the event loop when ``threads`` is ``None``.
 
     :raises eventbus.errors.ConfigurationError: not callable, or wrong arity.
     """
@@ -81,6 +94,7 @@ def inspect_handler(fn: Handler, default_type: Any) -> HandlerSpec:
         wants_delivery=wants_delivery,
         is_async=is_async,
         name=name,
+        threads=None if is_async else threads,
     )
 
 
@@ -95,15 +109,30 @@ def invoke(
     the fan-out rate): user code is called in this module only, and whatever
     wraps it (timing, tracing, threads) changes both.
 
-    Returns what the function returned: for an async handler (``spec.is_async``)
-    the awaitable, which the caller awaits in its own task (one await fewer per
-    event than awaiting here). Exceptions propagate to the caller, whose
-    delivery guarantee decides what they mean (logged and counted for a live
-    subscriber, retried or dead-lettered in a group).
+    Returns what the function returned, or an awaitable when ``spec.awaits``: an
+    async handler's coroutine, or a sync handler's call in a worker thread
+    (``spec.threads`` limits how many run at once, per bus), which the caller
+    awaits in its own task (one await fewer per event than awaiting here). A
+    thread is abandoned, not interrupted, if its caller is cancelled (the bus's
+    shutdown grace ran out): Python cannot stop a thread, and the bus does not
+    wait for it. Exceptions propagate to the caller, whose delivery guarantee
+    decides what they mean (logged and counted for a live subscriber, retried or
+    dead-lettered in a group).
     """
+    threads = spec.threads
     if not spec.wants_delivery:
+        if threads is not None:
+            return _in_thread(spec.fn, threads, payload)
         return spec.fn(payload)
-    return spec.fn(payload, env.delivery() if group is None else env.group_delivery(group, attempt))
+    delivery = env.delivery() if group is None else env.group_delivery(group, attempt)
+    if threads is not None:
+        return _in_thread(spec.fn, threads, payload, delivery)
+    return spec.fn(payload, delivery)
+
+
+def _in_thread(fn: Handler, threads: anyio.CapacityLimiter, *args: Any) -> Awaitable[Any]:
+    """A sync handler's call in a worker thread (see :func:`invoke`)."""
+    return anyio.to_thread.run_sync(fn, *args, limiter=threads, abandon_on_cancel=True)
 
 
 def report_failure(
@@ -149,6 +178,7 @@ async def run_handler(receiver: Receiver, spec: HandlerSpec, codec: Codec, sende
     untyped = tp is object or tp is Any
     wants_delivery = spec.wants_delivery
     is_async = spec.is_async
+    threads = spec.threads
     structure = codec.structure
     get = receiver.get
     # The hot loop: take straight from the deque while it has events; await
@@ -180,9 +210,12 @@ async def run_handler(receiver: Receiver, spec: HandlerSpec, codec: Codec, sende
             # invoke(spec, payload, env), inlined: the call frame cost 70-85 ns per
             # delivery, a fifth of this loop and about 15% of bench/fanout.py's rate.
             # Keep the two in step (tests/test_handlers.py checks they agree).
-            result = fn(payload, env.delivery()) if wants_delivery else fn(payload)
-            if is_async:
-                await result
+            if threads is not None:
+                await invoke(spec, payload, env)  # a thread costs far more than the frame
+            else:
+                result = fn(payload, env.delivery()) if wants_delivery else fn(payload)
+                if is_async:
+                    await result
         except Exception as exc:  # isolation: one handler's failure is its own
             report_failure(sender, receiver, spec.name, env.topic, env.id, exc)
         else:

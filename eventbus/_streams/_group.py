@@ -689,7 +689,7 @@ class GroupConsumer:
             return
         try:
             result = invoke(spec, payload, env, self.options.group, work.count)
-            if spec.is_async:
+            if spec.awaits:
                 result = await result
         except Release as release:
             self._handed_back.append((work, release.charge))

@@ -262,7 +262,9 @@ async def test_reads_grow_while_handlers_keep_up_unless_batch_is_given(
             done += 1
 
         options: dict[str, Any] = {} if batch is None else {"batch": batch}
-        consumer.on(jobs, group=f"g{batch}", claim=FAST_CLAIM, **options)(work)
+        # On the loop: a handler that keeps up (in a worker thread, each call costs
+        # a thread hand-off, and the handlers fall behind the reads).
+        consumer.on(jobs, group=f"g{batch}", claim=FAST_CLAIM, in_thread=False, **options)(work)
         async with consumer:
             await wait_until(lambda: done == total)
             (stats,) = consumer.consumer_statistics(work)
