@@ -431,7 +431,9 @@ async def test_raw_redis_clients_interoperate_both_ways(
     bus = bus_factory()
     got: list[tuple[Order, Delivery]] = []
 
-    @bus.on(orders, group="g", claim=FAST_CLAIM)
+    # One at a time: the order of the two entries is asserted (a sync handler runs
+    # in worker threads, and ten at once could end in any order).
+    @bus.on(orders, group="g", claim=FAST_CLAIM, concurrency=1)
     def handle(order: Order, delivery: Delivery) -> None:
         got.append((order, delivery))
 
@@ -531,7 +533,11 @@ async def test_a_restarted_member_finishes_its_own_pending_entries_first(
         restarted = bus_factory(prefix=bus.prefix)
         seen: list[tuple[int, int]] = []
 
-        @restarted.on(orders, group="g", consumer="worker-1", claim=ClaimPolicy(idle=60))
+        # One at a time, so the calls follow the order the entries were taken back
+        # (a sync handler runs in worker threads: ten at once could end in any order).
+        @restarted.on(
+            orders, group="g", consumer="worker-1", claim=ClaimPolicy(idle=60), concurrency=1
+        )
         def handle(n: int, delivery: Delivery) -> None:
             seen.append((n, delivery.attempt))
 
