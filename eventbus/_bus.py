@@ -96,11 +96,12 @@ def _topics(topic: Topic[Any] | str, more: tuple[Topic[Any] | str, ...]) -> tupl
     return topics
 
 
-def _check_from(topics: tuple[Topic[Any], ...], from_: object) -> None:
-    if from_ != "latest" and not all(t.durable for t in topics):
-        raise ConfigurationError(
-            "from_ (replay) needs durable topics: a live topic keeps no history"
-        )
+def _check_window(topics: tuple[Topic[Any], ...], window: Window) -> Window:
+    """``window`` if its topics keep history (a live topic has no past to replay)."""
+    if window != Window() and not all(t.durable for t in topics):
+        what = "from_ (replay)" if window.start != "latest" else "until"
+        raise ConfigurationError(f"{what} needs durable topics: a live topic keeps no history")
+    return window
 
 
 def _durable_only(
@@ -496,15 +497,9 @@ class EventBus:
             return self._durable.subscription(t, options, lambda: self._require_open("subscribe"))
         _check_overflow(buffer, overflow)
         topics = _topics(topic, more)
-        _check_from(topics, from_)
-        if until is not None and not all(t.durable for t in topics):
-            raise ConfigurationError("until needs durable topics: a live topic keeps no history")
+        window = _check_window(topics, Window(from_, until))
         return self._subscribers.subscription(
-            topics,
-            buffer,
-            overflow,
-            Window(from_, until),
-            lambda: self._require_open("subscribe"),
+            topics, buffer, overflow, window, lambda: self._require_open("subscribe")
         )
 
     def on(
@@ -623,12 +618,12 @@ class EventBus:
             raise ConfigurationError("publish_to needs a consumer group (group=...)")
         _check_overflow(buffer, overflow)
         topics = _topics(topic, more)
-        _check_from(topics, from_)
+        window = _check_window(topics, Window(from_))
 
         def decorator(fn: F) -> F:
             spec = inspect_handler(fn, topics[0].type, self._threads if in_thread else None)
             self._check_not_closed()
-            self._subscribers.add_handler(spec, topics, buffer, overflow, Window(from_))
+            self._subscribers.add_handler(spec, topics, buffer, overflow, window)
             return fn
 
         return decorator

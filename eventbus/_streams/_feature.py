@@ -164,9 +164,8 @@ class DurableFeature:
                 self._members.remove(member)
             logger.error("group handler %s could not start: %s", member.spec.name, exc)
 
-    async def _start(self, member: _Member) -> GroupConsumer:
+    async def _start(self, member: _Member) -> None:
         member.consumer = await self._start_consumer(member.spec, member.topic, member.options)
-        return member.consumer
 
     async def _start_consumer(
         self, spec: HandlerSpec, topic: Topic[Any], options: GroupOptions
