@@ -149,8 +149,13 @@ class EventBus:
     :param live: keepalive and reconnect policy of the push connection.
     :param protocol: RESP protocol, 3 (default; push frames) or 2.
     :param shutdown_grace: how long handlers get to drain on exit (seconds or ``timedelta``).
-    :param publish_timeout: how long a publish to a durable topic keeps retrying
-        through a dropped connection before it raises.
+    :param publish_timeout: how long a publish may take before it raises
+        ``RedisUnavailable``: a durable publish keeps retrying through a dropped
+        connection until then; a live ``PUBLISH`` waits that long for its reply.
+    :param command_timeout: how long any other command (acks, claims, admin calls such
+        as :meth:`stats`) waits for its reply before it raises ``RedisUnavailable``.
+        Blocking reads have their own, longer bound; see docs/guarantees.md,
+        "Timeouts", for every timeout and its default.
     :param client_name: ``CLIENT SETNAME`` for this bus's connections.
     :param ssl_ca_certs: CA bundle for ``rediss://``; verification is always on
         unless ``insecure_skip_verify=True`` (which logs a warning).
@@ -174,6 +179,7 @@ class EventBus:
         protocol: int = 3,
         shutdown_grace: float | timedelta = 10.0,
         publish_timeout: float | timedelta = 5.0,
+        command_timeout: float | timedelta = 5.0,
         client_name: str | None = None,
         ssl_ca_certs: str | None = None,
         ssl_certfile: str | None = None,
@@ -199,7 +205,10 @@ class EventBus:
             "insecure_skip_verify": insecure_skip_verify,
             "credential_provider": credential_provider,
             "connect_timeout": live.connect_timeout,
+            "command_timeout": seconds(command_timeout, name="command_timeout"),
         }
+        if self._client_options["command_timeout"] <= 0:
+            raise ConfigurationError(f"command_timeout must be positive, got {command_timeout!r}")
         if not self._embedded:
             # Validate the URL and TLS options now, before any I/O.
             ClientFactory(url, **self._client_options)

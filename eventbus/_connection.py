@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.connection import AbstractConnection
@@ -42,7 +43,9 @@ logger = logging.getLogger("eventbus")
 
 # Commands retried by the command client: redis-py's retry covers every
 # ConnectionError, including AuthenticationError (a subclass), which must fail at once.
-_NOT_RETRYABLE: Final = (rex.AuthenticationError, rex.AuthorizationError)
+# A timeout is not retried either: the server is there but silent (stopped, paused,
+# busy in a script), and another attempt would only multiply the wait (F6).
+_NOT_RETRYABLE: Final = (rex.AuthenticationError, rex.AuthorizationError, rex.TimeoutError)
 
 CONNECTION_ERRORS: Final = (rex.ConnectionError, rex.TimeoutError, OSError)
 """What a lost or unreachable connection raises: loops that reconnect catch these
@@ -218,6 +221,8 @@ def translate(
         text = str(exc)
         if "Connection reset by peer" in text or "Connection closed by server" in text:
             text += _dropped_hint(tls)
+        if text.startswith("Redis at "):  # already says where, and what timed out
+            return RedisUnavailable(text, topic=topic)
         return RedisUnavailable(f"Redis is unavailable: {text}", topic=topic)
     if isinstance(exc, rex.ResponseError):
         return BackendError(f"Redis error: {exc}", topic=topic)
@@ -252,11 +257,46 @@ except ImportError:  # pragma: no cover - hiredis is a dependency; an old one la
     _hiredis_pack = None
 
 
+def _address(conn: AbstractConnection) -> str:
+    path = getattr(conn, "path", None)
+    if path:
+        return str(path)
+    return f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+
+
 class _HiredisPacking(AbstractConnection):
     """Packs commands with ``hiredis.pack_command`` (about 6x faster than redis-py's
     pure-Python packer, which its asyncio connections always use; its sync ones
     already use hiredis). Arguments hiredis does not take (bytearray, and the
-    bool/None redis-py refuses) go to redis-py's packer, unchanged."""
+    bool/None redis-py refuses) go to redis-py's packer, unchanged.
+
+    Also names the address and the timeout in a timeout's message (redis-py says
+    only "Timeout connecting to server"), and the setting that chose it."""
+
+    timeout_setting = "socket_timeout"
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().connect_check_health(*args, **kwargs)
+        except rex.TimeoutError as exc:
+            if "did not answer" in str(exc):  # the handshake's read, already named
+                raise
+            raise rex.TimeoutError(
+                f"Redis at {_address(self)} did not accept the connection within "
+                f"{self.socket_connect_timeout:g}s (connect_timeout)"
+            ) from exc
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except rex.TimeoutError as exc:
+            timeout = kwargs.get("timeout")
+            if timeout is None:
+                timeout = self.socket_timeout
+            raise rex.TimeoutError(
+                f"Redis at {_address(self)} did not answer within {timeout:g}s"
+                f" ({self.timeout_setting})"
+            ) from exc
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
         first = args[0]
@@ -268,22 +308,25 @@ class _HiredisPacking(AbstractConnection):
         return super().pack_command(*args)
 
 
-_PACKING_CLASSES: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+_PACKING_CLASSES: dict[tuple[type[AbstractConnection], str], type[AbstractConnection]] = {}
 
 
-def _pack_with_hiredis(client: aioredis.Redis) -> aioredis.Redis:
-    """Make ``client``'s pool create connections that pack commands with hiredis.
+def _pack_with_hiredis(client: aioredis.Redis, timeout_setting: str) -> aioredis.Redis:
+    """Make ``client``'s pool create connections that pack commands with hiredis,
+    and name ``timeout_setting`` when a reply times out.
 
     Set on the pool after ``from_url`` chose the class for the URL's scheme
     (plain, TLS or Unix socket), so the subclass keeps that choice."""
-    if _hiredis_pack is None:  # pragma: no cover
-        return client
     pool = client.connection_pool
     base = pool.connection_class
-    packing = _PACKING_CLASSES.get(base)
+    packing = _PACKING_CLASSES.get((base, timeout_setting))
     if packing is None:
-        packing = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
-        _PACKING_CLASSES[base] = packing
+        packing = type(
+            f"Hiredis{base.__name__}",
+            (_HiredisPacking, base),
+            {"timeout_setting": timeout_setting},
+        )
+        _PACKING_CLASSES[(base, timeout_setting)] = packing
     pool.connection_class = packing
     return client
 
@@ -296,7 +339,7 @@ class ClientFactory:
         url: str,
         *,
         protocol: int = 3,
-        socket_timeout: float = 5.0,
+        command_timeout: float = 5.0,
         connect_timeout: float = 5.0,
         client_name: str | None = None,
         ssl_ca_certs: str | None = None,
@@ -313,6 +356,13 @@ class ClientFactory:
         self.url = url
         self.tls = scheme == "rediss"
         parts = urlsplit(url)
+        host = parts.hostname or "localhost"
+        if ":" in host:
+            host = f"[{host}]"
+        self.address = parts.path if scheme == "unix" else f"{host}:{parts.port or 6379}"
+        """Where Redis is (``host:port``, or a socket path), for error messages."""
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
         self.credentials = bool(parts.password or parts.username or credential_provider is not None)
         """Whether any credentials were given (in the URL, or a provider)."""
         options: dict[str, Any] = {
@@ -340,10 +390,15 @@ class ClientFactory:
         elif ssl_ca_certs or ssl_certfile or ssl_keyfile or insecure_skip_verify:
             raise ConfigurationError("TLS options need a rediss:// URL")
         self._options = options
-        self._socket_timeout = socket_timeout
 
-    def command_client(self) -> aioredis.Redis:
+    def command_client(
+        self, timeout: float | None = None, setting: str = "command_timeout"
+    ) -> aioredis.Redis:
         """Pooled client for commands: bounded retries with jittered backoff, no auth retry.
+
+        Each command waits at most ``timeout`` (default ``command_timeout``) for its
+        reply; a timeout is not retried (the server is there but silent), so a
+        command fails within it. ``setting`` names that timeout in errors.
 
         Only for commands that are safe to send twice (a retry after a lost reply
         repeats the command): ``PUBLISH`` (receivers dedupe by sequence number),
@@ -351,11 +406,17 @@ class ClientFactory:
         retry = _Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), retries=3)
         return _pack_with_hiredis(
             aioredis.Redis.from_url(
-                self.url, socket_timeout=self._socket_timeout, retry=retry, **self._options
-            )
+                self.url,
+                socket_timeout=self.command_timeout if timeout is None else timeout,
+                retry=retry,
+                **self._options,
+            ),
+            setting,
         )
 
-    def unretried_client(self, socket_timeout: float | None) -> aioredis.Redis:
+    def unretried_client(
+        self, socket_timeout: float | None, setting: str = "block + 10s"
+    ) -> aioredis.Redis:
         """Pooled client that never retries by itself: for ``XADD *`` (a blind retry
         after a lost reply stores the event twice) and blocking reads (whose loops
         reconnect, and re-read what a lost reply may have delivered).
@@ -368,7 +429,8 @@ class ClientFactory:
                 socket_timeout=socket_timeout,
                 retry=Retry(NoBackoff(), 0),
                 **self._options,
-            )
+            ),
+            setting,
         )
 
     def push_pool(self) -> aioredis.ConnectionPool:
@@ -390,6 +452,16 @@ class ClientFactory:
         client = self.command_client()
         try:
             with map_exceptions(command="PING", tls=self.tls, credentials=self.credentials):
-                await client.ping()
+                with anyio.move_on_after(self.connect_timeout) as scope:
+                    await client.ping()
+            if scope.cancelled_caught:
+                raise self.timed_out("answer PING", self.connect_timeout, "connect_timeout")
         finally:
-            await client.aclose()
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+
+    def timed_out(self, what: str, timeout: float, setting: str) -> RedisUnavailable:
+        """The error for a Redis that did not ``what`` within ``timeout`` (the ``setting``)."""
+        return RedisUnavailable(
+            f"Redis at {self.address} did not {what} within {timeout:g}s ({setting})"
+        )

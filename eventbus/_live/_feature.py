@@ -36,7 +36,8 @@ class LiveFeature:
 
     async def start(self, ctx: FeatureContext, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         self._ctx = ctx
-        self._client = ctx.clients.command_client()
+        # Its reply timeout is publish_timeout: a PUBLISH fails within it (F6).
+        self._client = ctx.clients.command_client(ctx.publish_timeout, "publish_timeout")
         self._publisher = OrderedPublisher(self._client)
         self._live = LiveConnection(
             pool=ctx.clients.push_pool(),
@@ -45,6 +46,7 @@ class LiveFeature:
             prefix=ctx.prefix,
             policy=ctx.live_policy,
             sender=ctx.sender,
+            address=ctx.clients.address,
         )
         await self._declared.attach_all(self.attach)
         task_status.started()

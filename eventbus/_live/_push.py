@@ -89,8 +89,10 @@ class LiveConnection:
         prefix: str,
         policy: LivePolicy,
         sender: object,
+        address: str = "?",
     ) -> None:
         self._pool = pool
+        self._address = address
         self._tls = issubclass(pool.connection_class, SSLConnection)
         self._hub = hub
         self._codec = codec
@@ -134,8 +136,9 @@ class LiveConnection:
         except TimeoutError:
             self._detach_sync(route, receiver)
             raise RedisUnavailable(
-                f"no confirmation of {kind.decode()} {name.decode(errors='replace')!r} "
-                f"within {self._policy.connect_timeout}s"
+                f"Redis at {self._address} did not confirm {kind.decode()} "
+                f"{name.decode(errors='replace')!r} within "
+                f"{self._policy.connect_timeout:g}s (connect_timeout)"
             ) from None
         except BaseException:
             self._detach_sync(route, receiver)
@@ -222,6 +225,11 @@ class LiveConnection:
                     await conn.disconnect()
             if error is None:  # pragma: no cover - the loops only end by raising
                 continue
+            if type(error) is TimeoutError and not str(error):  # one of our fail_after
+                error = TimeoutError(
+                    f"Redis at {self._address} did not answer within "
+                    f"{self._policy.connect_timeout:g}s (connect_timeout)"
+                )
             mapped = translate(error, tls=self._tls, command=self._step)
             self._step = ""
             if not started:

@@ -79,11 +79,15 @@ class StreamWriter:
         after a lost reply stores the event twice; this class retries itself) and
         without a socket timeout (this class bounds each pipeline as a whole).
     :param timeout: seconds a publish may spend retrying before it raises.
+    :param address: where Redis is, for error messages.
     """
 
-    def __init__(self, client: aioredis.Redis, *, timeout: float, trimmer: Trimmer) -> None:
+    def __init__(
+        self, client: aioredis.Redis, *, timeout: float, trimmer: Trimmer, address: str = "?"
+    ) -> None:
         self._client: Any = client  # redis-py's stubs type replies as unions
         self._timeout = timeout
+        self._address = address
         self._trimmer = trimmer
         self._queue: list[_Item] = []
         self._busy = False
@@ -153,7 +157,7 @@ class StreamWriter:
                 with anyio.CancelScope(shield=True, deadline=limit) as scope:
                     results = await self._pipeline(remaining)
                 if scope.cancelled_caught:
-                    raise TimeoutError("no reply to the XADD pipeline before the deadline")
+                    raise TimeoutError(f"no reply to XADD within {self._timeout:g}s")
             except CONNECTION_ERRORS as exc:
                 remaining = await self._recover(remaining, exc, sent_at, deadline, attempt)
                 attempt += 1
@@ -252,13 +256,19 @@ class StreamWriter:
             self._trimmer.note(resolved)
         return [i for i in items if not i.fut.done()]
 
-    @staticmethod
-    def _fail(items: list[_Item], error: BaseException) -> None:
+    def _fail(self, items: list[_Item], error: BaseException) -> None:
         for item in items:
             if item.fut.done():
                 continue
             mapped = translate(error, topic=item.topic.name, command="XADD")
-            if mapped is error and not isinstance(error, rex.RedisError):
+            if type(mapped) is RedisUnavailable:
+                # Retried until the deadline: say where, and for how long.
+                mapped = RedisUnavailable(
+                    f"Redis at {self._address} did not store the event within"
+                    f" {self._timeout:g}s (publish_timeout): {error}",
+                    topic=item.topic.name,
+                )
+            elif mapped is error and not isinstance(error, rex.RedisError):
                 mapped = RedisUnavailable(f"publish failed: {error}", topic=item.topic.name)
             if mapped is not error:
                 mapped.__cause__ = error
