@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import cattrs
 import msgspec
@@ -30,6 +30,47 @@ __all__ = ["Codec", "configure_converter", "make_converter"]
 
 _MAX_HEADER_LEN: Final = 8192
 _MISSING: Final = object()
+
+# Stream entries of wire version 2 (docs/wire-format.md, "Stream entries"): one short
+# field per piece of metadata, the payload as it is, nothing said twice.
+F_ID: Final = b"i"
+"""The event id's 16 bytes as 22 characters of base64url (no padding)."""
+F_ID_TEXT: Final = b"id"
+"""An event id that is not 32 lowercase hex digits, as it is (and version 1's id)."""
+F_PUB: Final = b"p"
+F_SEQ: Final = b"s"
+F_HEADERS: Final = b"h"
+F_CAUSE: Final = b"c"
+F_CORR: Final = b"r"
+F_JSON: Final = b"d"
+F_BYTES: Final = b"b"
+F_VERSION: Final = b"v"
+"""Absent in version 2; a later version that older readers must not misread sets it."""
+F_ENV: Final = b"env"
+F_DATA: Final = b"data"
+ENTRY_VERSION: Final = 2
+_B64_ALT: Final = b"-_"
+
+
+def id_field(event_id: str) -> tuple[bytes, bytes]:
+    """The (name, value) of ``event_id`` in a version 2 entry."""
+    if len(event_id) == 32:
+        try:
+            raw = bytes.fromhex(event_id)
+        except ValueError:
+            raw = b""
+        if raw and raw.hex() == event_id:
+            return F_ID, base64.urlsafe_b64encode(raw)[:22]
+    return F_ID_TEXT, event_id.encode()
+
+
+def _id_of(value: bytes) -> str:
+    """The event id of an ``i`` field (the inverse of :func:`id_field`)."""
+    if len(value) != 22:
+        raise ValueError(f"field 'i' must be 22 base64url characters, got {len(value)}")
+    return base64.b64decode(value + b"==", altchars=_B64_ALT, validate=True).hex()
+
+
 _JSON_NATIVE: Final = frozenset({dict, list, str, int, float, bool, type(None)})
 
 
@@ -47,18 +88,20 @@ class _WireV1(msgspec.Struct, gc=False):
     """
 
     eventbus: int
-    id: str
-    pub: str
-    seq: int
-    ts: int
-    ct: str
     data: Any
+    id: str = ""
+    pub: str = ""
+    seq: Annotated[int, msgspec.Meta(ge=0)] = 0
+    ts: int | None = None
+    ct: str = CONTENT_JSON
     h: dict[str, str] = {}
     cause: str = ""
     corr: str = ""
 
 
 _decode_wire: Final = msgspec.json.Decoder(_WireV1).decode
+_loads: Final = msgspec.json.Decoder().decode
+"""JSON to Python values, integers of any size kept exact."""
 
 
 def configure_converter(converter: cattrs.Converter) -> None:
@@ -177,8 +220,11 @@ class Codec:
         headers: dict[str, str],
         cause: str = "",
         corr: str = "",
+        published_ms: int | None = None,
     ) -> tuple[bytes, int]:
         """Encode one event as an envelope; return (bytes, published_at_ms).
+
+        ``published_ms``: the publish time to write (default: now).
 
         :raises eventbus.errors.PayloadTooLarge: before any I/O.
         """
@@ -189,7 +235,7 @@ class Codec:
             content_type, data = CONTENT_JSON, event
         else:
             content_type, data = self.unstructure(topic, event)
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = time.time_ns() // 1_000_000 if published_ms is None else published_ms
         doc: dict[str, Any] = {
             "eventbus": WIRE_VERSION,
             "id": event_id,
@@ -219,6 +265,61 @@ class Codec:
                 topic=topic, size=len(raw), limit=self.limits.max_payload_bytes, event_id=event_id
             )
         return raw, now_ms
+
+    def encode_entry(
+        self,
+        topic: str,
+        event: object,
+        *,
+        event_id: str,
+        publisher: str,
+        seq: int,
+        headers: dict[str, str],
+        cause: str = "",
+        corr: str = "",
+    ) -> list[bytes]:
+        """Encode one event as the fields of a stream entry (wire version 2), flat:
+        ``[name, value, ...]``. Its time is the entry's id, given by Redis.
+
+        :raises eventbus.errors.EncodeError: the event cannot be unstructured to JSON.
+        :raises eventbus.errors.PayloadTooLarge: over the limit, before any I/O.
+        """
+        name, payload = self._payload(topic, event)
+        id_name, id_value = id_field(event_id)
+        fields = [id_name, id_value, F_PUB, publisher.encode(), F_SEQ, b"%d" % seq]
+        if headers:
+            fields += (F_HEADERS, orjson.dumps(headers))
+        if cause:
+            fields += (F_CAUSE, cause.encode())
+            if corr and corr != cause:
+                fields += (F_CORR, corr.encode())
+        fields += (name, payload)
+        size = sum(map(len, fields))
+        if size > self.limits.max_payload_bytes:
+            raise PayloadTooLarge(
+                topic=topic, size=size, limit=self.limits.max_payload_bytes, event_id=event_id
+            )
+        return fields
+
+    def _payload(self, topic: str, event: object) -> tuple[bytes, bytes]:
+        """(field name, bytes) of ``event``'s payload in a stream entry."""
+        if type(event) in _JSON_NATIVE:
+            try:
+                return F_JSON, orjson.dumps(event)
+            except TypeError:
+                pass  # a container holding what orjson cannot write: cattrs below
+        elif isinstance(event, bytes | bytearray | memoryview):
+            return F_BYTES, bytes(event)
+        try:
+            data = self.converter.unstructure(event)
+        except Exception as exc:
+            raise EncodeError(
+                f"cannot unstructure {type(event).__name__}: {exc}", topic=topic
+            ) from exc
+        try:
+            return F_JSON, orjson.dumps(data)
+        except TypeError as exc:
+            raise EncodeError(f"event is not JSON-representable: {exc}", topic=topic) from exc
 
     def decode(self, topic: str, raw: bytes) -> Envelope:
         """Decode bytes received on a live channel.
@@ -266,38 +367,50 @@ class Codec:
             {},
             stream_id,
             w.cause,
-            w.corr,
+            w.corr or w.cause,
         )
 
     def _from_doc(self, topic: str, doc: dict[str, Any]) -> Envelope:
+        """A version 1 envelope: ``data`` required, every other field optional, each
+        of its type when present (docs/wire-format.md, "The envelope")."""
         try:
-            event_id = doc["id"]
-            publisher = doc["pub"]
-            seq = doc["seq"]
-            ts = doc["ts"]
-            content_type = doc["ct"]
             data = doc["data"]
-            headers = doc.get("h") or {}
+            content_type = doc.get("ct", CONTENT_JSON)
             if content_type != CONTENT_JSON:
                 if content_type != CONTENT_BYTES:
                     raise ValueError(f"unknown content type {content_type!r}")
                 data = base64.b64decode(data, validate=True)
         except (KeyError, ValueError, TypeError) as exc:
             raise self._malformed(topic, doc, exc) from exc
+        event_id = doc.get("id", "")
+        publisher = doc.get("pub", "")
+        seq = doc.get("seq", 0)
+        ts = doc.get("ts")
+        headers = doc.get("h", {})
+        cause = doc.get("cause", "")
+        corr = doc.get("corr", "")
         # Exact types: orjson makes exactly these (and a bool is not a sequence number).
-        if not (
-            type(event_id) is str
-            and type(publisher) is str
-            and type(seq) is int
-            and type(ts) is int
-            and type(headers) is dict
-        ):
-            error = ValueError("envelope field of the wrong type")
+        wrong = [
+            name
+            for name, value, tp in (
+                ("id", event_id, str),
+                ("pub", publisher, str),
+                ("seq", seq, int),
+                ("h", headers, dict),
+                ("cause", cause, str),
+                ("corr", corr, str),
+            )
+            if type(value) is not tp
+        ]
+        if ts is not None and type(ts) is not int:
+            wrong.append("ts")
+        if type(headers) is dict and not all(type(v) is str for v in headers.values()):
+            wrong.append("h")
+        if type(seq) is int and seq < 0:
+            wrong.append("seq")
+        if wrong:
+            error = ValueError(f"envelope field(s) of the wrong type: {', '.join(wrong)}")
             raise self._malformed(topic, doc, error) from error
-        cause = doc.get("cause")
-        corr = doc.get("corr")
-        if cause is None and corr is None:  # the usual case: not published by a chained handler
-            return Envelope(topic, event_id, publisher, seq, ts, headers, content_type, data, {})
         return Envelope(
             topic,
             event_id,
@@ -309,8 +422,8 @@ class Codec:
             data,
             {},
             "",
-            cause if isinstance(cause, str) else "",
-            corr if isinstance(corr, str) else "",
+            cause,
+            corr or cause,
         )
 
     @staticmethod
@@ -326,12 +439,15 @@ class Codec:
     def decode_entry(
         self, topic: str, stream_id: str, fields: Mapping[bytes, bytes] | list[bytes]
     ) -> Envelope:
-        """Decode one stream entry of a durable topic (fields ``id`` and ``env``).
+        """Decode one stream entry of a durable topic.
 
-        ``fields``: a dict, or ``[name, value, ...]`` as Redis sent them.
+        ``fields``: a dict, or ``[name, value, ...]`` as Redis sent them. What is
+        read, in this order (docs/wire-format.md, "Stream entries"):
 
-        An entry with a ``data`` field and no ``env`` (written by another client)
-        is a bare payload: its JSON value if it parses, else its bytes.
+        1. an ``env`` field: a version 1 envelope (with ``id`` beside it);
+        2. a ``d`` or ``b`` field: a version 2 entry (``i``, ``p``, ``s``, ``h``, ...);
+        3. a ``data`` field, as another client would write it: a bare payload, its
+           JSON value if it parses, else its bytes (an ``id`` beside it is its id).
 
         :raises eventbus.errors.DecodeError: with ``reason`` one of
             ``too_many_fields``, ``too_large``, ``decode_error``,
@@ -339,23 +455,47 @@ class Codec:
             cannot help (it goes to the dead-letter stream at once).
         """
         limit = self.limits.max_payload_bytes
-        # The usual entry (id + env, written by eventbus): the checks below cannot
-        # fail on the sizes, so only the envelope itself is checked.
         if isinstance(fields, list):
-            usual = len(fields) == 4 and fields[0] == b"id" and fields[2] == b"env"
-            event_id = fields[1] if usual else None
-            raw = fields[3] if usual else None
-        else:
-            raw = fields.get(b"env")
-            event_id = fields.get(b"id")
-            usual = len(fields) == 2
-        if usual and raw is not None and event_id is not None and len(raw) + len(event_id) <= limit:
-            env = self._decode_fast(topic, raw, stream_id)
-            if env is not None:
-                return env
-        if isinstance(fields, list):
+            # The usual entries, read without building a dict. Anything unusual (or
+            # wrong) takes the full path below, which names what is wrong.
+            n = len(fields)
+            if (
+                n == 8
+                and fields[6] == F_JSON
+                and fields[0] == F_ID
+                and fields[2] == F_PUB
+                and fields[4] == F_SEQ
+                and len(fields[7]) <= limit
+                and fields[5].isdigit()
+            ):
+                try:
+                    return Envelope(
+                        topic,
+                        _id_of(fields[1]),
+                        fields[3].decode(),
+                        int(fields[5]),
+                        int(stream_id.partition("-")[0]),
+                        {},
+                        CONTENT_JSON,
+                        _loads(fields[7]),
+                        {},
+                        stream_id,
+                    )
+                except (ValueError, msgspec.DecodeError, RecursionError):
+                    pass
+            elif n == 4 and fields[0] == F_ID_TEXT and fields[2] == F_ENV:
+                raw = fields[3]
+                if len(raw) + len(fields[1]) <= limit:
+                    env = self._decode_fast(topic, raw, stream_id)
+                    if env is not None:
+                        return env
             fields = field_map(fields)
-            raw = fields.get(b"env")
+        elif len(fields) == 2 and F_ENV in fields and F_ID_TEXT in fields:
+            raw = fields[F_ENV]
+            if len(raw) + len(fields[F_ID_TEXT]) <= limit:
+                env = self._decode_fast(topic, raw, stream_id)
+                if env is not None:
+                    return env
         if len(fields) > self.limits.max_entry_fields:
             raise DecodeError(
                 f"entry {stream_id} has {len(fields)} fields, the limit is"
@@ -370,48 +510,126 @@ class Codec:
                 topic=topic,
                 reason="too_large",
             )
-        if raw is not None:
-            try:
-                doc = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise DecodeError(
-                    f"entry {stream_id}: envelope is not JSON: {exc}",
-                    topic=topic,
-                    reason="decode_error",
-                ) from exc
-            if type(doc) is not dict or "eventbus" not in doc:
-                raise DecodeError(
-                    f"entry {stream_id}: env is not an eventbus envelope",
-                    topic=topic,
-                    reason="decode_error",
-                )
-            if doc["eventbus"] != WIRE_VERSION:
-                raise DecodeError(
-                    f"entry {stream_id}: envelope version {doc['eventbus']!r} is not supported"
-                    f" (this eventbus reads version {WIRE_VERSION})",
-                    topic=topic,
-                    reason="unsupported_version",
-                )
-            env = self._from_doc(topic, doc)
-        elif b"data" in fields:
-            data = fields[b"data"]
+        env_field = fields.get(F_ENV)
+        if env_field is not None:
+            env = self._from_env_field(topic, stream_id, env_field)
+        elif F_JSON in fields or F_BYTES in fields:
+            env = self._from_entry_v2(topic, stream_id, fields)
+        elif F_DATA in fields:
+            data = fields[F_DATA]
             try:
                 env = Envelope.bare(topic, orjson.loads(data), CONTENT_JSON)
                 env.cache[bytes] = data
             except orjson.JSONDecodeError:
                 env = Envelope.bare(topic, data, CONTENT_BYTES)
-            event_id = fields.get(b"id")
+            event_id = fields.get(F_ID_TEXT)
             if event_id is not None:
                 env.id = event_id.decode("utf-8", "replace")
         else:
             names = b", ".join(list(fields)[:5]).decode("utf-8", "replace")
             raise DecodeError(
-                f"entry {stream_id} has no 'env' or 'data' field (fields: {names or 'none'})",
+                f"entry {stream_id} has no 'env', 'd', 'b' or 'data' field"
+                f" (fields: {names or 'none'})",
                 topic=topic,
                 reason="decode_error",
             )
         env.stream_id = stream_id
         return env
+
+    def _from_env_field(self, topic: str, stream_id: str, raw: bytes) -> Envelope:
+        """A version 1 entry: its ``env`` field (the envelope's own ``id`` wins)."""
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(
+                f"entry {stream_id}: envelope is not JSON: {exc}",
+                topic=topic,
+                reason="decode_error",
+            ) from exc
+        if type(doc) is not dict or "eventbus" not in doc:
+            raise DecodeError(
+                f"entry {stream_id}: env is not an eventbus envelope",
+                topic=topic,
+                reason="decode_error",
+            )
+        if doc["eventbus"] != WIRE_VERSION:
+            raise DecodeError(
+                f"entry {stream_id}: envelope version {doc['eventbus']!r} is not supported"
+                f" (this eventbus reads version {WIRE_VERSION})",
+                topic=topic,
+                reason="unsupported_version",
+            )
+        return self._from_doc(topic, doc)
+
+    @staticmethod
+    def _from_entry_v2(topic: str, stream_id: str, fields: Mapping[bytes, bytes]) -> Envelope:
+        """A version 2 entry, every field checked; a wrong one is named."""
+
+        def malformed(message: str, exc: BaseException | None = None) -> DecodeError:
+            error = DecodeError(f"entry {stream_id}: {message}", topic=topic, reason="decode_error")
+            error.__cause__ = exc
+            return error
+
+        version = fields.get(F_VERSION)
+        if version is not None and version != b"%d" % ENTRY_VERSION:
+            raise DecodeError(
+                f"entry {stream_id}: entry version {version.decode('utf-8', 'replace')!r} is"
+                f" not supported (this eventbus reads versions 1 and {ENTRY_VERSION})",
+                topic=topic,
+                reason="unsupported_version",
+            )
+        if F_JSON in fields and F_BYTES in fields:
+            raise malformed("has both 'd' and 'b'; a payload is one or the other")
+        try:
+            if F_ID in fields:
+                event_id = _id_of(fields[F_ID])
+            else:
+                event_id = fields.get(F_ID_TEXT, b"").decode()
+        except ValueError as exc:
+            raise malformed(f"bad event id: {exc}", exc) from exc
+        try:
+            publisher = fields.get(F_PUB, b"").decode()
+            cause = fields.get(F_CAUSE, b"").decode()
+            corr = fields.get(F_CORR, b"").decode() or cause
+        except UnicodeDecodeError as exc:
+            raise malformed(f"'p', 'c' and 'r' must be UTF-8 text: {exc}", exc) from exc
+        seq_text = fields.get(F_SEQ)
+        if seq_text is None:
+            seq = 0
+        elif seq_text.isdigit() and len(seq_text) <= 19:
+            seq = int(seq_text)
+        else:
+            raise malformed(f"'s' must be a decimal integer, got {seq_text[:40]!r}")
+        headers: Any = {}
+        if F_HEADERS in fields:
+            try:
+                headers = orjson.loads(fields[F_HEADERS])
+            except orjson.JSONDecodeError as exc:
+                raise malformed(f"'h' is not JSON: {exc}", exc) from exc
+            if type(headers) is not dict or not all(type(v) is str for v in headers.values()):
+                raise malformed("'h' must be a JSON object of strings")
+        if F_BYTES in fields:
+            content_type, data = CONTENT_BYTES, fields[F_BYTES]
+        else:
+            content_type = CONTENT_JSON
+            try:
+                data = _loads(fields[F_JSON])
+            except (msgspec.DecodeError, RecursionError) as exc:
+                raise malformed(f"'d' is not JSON: {exc}", exc) from exc
+        return Envelope(
+            topic,
+            event_id,
+            publisher,
+            seq,
+            int(stream_id.partition("-")[0]),
+            headers,
+            content_type,
+            data,
+            {},
+            stream_id,
+            cause,
+            corr,
+        )
 
     def structure(self, envelope: Envelope, tp: Any) -> Any:
         """The payload of ``envelope`` as ``tp``; computed once per (message, type).

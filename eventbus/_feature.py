@@ -177,6 +177,36 @@ class FeatureContext:
         seqs[topic] = seq
         return event_id, raw, ms
 
+    def encode_entry(
+        self,
+        topic: str,
+        event: Any,
+        headers: dict[str, str],
+        *,
+        event_id: str | None = None,
+        cause: str = "",
+        corr: str = "",
+    ) -> tuple[str, list[bytes]]:
+        """:meth:`encode` for a stream entry: ``(event id, fields)``; its time is
+        the entry id Redis gives it."""
+        ids = self.ids
+        if event_id is None:
+            event_id = ids.event_id()
+        seqs = ids.last_seq
+        seq = seqs.get(topic, 0) + 1
+        fields = self.codec.encode_entry(
+            topic,
+            event,
+            event_id=event_id,
+            publisher=ids.publisher_id,
+            seq=seq,
+            headers=headers,
+            cause=cause,
+            corr=corr,
+        )
+        seqs[topic] = seq
+        return event_id, fields
+
     def encode_many(
         self, topic: str, events: Iterable[Any], headers: dict[str, str]
     ) -> list[tuple[str, bytes, int]]:
@@ -197,6 +227,29 @@ class FeatureContext:
                 headers=headers,
             )
             encoded.append((event_id, raw, ms))
+        if encoded:
+            ids.take(topic, seq)
+        return encoded
+
+    def encode_entries(
+        self, topic: str, events: Iterable[Any], headers: dict[str, str]
+    ) -> list[tuple[str, list[bytes]]]:
+        """:meth:`encode_entry` for a batch, all or nothing, as :meth:`encode_many`."""
+        ids = self.ids
+        seq = ids.next_seq(topic) - 1
+        encoded = []
+        for event in events:
+            event_id = ids.event_id()
+            seq += 1
+            fields = self.codec.encode_entry(
+                topic,
+                event,
+                event_id=event_id,
+                publisher=ids.publisher_id,
+                seq=seq,
+                headers=headers,
+            )
+            encoded.append((event_id, fields))
         if encoded:
             ids.take(topic, seq)
         return encoded

@@ -43,20 +43,36 @@ ACK_PUBLISH: Final = """
 -- Publish a handler's result events and ack its input, atomically (chaining).
 -- KEYS[1] input stream, KEYS[2] output stream
 -- ARGV[1] group, ARGV[2] input entry id, ARGV[3] output MAXLEN ('' for none),
--- ARGV[4..] event id, envelope pairs of the output events
+-- ARGV[4..] the output events, one after another, each as n (its number of
+-- field and value items, at most 64) followed by those n items
 -- returns the output entry ids, or false if the input is no longer pending
 -- (claimed and acked elsewhere: its outputs were published there, not again here)
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #pending == 0 then
   return false
 end
+-- Check every count before writing anything: a script is not rolled back.
+local starts = {}
+local i = 4
+for _ = 1, #ARGV do
+  if i > #ARGV then
+    break
+  end
+  local n = tonumber(ARGV[i])
+  if n == nil or n < 2 or n > 64 or n % 2 ~= 0 or i + n > #ARGV then
+    return redis.error_reply('ERR ACK_PUBLISH: bad field count at ARGV[' .. i .. ']')
+  end
+  starts[#starts + 1] = i
+  i = i + n + 1
+end
 local ids = {}
-for i = 4, #ARGV - 1, 2 do
+for k = 1, #starts do
+  local s = starts[k]
+  local n = tonumber(ARGV[s])
   if ARGV[3] == '' then
-    ids[#ids + 1] = redis.call('XADD', KEYS[2], '*', 'id', ARGV[i], 'env', ARGV[i + 1])
+    ids[k] = redis.call('XADD', KEYS[2], '*', unpack(ARGV, s + 1, s + n))
   else
-    ids[#ids + 1] = redis.call(
-      'XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[i], 'env', ARGV[i + 1])
+    ids[k] = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, s + 1, s + n))
   end
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])

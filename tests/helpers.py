@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
+
+from eventbus import Limits
+from eventbus._codec import Codec
+from eventbus._envelope import Envelope
 
 
 def control_client(url: str) -> aioredis.Redis:
@@ -32,3 +37,14 @@ async def command_calls(client: aioredis.Redis, command: str) -> int:
     """How many times ``command`` ran on the server (INFO commandstats)."""
     stats = await client.info("commandstats")
     return int(stats.get(f"cmdstat_{command.lower()}", {}).get("calls", 0))
+
+
+def stored_event(fields: Mapping[Any, Any], stream_id: str = "0-1") -> Envelope:
+    """The event a stream entry carries, as a reader decodes it (any wire version).
+
+    ``fields`` as redis-py returns them, bytes or (``decode_responses``) str."""
+    raw = {
+        (k.encode() if isinstance(k, str) else k): (v.encode() if isinstance(v, str) else v)
+        for k, v in fields.items()
+    }
+    return Codec(None, Limits()).decode_entry("t", stream_id, raw)

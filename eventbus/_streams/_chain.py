@@ -47,7 +47,7 @@ class Chainer:
         group: str,
         target: Topic[Any],
         target_keys: TopicKeys | None,
-        encode_output: Callable[[Topic[Any], Any, str, Envelope], bytes],
+        encode_output: Callable[[Topic[Any], Any, str, Envelope], list[bytes]],
         publish_output: Callable[[Topic[Any], Any], Awaitable[object]],
         note_output: Callable[[Topic[Any], int], None],
         dedupe: Dedupe | None,
@@ -84,7 +84,8 @@ class Chainer:
         parent = env.id or work.id
         for index, event in enumerate(events):
             child_id = uuid.uuid5(_CHAIN_NAMESPACE, f"{parent}/{index}").hex
-            args += [child_id, self._encode_output(target, event, child_id, env)]
+            fields = self._encode_output(target, event, child_id, env)
+            args += [len(fields), *fields]
         ids = await self._script(keys=[self._keys.stream, self._target_keys.stream], args=args)
         self._forget(work.id)
         if ids is None:

@@ -289,16 +289,20 @@ class DeadLetterWriter:
         entry = work.field_map()
         original = entry.get(_ENTRY_ENV)
         if env is not None and original is None:
-            # A bare payload (written by another client): store it as an envelope,
-            # so that a replay is read like any event.
+            # A version 2 entry, or a bare payload written by another client: store
+            # it as a version 1 envelope (one field, replayed as it is), with what
+            # the entry said: id, publisher, seq, headers, time, chain ids.
             try:
                 original, _ms = self._codec.encode(
                     self._topic,
                     env.data,
                     event_id=env.id or work.id,
                     publisher=env.publisher,
-                    seq=0,
+                    seq=env.seq,
                     headers=env.headers,
+                    cause=env.cause,
+                    corr=env.corr,
+                    published_ms=env.published_ms,
                 )
             except Exception:
                 original = None

@@ -36,6 +36,7 @@ from ._deadletter import (
     replay_dead_letters,
 )
 from ._group import GroupConsumer
+from ._ids import stream_ms
 from ._iterator import GroupSubscription
 from ._options import GroupOptions
 from ._publisher import StreamWriter, Trimmer
@@ -226,13 +227,13 @@ class DurableFeature:
 
     def _encode_output(
         self, target: Topic[Any], event: Any, event_id: str, cause: Envelope
-    ) -> bytes:
+    ) -> list[bytes]:
         """Encode a handler's output event (chaining), caused by ``cause``."""
         assert self._ctx is not None
-        _id, raw, _ms = self._ctx.encode(
+        _id, fields = self._ctx.encode_entry(
             target.name, event, {}, event_id=event_id, cause=cause.id, corr=cause.corr or cause.id
         )
-        return raw
+        return fields
 
     def _note_output(self, topic: Topic[Any], added: int) -> None:
         """Chained outputs count towards the target topic's trimming, as publishes do."""
@@ -312,9 +313,9 @@ class DurableFeature:
         ctx = self._ctx
         assert ctx is not None
         assert self._writer is not None
-        event_id, raw, ms = ctx.encode(topic.name, event, headers)
-        stream_id = await self._writer.add_one(topic, self.keys(topic), event_id, raw)
-        return receipt(ctx.sender, topic.name, event_id, ms, stream_id=stream_id)
+        event_id, fields = ctx.encode_entry(topic.name, event, headers)
+        stream_id = await self._writer.add_one(topic, self.keys(topic), event_id, fields)
+        return receipt(ctx.sender, topic.name, event_id, stream_ms(stream_id), stream_id=stream_id)
 
     async def publish_many(
         self, topic: Topic[Any], events: Iterable[Any], headers: dict[str, str]
@@ -324,13 +325,11 @@ class DurableFeature:
         ctx = self._ctx
         assert ctx is not None
         assert self._writer is not None
-        encoded = ctx.encode_many(topic.name, events, headers)
-        stream_ids = await self._writer.add(
-            topic, self.keys(topic), [(event_id, raw) for event_id, raw, _ms in encoded]
-        )
+        encoded = ctx.encode_entries(topic.name, events, headers)
+        stream_ids = await self._writer.add(topic, self.keys(topic), encoded)
         return [
-            receipt(ctx.sender, topic.name, event_id, ms, stream_id=stream_id)
-            for (event_id, _raw, ms), stream_id in zip(encoded, stream_ids, strict=True)
+            receipt(ctx.sender, topic.name, event_id, stream_ms(stream_id), stream_id=stream_id)
+            for (event_id, _fields), stream_id in zip(encoded, stream_ids, strict=True)
         ]
 
     # -- read back from Redis -----------------------------------------------------------

@@ -101,7 +101,7 @@ class GroupConsumer:
         limits: Limits,
         client: aioredis.Redis,
         blocking_client: aioredis.Redis,
-        encode_output: Callable[[Topic[Any], Any, str, Envelope], bytes],
+        encode_output: Callable[[Topic[Any], Any, str, Envelope], list[bytes]],
         target_keys: TopicKeys | None,
         publish_output: Callable[[Topic[Any], Any], Awaitable[object]],
         note_output: Callable[[Topic[Any], int], None],

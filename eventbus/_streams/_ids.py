@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["id_key", "previous_id", "read_batches"]
+__all__ = ["id_key", "previous_id", "read_batches", "stream_ms"]
 
 
 def id_key(entry_id: str) -> tuple[int, int]:
     """Sort key of a stream id ``"<ms>-<seq>"`` (string order is wrong: "1-10" < "1-2")."""
     ms, seq = entry_id.split("-")
     return int(ms), int(seq)
+
+
+def stream_ms(entry_id: str) -> int:
+    """The milliseconds part of a stream id: when Redis added the entry (its clock)."""
+    return int(entry_id.partition("-")[0])
 
 
 def previous_id(entry_id: str) -> str:

@@ -30,6 +30,7 @@ import anyio.lowlevel
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
+from .._codec import F_ID, F_ID_TEXT
 from .._connection import CONNECTION_ERRORS, translate
 from .._keys import TopicKeys
 from .._scripts import TRIM_ACKED
@@ -45,6 +46,7 @@ _SCAN_PAGE: Final = 1000
 _SCAN_LIMIT: Final = 200_000
 """Most entries read back to resolve one ambiguous batch; past it, re-send."""
 _TRIM_PROBE: Final = 10_000
+_ID_FIELDS: Final = (F_ID, F_ID_TEXT)
 
 
 class _Item:
@@ -55,13 +57,14 @@ class _Item:
         topic: Topic[Any],
         keys: TopicKeys,
         event_id: str,
-        env: bytes,
+        fields: list[bytes],
         fut: asyncio.Future[str],
     ) -> None:
         self.topic = topic
         self.keys = keys
         self.event_id = event_id
-        self.fields = (b"id", event_id.encode(), b"env", env)
+        self.fields = fields
+        """The entry's fields, flat; the first pair is the event id's (``Codec.encode_entry``)."""
         self.fut = fut
 
 
@@ -96,9 +99,9 @@ class StreamWriter:
         are running concurrently, so yield one loop turn to let them join the next."""
 
     async def add(
-        self, topic: Topic[Any], keys: TopicKeys, entries: Iterable[tuple[str, bytes]]
+        self, topic: Topic[Any], keys: TopicKeys, entries: Iterable[tuple[str, list[bytes]]]
     ) -> list[str]:
-        """Store ``(event id, envelope)`` entries in ``topic``'s stream, in order.
+        """Store ``(event id, fields)`` entries in ``topic``'s stream, in order.
 
         Returns the stream ids. Cancellation: once called, the entries are sent
         even if the caller is cancelled (their outcome is then unknown to it).
@@ -109,15 +112,17 @@ class StreamWriter:
         :raises eventbus.errors.BackendError: Redis refused the command (OOM, NOPERM, ...).
         """
         loop = asyncio.get_running_loop()
-        items = [_Item(topic, keys, eid, env, loop.create_future()) for eid, env in entries]
+        items = [_Item(topic, keys, eid, fields, loop.create_future()) for eid, fields in entries]
         self._queue.extend(items)
         if not self._busy:
             await self._write_queued()
         return list(await asyncio.gather(*(i.fut for i in items)))
 
-    async def add_one(self, topic: Topic[Any], keys: TopicKeys, event_id: str, env: bytes) -> str:
+    async def add_one(
+        self, topic: Topic[Any], keys: TopicKeys, event_id: str, fields: list[bytes]
+    ) -> str:
         """:meth:`add` for one entry (the common ``publish()`` path, without lists)."""
-        item = _Item(topic, keys, event_id, env, asyncio.get_running_loop().create_future())
+        item = _Item(topic, keys, event_id, fields, asyncio.get_running_loop().create_future())
         self._queue.append(item)
         if not self._busy:
             await self._write_queued()
@@ -230,16 +235,22 @@ class StreamWriter:
         seconds, micros = await self._client.time()
         server_ms = int(seconds) * 1000 + int(micros) // 1000
         since_ms = server_ms - int((time.monotonic() - sent_at) * 1000) - 2000
-        by_stream: dict[str, dict[bytes, _Item]] = {}
+        # Each entry is found by its event id field (name and value as written).
+        by_stream: dict[str, dict[tuple[bytes, bytes], _Item]] = {}
         for item in items:
-            by_stream.setdefault(item.keys.stream, {})[item.fields[1]] = item
+            by_stream.setdefault(item.keys.stream, {})[(item.fields[0], item.fields[1])] = item
         for stream, wanted in by_stream.items():
             start: str = f"{max(since_ms, 0)}-0"
             scanned = 0
             while wanted and scanned < _SCAN_LIMIT:
                 page = await self._client.xrange(stream, min=start, count=_SCAN_PAGE)
                 for entry_id, fields in page:
-                    found = wanted.pop(fields.get(b"id", b""), None)
+                    found = None
+                    for name in _ID_FIELDS:
+                        value = fields.get(name)
+                        if value is not None:
+                            found = wanted.pop((name, value), None)
+                            break
                     if found is not None and not found.fut.done():
                         found.fut.set_result(entry_id.decode())
                 if len(page) < _SCAN_PAGE:

@@ -22,7 +22,7 @@ from typing import Any, Final
 import anyio
 import redis.asyncio as aioredis
 
-from .._codec import Codec
+from .._codec import F_ID_TEXT, Codec, id_field
 from .._connection import CONNECTION_ERRORS
 from .._hub import Hub, Receiver
 from .._keys import TopicKeys
@@ -66,13 +66,15 @@ async def resolve_position(client: Any, topic: str, keys: TopicKeys, from_: obje
 
 
 async def _entry_of_event(client: Any, topic: str, keys: TopicKeys, event_id: str) -> str:
-    """The stream id of the entry carrying event ``event_id`` (a scan of the stream)."""
-    wanted = event_id.encode()
+    """The stream id of the entry carrying event ``event_id`` (a scan of the stream):
+    its ``id`` field (version 1, bare entries, ids that are not hex) or its ``i``."""
+    text = event_id.encode()
+    name, value = id_field(event_id)
     start = "-"
     while True:
         page = await client.xrange(keys.stream, min=start, count=_SEEK_PAGE)
         for entry_id, fields in page:
-            if fields.get(b"id") == wanted:
+            if fields.get(name) == value or fields.get(F_ID_TEXT) == text:
                 return entry_id.decode()  # type: ignore[no-any-return]
         if len(page) < _SEEK_PAGE:
             break

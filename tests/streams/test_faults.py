@@ -39,7 +39,7 @@ from eventbus import ClaimPolicy, Delivery, EventBus, Receipt, Topic, errors, si
 from eventbus._keys import topic_keys
 from eventbus.testing import FaultProxy
 
-from ..helpers import command_calls, control_client, wait_until
+from ..helpers import command_calls, control_client, stored_event, wait_until
 
 pytestmark = [pytest.mark.fault]
 
@@ -412,8 +412,8 @@ async def test_f9_lost_xadd_replies_neither_lose_nor_duplicate(redis_server_fact
             (stats,) = sub.consumer_statistics(handle)
 
     dropped = len(proxy.dropped)
-    in_stream = Counter(fields["id"] for _, fields in entries)
-    by_entry = {entry_id: fields["id"] for entry_id, fields in entries}
+    in_stream = Counter(stored_event(fields).id for _, fields in entries)
+    by_entry = {entry_id: stored_event(fields).id for entry_id, fields in entries}
     stream_dups = sum(n - 1 for n in in_stream.values())
     missing = [r.id for r in receipts if in_stream[r.id] == 0]
     bad_stream_ids = [r for r in receipts if by_entry.get(r.stream_id) != r.id]
@@ -493,13 +493,13 @@ async def test_cancelled_publishers_do_not_abort_the_batch_they_share(
                     doomed.cancel_scope.cancel()
                     proxy.heal()
             entries = await ctl.xrange(topic_keys(bus.prefix, "shared").stream)
-    stored = Counter(orjson.loads(fields["env"])["data"]["n"] for _, fields in entries)
+    stored = Counter(stored_event(fields).data["n"] for _, fields in entries)
     assert set(range(1, 20, 2)) <= set(receipts)
     assert all(n % 2 == 1 or n == 0 for n in receipts)
     assert stored == Counter(range(-1, 20))  # the cancelled callers' events too, once each
     by_entry = dict(entries)
     for n, receipt in receipts.items():
-        assert orjson.loads(by_entry[receipt.stream_id]["env"])["data"] == {"n": n}
+        assert stored_event(by_entry[receipt.stream_id]).data == {"n": n}
 
 
 # -- F25: trimming never removes what a group still needs -------------------------------
@@ -871,7 +871,7 @@ async def test_f29_chained_children_exactly_once_through_crashes(
         e for e in events if e["event"] == "exit" and not e.get("stopped") and e.get("signal") != 9
     ]
     (done,) = [e for e in events if e["event"] == "done"]
-    in_stream = Counter(fields["id"] for _, fields in entries)
+    in_stream = Counter(stored_event(fields).id for _, fields in entries)
     lost = sum(1 for child in expected if in_stream[child] == 0)
     dup = sum(n - 1 for n in in_stream.values())
     unexpected = set(in_stream) - set(expected)
