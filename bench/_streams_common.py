@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -43,7 +44,7 @@ PREFIX = "bench"
 """eventbus ``prefix`` of every benchmark bus."""
 GROUP = "bench"
 CONSUMER = "c1"
-FAMILIES = ("eventbus", "raw", "faststream")
+FAMILIES = ("eventbus", "raw", "faststream", "walrus")
 
 
 # == worker side (standard library only) ==================================================
@@ -122,6 +123,7 @@ def library_versions(family: str) -> dict[str, str]:
         "eventbus": ["eventbus", "redis", "hiredis", "anyio", "orjson", "msgspec"],
         "raw": ["redis", "hiredis"],
         "faststream": ["faststream", "redis", "hiredis"],
+        "walrus": ["walrus", "redis", "hiredis"],
     }[family]
     found = {"python": platform.python_version()}
     for name in names:
@@ -258,7 +260,8 @@ class Row:
 
     name: str
     family: str
-    """eventbus, raw or faststream: which interpreter runs it."""
+    """eventbus, raw, faststream or walrus: which interpreter runs it (walrus and raw:
+    the dev venv, like eventbus; faststream: its own venv)."""
     note: str
     args: tuple[str, ...] = ()
     """Extra arguments of its worker."""
@@ -406,6 +409,8 @@ def interpreters(rows: Sequence[Row], opts: argparse.Namespace) -> dict[str, Pat
                 pythons[family] = python
         elif family == "eventbus" and (why := eventbus_durable_error()):
             print(f"!! skipping the eventbus rows: durable topics do not import yet: {why}")
+        elif family == "walrus" and importlib.util.find_spec("walrus") is None:
+            print("!! skipping walrus: not installed in this venv (pip install -e '.[bench]')")
         else:
             pythons[family] = Path(sys.executable)
     return pythons

@@ -1,9 +1,9 @@
-"""W3, drain a prefilled stream with one group consumer: eventbus vs raw redis-py and FastStream.
+"""W3, drain a stream with one group consumer: eventbus vs raw redis-py, FastStream, walrus.
 
 Each run prefills one Redis Stream with ``--events`` (100,000) ~100-byte events,
 in the format the contender reads (pipelined ``XADD`` of eventbus's ``id`` +
-``env`` entries, of a ``data`` field for raw redis-py; FastStream's own
-``publish`` for FastStream), then drains it with ONE consumer of one consumer
+``env`` entries, of a ``data`` field for raw redis-py and walrus; FastStream's
+own ``publish`` for FastStream), then drains it with ONE consumer of one consumer
 group and a no-op handler. The run ends when every event was handled AND acked
 (``XPENDING`` 0), or at the time limit:
 
@@ -11,7 +11,9 @@ group and a no-op handler. The run ends when every event was handled AND acked
 * ``eventbus-c64``: the same with ``concurrency=64, batch=1000``;
 * ``raw``: ``XREADGROUP COUNT 1000`` + one ``XACK`` of the 1,000 ids (the ceiling);
 * ``faststream``: ``@broker.subscriber(stream=StreamSub(..., group, consumer,
-  max_records=1000))``, time-bounded.
+  max_records=1000))``, time-bounded;
+* ``walrus``: the sync library: ``Database.consumer_group(group, [key], consumer)``,
+  ``.read(count=1000, block=1000)`` + ``ConsumerGroupStream.ack`` of the 1,000 ids.
 
 Events/s is events divided by the time from the first handler call to the
 moment ``XPENDING`` reads 0. Run ``python bench/consume.py --help``; see
@@ -167,10 +169,55 @@ async def run_faststream(args: argparse.Namespace, client: Any) -> None:
         common.emit_result(args, await drain(args, progress, client))  # before the shutdown
 
 
+async def run_walrus(args: argparse.Namespace, client: Any) -> None:
+    """walrus's consumer-group API, as its users write it: a sync loop of ``read`` + ``ack``.
+
+    The loop runs in a thread (walrus is sync) while the event loop only waits for the
+    progress watcher, then polls ``XPENDING`` once everything was handled.
+    """
+    from walrus import Database
+
+    key = stream_of(args.family)
+    events = [common.encode(e) for e in common.payloads(args.events, args.size)]
+    await prefill_raw(client, key, lambda i: {"data": events[i]}, args.events)
+    db = Database.from_url(args.url)
+    group = db.consumer_group(common.GROUP, [key], consumer=common.CONSUMER)
+    group.create()  # at "0-0": the entries already in the stream
+    stream = group.streams[key]  # its ConsumerGroupStream (acks)
+    progress = common.Progress(args.events)
+    reads = 0
+
+    def handle(fields: Any) -> None:
+        progress.hit()
+
+    def consume() -> None:
+        nonlocal reads
+        deadline = time.perf_counter() + args.max_seconds
+        while progress.count < args.events and time.perf_counter() < deadline:
+            reply = group.read(count=BATCH, block=1000)  # [(key, [(id, fields), ...])]
+            reads += 1
+            for _key, entries in reply or ():
+                ids = []
+                for entry_id, fields in entries:
+                    handle(fields)
+                    ids.append(entry_id)
+                if ids:
+                    stream.ack(*ids)
+
+    task = asyncio.create_task(asyncio.to_thread(consume))
+    try:
+        result = await drain(args, progress, client)
+        await task
+    finally:
+        db.close()
+    common.emit_result(args, {**result, "library_stats": {"reads": reads}})
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace, Any], Awaitable[None]]] = {
     "eventbus": run_eventbus,
     "raw": run_raw,
     "faststream": run_faststream,
+    "walrus": run_walrus,
 }
 
 
@@ -203,6 +250,11 @@ def rows() -> list[common.Row]:
             "faststream",
             "@broker.subscriber(stream=StreamSub(group, consumer, max_records=1000))",
             slow=True,
+        ),
+        common.Row(
+            "walrus",
+            "walrus",
+            "sync: db.consumer_group(...).read(count=1000, block=1000) + stream.ack(*ids)",
         ),
     ]
 
@@ -274,6 +326,7 @@ def report(results: common.Results) -> None:
     checks: list[common.Check] = []
     raw = med.get("raw")
     fs = med.get("faststream")
+    wal = med.get("walrus")
     for name in ("eventbus", "eventbus-c64"):
         if (eb := med.get(name)) is None:
             continue
@@ -282,6 +335,10 @@ def report(results: common.Results) -> None:
             checks.append((eb >= 0.8 * raw, f"{name} >= 80% of raw: {share}"))
         if fs:
             checks.append((None, f"{name} vs faststream: {common.ratio(eb, fs)}"))
+        if wal:
+            checks.append((None, f"{name} vs walrus: {common.ratio(eb, wal)}"))
+    if wal and raw:
+        checks.append((None, f"walrus vs raw: {common.ratio(wal, raw)}"))
     common.print_checks("targets and ratios (medians)", checks)
 
 

@@ -17,11 +17,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Final, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final, overload
 
 import anyio
 import anyio.abc
-import cattrs
 from blinker import Signal
 
 from ._codec import Codec
@@ -47,7 +46,6 @@ from ._hub import Hub
 from ._keys import DEFAULT_PREFIX, validate_prefix
 from ._live._feature import LiveFeature
 from ._local import LocalFeature
-from ._server import RedisServer
 from ._stats import BusStats, ConsumerStatistics, SubscriptionStatistics
 from ._streams._deadletter import DeadLetter
 from ._streams._feature import DurableFeature
@@ -57,6 +55,11 @@ from ._subscribers import Subscribers
 from ._subscription import Subscription
 from ._topic import Topic, as_topic
 from .errors import BusStateError, ConfigurationError
+
+if TYPE_CHECKING:  # cattrs loads with the converter; _server with EventBus.embedded()
+    import cattrs
+
+    from ._server import RedisServer
 
 __all__ = ["EventBus"]
 
@@ -297,6 +300,8 @@ class EventBus:
         body_error: BaseException | None = None
         try:
             if self._embedded:
+                from ._server import RedisServer
+
                 self._server = RedisServer()
                 await anyio.to_thread.run_sync(self._server.start)
                 self._url = self._server.url

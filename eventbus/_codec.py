@@ -15,16 +15,17 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Mapping
-from typing import Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
-import cattrs
 import msgspec
 import orjson
-from cattrs.preconf.orjson import configure_converter as _configure_orjson
 
 from ._config import Limits
 from ._envelope import CONTENT_BYTES, CONTENT_JSON, WIRE_VERSION, Envelope
 from .errors import ConfigurationError, DecodeError, EncodeError, PayloadTooLarge
+
+if TYPE_CHECKING:  # cattrs is imported by the functions that use it (import time)
+    import cattrs
 
 __all__ = ["Codec", "configure_converter", "make_converter"]
 
@@ -115,6 +116,8 @@ def configure_converter(converter: cattrs.Converter) -> None:
     * structuring errors carry the path of the failing field
       (``detailed_validation``), reported as ``$.amount: ...``.
     """
+    from cattrs.preconf.orjson import configure_converter as _configure_orjson
+
     _configure_orjson(converter)
     converter.register_unstructure_hook(bytes, lambda v: base64.b64encode(v).decode("ascii"))
     converter.register_structure_hook(bytes, lambda v, _: base64.b64decode(v, validate=True))
@@ -126,6 +129,8 @@ def make_converter(*, forbid_extra_keys: bool = False) -> cattrs.Converter:
     :param forbid_extra_keys: refuse events carrying fields the class does not
         declare (default: ignore them, so newer publishers can add fields).
     """
+    import cattrs
+
     converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=forbid_extra_keys)
     configure_converter(converter)
     return converter
@@ -133,6 +138,8 @@ def make_converter(*, forbid_extra_keys: bool = False) -> cattrs.Converter:
 
 def _error_path(exc: BaseException) -> str:
     """Flatten a cattrs error group into ``$.field: message`` lines."""
+    import cattrs
+
     if isinstance(exc, cattrs.ClassValidationError | cattrs.IterableValidationError):
         return "; ".join(cattrs.transform_error(exc, path="$"))
     return f"{type(exc).__name__}: {exc}"
@@ -149,9 +156,20 @@ class Codec:
 
     __slots__ = ("converter", "limits")
 
+    converter: cattrs.Converter
+
     def __init__(self, converter: cattrs.Converter | None, limits: Limits) -> None:
-        self.converter = converter if converter is not None else make_converter()
+        if converter is not None:
+            self.converter = converter
         self.limits = limits
+
+    def __getattr__(self, name: str) -> Any:
+        # The default converter is built on first use (importing cattrs then): a
+        # bus whose events are plain JSON values never needs it.
+        if name == "converter":
+            self.converter = make_converter()
+            return self.converter
+        raise AttributeError(name)
 
     def unstructure(self, topic: str, event: object) -> tuple[str, Any]:
         """Return (content type, JSON-ready value) of ``event``."""

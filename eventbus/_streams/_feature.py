@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.abc
@@ -28,19 +28,20 @@ from .._keys import TopicKeys, topic_keys
 from .._stats import BusStats, ConsumerStatistics, DurableStatistics
 from .._topic import Topic
 from ..errors import EventBusError
-from ._admin import topic_stats
 from ._deadletter import (
     DeadLetter,
     list_dead_letters,
     purge_dead_letters,
     replay_dead_letters,
 )
-from ._group import GroupConsumer
 from ._ids import stream_ms
 from ._iterator import GroupSubscription
 from ._options import GroupOptions
 from ._publisher import StreamWriter, Trimmer
-from ._tail import StreamTail, resolve_end, resolve_position
+
+if TYPE_CHECKING:  # group members, stream readers, stats: loaded by their first use
+    from ._group import GroupConsumer
+    from ._tail import StreamTail
 
 __all__ = ["DurableFeature"]
 
@@ -175,6 +176,8 @@ class DurableFeature:
         self, spec: HandlerSpec, topic: Topic[Any], options: GroupOptions
     ) -> GroupConsumer:
         """Create the group if needed and start a member; returns once it is reading."""
+        from ._group import GroupConsumer
+
         ctx, tg = self._ctx, self._tg
         assert ctx is not None
         assert tg is not None
@@ -251,6 +254,8 @@ class DurableFeature:
         """Feed ``receiver`` from the streams of ``topics`` (``XREAD``), from
         ``window.start``; with ``window.until``, close it once every stream reached
         its bound (resolved now: ``"latest"`` is each stream's last entry now)."""
+        from ._tail import resolve_end, resolve_position
+
         ctx = self._ctx
         assert ctx is not None
         starts = []
@@ -287,6 +292,8 @@ class DurableFeature:
                 self._tail.remove(self.keys(topic), receiver)
 
     def _new_tail(self) -> StreamTail:
+        from ._tail import StreamTail
+
         ctx = self._ctx
         assert ctx is not None
         client = ctx.clients.unretried_client(socket_timeout=_TAIL_BLOCK + 10)
@@ -336,6 +343,8 @@ class DurableFeature:
 
     async def stats(self, topics: Sequence[Topic[Any]]) -> BusStats:
         """Statistics of ``topics``, else of every durable topic this bus used."""
+        from ._admin import topic_stats
+
         wanted = list(topics)
         if not wanted:
             for member in self._members:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Generic, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 import anyio
 
@@ -13,7 +13,9 @@ from .._envelope import Delivery
 from .._handlers import HandlerSpec
 from .._stats import ConsumerStatistics
 from ..errors import BusStateError
-from ._group import GroupConsumer, Release
+
+if TYPE_CHECKING:  # the consumer-group machinery loads with the first group member
+    from ._group import GroupConsumer
 
 __all__ = ["GroupSubscription"]
 
@@ -85,6 +87,8 @@ class GroupSubscription(Generic[T]):
 
     async def _handler(self, payload: Any, delivery: Delivery) -> None:
         if self._closing:
+            from ._group import Release
+
             raise Release(charge=False)
         item = _Item(payload, delivery)
         self._items.append(item)
@@ -114,6 +118,8 @@ class GroupSubscription(Generic[T]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        from ._group import Release
+
         self._closing = True
         current, self._current = self._current, None
         if current is not None:
