@@ -710,11 +710,13 @@ class EventBus:
     ) -> list[Receipt]:
         """Publish ``events`` in order; returns their receipts.
 
-        A typed topic's events are all checked first, and durable events are all
-        encoded first: a bad event raises before anything is sent. Durable topic:
-        stored with pipelined ``XADD`` in batches of up to 1,000, under the same
-        retry rules as :meth:`publish`. Live and local topics: one :meth:`publish`
-        per event, pipelined for live topics.
+        A typed topic's events are all checked first, and durable and live events
+        are all encoded first: a bad event (over ``max_payload_bytes``, or not
+        encodable) raises before anything is sent. Durable topic: stored with
+        pipelined ``XADD`` in batches of up to 1,000, under the same retry rules as
+        :meth:`publish`. Live topic: one ``PUBLISH`` per event, pipelined; each is
+        sent even if an earlier one failed, and the first failure is raised. Local
+        topic: one :meth:`publish` per event.
 
         :raises: as :meth:`publish`.
         """
