@@ -53,7 +53,7 @@ from ._streams._iterator import GroupSubscription
 from ._streams._options import StartPosition, group_options
 from ._subscribers import Subscribers
 from ._subscription import Subscription
-from ._topic import Topic, as_topic
+from ._topic import Topic, as_topic, within_limits
 from .errors import BusStateError, ConfigurationError
 
 if TYPE_CHECKING:  # cattrs loads with the converter; _server with EventBus.embedded()
@@ -89,8 +89,10 @@ def _check_overflow(buffer: int, overflow: str) -> None:
         raise ConfigurationError(f"buffer must be a positive int, got {buffer!r}")
 
 
-def _topics(topic: Topic[Any] | str, more: tuple[Topic[Any] | str, ...]) -> tuple[Topic[Any], ...]:
-    topics = tuple(as_topic(t) for t in (topic, *more))
+def _topics(
+    topic: Topic[Any] | str, more: tuple[Topic[Any] | str, ...], limits: Limits
+) -> tuple[Topic[Any], ...]:
+    topics = tuple(within_limits(as_topic(t), limits) for t in (topic, *more))
     if len({t.type for t in topics}) > 1:
         raise ConfigurationError(
             "all topics of one subscription must carry the same event type, got "
@@ -108,9 +110,9 @@ def _check_window(topics: tuple[Topic[Any], ...], window: Window) -> Window:
 
 
 def _durable_only(
-    topic: Topic[Any] | str, more: tuple[Topic[Any] | str, ...], what: str
+    topic: Topic[Any] | str, more: tuple[Topic[Any] | str, ...], what: str, limits: Limits
 ) -> Topic[Any]:
-    t = as_topic(topic)
+    t = within_limits(as_topic(topic), limits)
     if more:
         raise ConfigurationError(f"{what}= takes one durable topic")
     if not t.durable:
@@ -120,10 +122,12 @@ def _durable_only(
     return t
 
 
-def _publishable(topic: Topic[Any] | str) -> Topic[Any]:
+def _publishable(topic: Topic[Any] | str, limits: Limits) -> Topic[Any]:
     t = topic if type(topic) is Topic else as_topic(topic)  # as_topic's call skipped per event
     if t.pattern:
         raise ConfigurationError(f"cannot publish to pattern {t.name!r}: publish to a topic")
+    if len(t.name) > limits.max_topic_len:  # Topic checked the default; the bus's may be lower
+        within_limits(t, limits)
     return t
 
 
@@ -148,7 +152,8 @@ class EventBus:
         ``redis://USER:PASSWORD@...`` for an ACL user) or in ``credential_provider``.
     :param prefix: namespace of every channel and key (default ``eb``).
     :param converter: a cattrs converter (see :func:`eventbus.make_converter`).
-    :param limits: size limits, enforced before anything reaches Redis.
+    :param limits: size limits, enforced before anything reaches Redis (topic and
+        pattern lengths wherever a topic is given to the bus).
     :param live: keepalive and reconnect policy of the push connection.
     :param protocol: RESP protocol, 3 (default; push frames) or 2.
     :param shutdown_grace: how long handlers get to drain on exit (seconds or ``timedelta``).
@@ -492,7 +497,7 @@ class EventBus:
         :raises eventbus.errors.PermissionDenied: (on entry) the ACL refuses the channel.
         """
         if group is not None:
-            t = _durable_only(topic, more, "group")
+            t = _durable_only(topic, more, "group", self._limits)
             options = group_options(
                 t,
                 group=group,
@@ -510,7 +515,7 @@ class EventBus:
             )
             return self._durable.subscription(t, options, lambda: self._require_open("subscribe"))
         _check_overflow(buffer, overflow)
-        topics = _topics(topic, more)
+        topics = _topics(topic, more, self._limits)
         window = _check_window(topics, Window(from_, until))
         return self._subscribers.subscription(
             topics, buffer, overflow, window, lambda: self._require_open("subscribe")
@@ -604,7 +609,7 @@ class EventBus:
         pending for another member.
         """
         if group is not None:
-            t = _durable_only(topic, more, "group")
+            t = _durable_only(topic, more, "group", self._limits)
             options = group_options(
                 t,
                 group=group,
@@ -620,6 +625,8 @@ class EventBus:
                 publish_to=publish_to,
                 dedupe=dedupe,
             )
+            if options.publish_to is not None:
+                within_limits(options.publish_to, self._limits)
 
             def group_decorator(fn: F) -> F:
                 spec = inspect_handler(fn, t.type, self._threads if in_thread else None)
@@ -631,7 +638,7 @@ class EventBus:
         if publish_to is not None:
             raise ConfigurationError("publish_to needs a consumer group (group=...)")
         _check_overflow(buffer, overflow)
-        topics = _topics(topic, more)
+        topics = _topics(topic, more, self._limits)
         window = _check_window(topics, Window(from_))
 
         def decorator(fn: F) -> F:
@@ -696,11 +703,12 @@ class EventBus:
             does not fit a typed topic (not an instance of ``Topic.type``, or a field
             of the wrong type): refused before any I/O, naming the expected type.
         :raises eventbus.errors.ConfigurationError: a pattern topic, or bad headers.
+        :raises eventbus.errors.InvalidTopic: a name longer than this bus's ``Limits``.
         :raises eventbus.errors.BusStateError: the bus is not open.
         :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded retries.
         :raises eventbus.errors.PermissionDenied: the ACL refuses ``PUBLISH`` on the channel.
         """
-        t = _publishable(topic)
+        t = _publishable(topic, self._limits)
         self._require_open("publish")
         hdrs = self._codec.check_headers(t.name, headers)
         if t.type is not object:
@@ -716,15 +724,17 @@ class EventBus:
     ) -> list[Receipt]:
         """Publish ``events`` in order; returns their receipts.
 
-        A typed topic's events are all checked first, and durable events are all
-        encoded first: a bad event raises before anything is sent. Durable topic:
-        stored with pipelined ``XADD`` in batches of up to 1,000, under the same
-        retry rules as :meth:`publish`. Live and local topics: one :meth:`publish`
-        per event, pipelined for live topics.
+        A typed topic's events are all checked first, and durable and live events
+        are all encoded first: a bad event (over ``max_payload_bytes``, or not
+        encodable) raises before anything is sent. Durable topic: stored with
+        pipelined ``XADD`` in batches of up to 1,000, under the same retry rules as
+        :meth:`publish`. Live topic: one ``PUBLISH`` per event, pipelined; each is
+        sent even if an earlier one failed, and the first failure is raised. Local
+        topic: one :meth:`publish` per event.
 
         :raises: as :meth:`publish`.
         """
-        t = _publishable(topic)
+        t = _publishable(topic, self._limits)
         self._require_open("publish")
         hdrs = self._codec.check_headers(t.name, headers)
         if t.type is not object:
@@ -746,14 +756,16 @@ class EventBus:
         :raises eventbus.errors.ConfigurationError: a topic that is not durable.
         """
         self._require_open("read stats")
-        return await self._durable.stats([_durable_only(t, (), "stats") for t in topics])
+        return await self._durable.stats(
+            [_durable_only(t, (), "stats", self._limits) for t in topics]
+        )
 
     async def dead_letters(
         self, topic: Topic[Any] | str, *, count: int = 100, after: str | None = None
     ) -> list[DeadLetter]:
         """Up to ``count`` dead letters of ``topic``, oldest first (after id ``after``)."""
         self._require_open("read dead letters")
-        t = _durable_only(topic, (), "dead_letters")
+        t = _durable_only(topic, (), "dead_letters", self._limits)
         return await self._durable.dead_letters(t, count=count, after=after)
 
     async def replay_dead_letters(
@@ -765,7 +777,7 @@ class EventBus:
         ids (``DeadLetter.id``); ``None``: all. Undecodable dead letters carry no
         envelope and are skipped. Returns how many were replayed."""
         self._require_open("replay dead letters")
-        t = _durable_only(topic, (), "replay_dead_letters")
+        t = _durable_only(topic, (), "replay_dead_letters", self._limits)
         return await self._durable.replay_dead_letters(t, ids)
 
     async def purge_dead_letters(
@@ -773,14 +785,14 @@ class EventBus:
     ) -> int:
         """Delete dead letters of ``topic`` (``ids``, or all); returns how many."""
         self._require_open("purge dead letters")
-        t = _durable_only(topic, (), "purge_dead_letters")
+        t = _durable_only(topic, (), "purge_dead_letters", self._limits)
         return await self._durable.purge_dead_letters(t, ids)
 
     async def trim(self, topic: Topic[Any]) -> int:
         """Trim ``topic`` now by its ``maxlen``/``retention`` (the bus also does it in
         the background as it publishes); returns the entries removed."""
         self._require_open("trim")
-        return await self._durable.trim(_durable_only(topic, (), "trim"))
+        return await self._durable.trim(_durable_only(topic, (), "trim", self._limits))
 
     # -- introspection -----------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Final, Literal
 
@@ -16,6 +17,8 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_LIVE_POLICY",
     "DEFAULT_RETRY_POLICY",
+    "MAX_PATTERN_LEN",
+    "MAX_TOPIC_LEN",
     "UNSET",
     "ClaimPolicy",
     "Limits",
@@ -57,16 +60,40 @@ def _positive(_inst: object, attribute: attrs.Attribute[int], value: int) -> Non
         raise ConfigurationError(f"{attribute.name} must be at least 1, got {value}")
 
 
+MAX_TOPIC_LEN: Final = 200
+"""Ceiling of ``Limits.max_topic_len``: a :class:`Topic` checks its name against it
+when it is created, before it meets a bus, so a bus's limits can lower it only."""
+MAX_PATTERN_LEN: Final = 256
+"""Ceiling of ``Limits.max_pattern_len``, for the same reason."""
+
+
+def _ceiling(ceiling: int) -> Callable[[object, attrs.Attribute[int], int], None]:
+    def check(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+        if value > ceiling:
+            raise ConfigurationError(
+                f"{attribute.name} must be at most {ceiling} (a Topic checks its name"
+                f" against {ceiling} when it is created; a bus's limits can only lower it),"
+                f" got {value}"
+            )
+
+    return check
+
+
 @attrs.frozen(kw_only=True)
 class Limits:
     """Size and shape limits, enforced before anything reaches Redis and again on receipt."""
 
     max_payload_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
     """Largest encoded event, in bytes (default 1 MiB; Redis itself allows 512 MB)."""
-    max_topic_len: int = attrs.field(default=200, validator=_positive)
-    """Longest topic name."""
-    max_pattern_len: int = attrs.field(default=256, validator=_positive)
-    """Longest subscription pattern (very long globs crash old redis-server, CVE-2024-31228)."""
+    max_topic_len: int = attrs.field(
+        default=MAX_TOPIC_LEN, validator=[_positive, _ceiling(MAX_TOPIC_LEN)]
+    )
+    """Longest topic name (at most 200, the default: ``Topic`` checks that much)."""
+    max_pattern_len: int = attrs.field(
+        default=MAX_PATTERN_LEN, validator=[_positive, _ceiling(MAX_PATTERN_LEN)]
+    )
+    """Longest subscription pattern (very long globs crash old redis-server,
+    CVE-2024-31228; at most 256, the default)."""
     max_headers: int = attrs.field(default=32, validator=_positive)
     """Most headers on one event."""
     max_entry_fields: int = attrs.field(default=32, validator=_positive)

@@ -10,7 +10,15 @@ from typing import Any, Final, Generic, Literal, TypeVar, final, overload
 from ._config import DEFAULT_LIMITS, Limits, seconds
 from .errors import ConfigurationError, InvalidTopic
 
-__all__ = ["Topic", "TopicLike", "Trim", "as_topic", "validate_name", "validate_pattern"]
+__all__ = [
+    "Topic",
+    "TopicLike",
+    "Trim",
+    "as_topic",
+    "validate_name",
+    "validate_pattern",
+    "within_limits",
+]
 
 Trim = Literal["acked", "hard"]
 
@@ -214,3 +222,18 @@ def as_topic(topic: Topic[T] | str) -> Topic[Any]:
     if isinstance(topic, str):
         return Topic(topic)
     raise ConfigurationError(f"expected a Topic or a topic name, got {topic!r}")
+
+
+def within_limits(topic: Topic[T], limits: Limits) -> Topic[T]:
+    """``topic`` if its name fits a bus's ``limits``, else raise :class:`InvalidTopic`.
+
+    ``Topic`` checked the name against the default (and highest) limits when it
+    was created; a bus configured with lower ones checks again here, before any I/O.
+    """
+    name = topic.name
+    if topic.pattern:
+        if len(name) > limits.max_pattern_len:
+            raise InvalidTopic(name, f"pattern longer than {limits.max_pattern_len} characters")
+    elif len(name) > limits.max_topic_len:
+        raise InvalidTopic(name, f"longer than {limits.max_topic_len} characters")
+    return topic

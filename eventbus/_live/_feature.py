@@ -124,17 +124,21 @@ class LiveFeature:
     async def publish_many(
         self, topic: Topic[Any], events: Iterable[Any], headers: dict[str, str]
     ) -> list[Receipt]:
-        # Concurrent publishes: the OrderedPublisher sends them in seq order, pipelined.
-        results: list[Receipt | None] = []
-        async with anyio.create_task_group() as tg:
-            for index, event in enumerate(events):
-                results.append(None)
-
-                async def one(i: int = index, e: Any = event) -> None:
-                    results[i] = await self.publish(topic, e, headers)
-
-                tg.start_soon(one)
-        return [r for r in results if r is not None]
+        ctx = self._ctx
+        assert ctx is not None
+        assert self._publisher is not None
+        name = topic.name
+        # All encoded first: an event over the limit (or not encodable) raises, as
+        # itself, before any is sent, and takes no sequence number. Then queued at
+        # once: the OrderedPublisher sends them in seq order, pipelined.
+        encoded = ctx.encode_many(name, events, headers)
+        reached = await self._publisher.publish_all(
+            name, live_channel(ctx.prefix, name), [raw for _id, raw, _ms in encoded]
+        )
+        return [
+            receipt(ctx.sender, name, event_id, ms, receivers=n)
+            for (event_id, _raw, ms), n in zip(encoded, reached, strict=True)
+        ]
 
     def begin_drain(self) -> None:
         if self._live_scope is not None:

@@ -46,6 +46,37 @@ class OrderedPublisher:
         """
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append((topic, channel, raw, fut))
+        await self._write()
+        return await fut
+
+    async def publish_all(self, topic: str, channel: str, raws: list[bytes]) -> list[int]:
+        """Publish each of ``raws`` on ``channel``, in order; return each one's receivers.
+
+        As :meth:`publish` for each (all queued before this awaits anything). Every
+        one is sent even if an earlier one failed.
+
+        :raises eventbus.errors.BackendError: the first failure, once all were sent.
+        """
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[int]] = []
+        for raw in raws:
+            fut: asyncio.Future[int] = loop.create_future()
+            self._queue.append((topic, channel, raw, fut))
+            futs.append(fut)
+        await self._write()
+        results: list[int] = []
+        error: BaseException | None = None
+        for fut in futs:  # every outcome retrieved: no "exception never retrieved"
+            try:
+                results.append(await fut)
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    async def _write(self) -> None:
+        """Become the writer if there is none: send everything queued, in order."""
         if not self._busy:
             self._busy = True
             try:
@@ -58,7 +89,6 @@ class OrderedPublisher:
                         await self._send(batch)
             finally:
                 self._busy = False
-        return await fut
 
     async def _send(self, batch: list[tuple[str, str, bytes, asyncio.Future[int]]]) -> None:
         results: list[Any]
