@@ -1,0 +1,345 @@
+"""RELIABILITY.md F30: faults of one consumer-group member.
+
+* F30: two members under one consumer name: the second is refused with
+  ``ConsumerNameInUse`` (a lease on the name), a clean leave frees the name at
+  once, a crashed holder's lease lapses within its TTL, and a member whose name
+  was taken while it was frozen stops reading.
+
+Real redis-server only; fault timing comes from one seed, printed first
+(``EVENTBUS_FAULT_SEED=<n>`` replays it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.crc import key_slot
+
+from eventbus import ClaimPolicy, Delivery, EventBus, Topic, errors
+from eventbus._keys import member_lease, topic_keys
+from eventbus._streams._lease import LEASE_TTL
+
+from ..helpers import control_client, wait_until
+from .oracle import OracleTail
+from .test_crash import fleet_of
+
+pytestmark = [pytest.mark.fault]
+
+
+def fault_rng(name: str) -> random.Random:
+    seed = int(os.environ.get("EVENTBUS_FAULT_SEED") or secrets.randbelow(2**31))
+    print(f"\n{name}: EVENTBUS_FAULT_SEED={seed}")
+    return random.Random(seed)
+
+
+class Calls:
+    """Every handler call: (event id, entry id, attempt, who)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int, str]] = []
+
+    def add(self, d: Delivery, who: str) -> None:
+        self.calls.append((d.id, d.stream_id, d.attempt, who))
+
+    @property
+    def by_id(self) -> Counter[str]:
+        return Counter(c[0] for c in self.calls)
+
+    @property
+    def dup(self) -> int:
+        return len(self.calls) - len(self.by_id)
+
+
+async def pending_entries(ctl: aioredis.Redis, stream: str, group: str) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = await ctl.xpending_range(stream, group, "-", "+", 10_000)
+    return entries
+
+
+# -- F30: duplicate consumer names --------------------------------------------------------
+
+
+F30_GROUP: dict[str, Any] = {"claim": ClaimPolicy(idle=30, interval=0.5), "block": 0.5}
+
+
+def lease_key(prefix: str, topic: str, group: str, consumer: str) -> str:
+    return member_lease(topic_keys(prefix, topic), group, consumer)
+
+
+_NAMES = st.text(alphabet=st.sampled_from("ab:{}-1"), min_size=1, max_size=6)
+
+
+@given(first=st.tuples(_NAMES, _NAMES), second=st.tuples(_NAMES, _NAMES))
+def test_f30_lease_key_is_one_to_one_and_in_the_topic_slot(
+    first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    keys = topic_keys("eb", "orders")
+    one, two = member_lease(keys, *first), member_lease(keys, *second)
+    assert (one == two) == (first == second)  # e.g. ("a:b", "c") vs ("a", "b:c")
+    assert key_slot(one.encode()) == key_slot(b"orders")
+
+
+async def test_f30_second_member_with_the_same_name_is_refused(bus_factory: Any) -> None:
+    topic = Topic("f30", durable=True)
+    first, second, third = bus_factory(), bus_factory(), bus_factory()
+    key = lease_key(first.prefix, "f30", "g", "c1")
+    got: dict[str, list[str]] = {"first": [], "second": []}
+
+    @first.on(topic, group="g", consumer="c1", **F30_GROUP)
+    async def one(event: Any, d: Delivery) -> None:
+        got["first"].append(d.id)
+
+    @second.on(topic, group="g", consumer="c1", **F30_GROUP)
+    async def two(event: Any, d: Delivery) -> None:
+        got["second"].append(d.id)
+
+    async with control_client(first.url) as ctl, first:
+        token = await ctl.get(key)
+        assert token is not None
+        assert token.split("/")[1] == str(os.getpid())  # <host>/<pid>/<random>
+        t0 = anyio.current_time()
+        with pytest.raises(errors.ConsumerNameInUse) as refused:
+            async with second:
+                pass
+        refused_s = anyio.current_time() - t0
+        t0 = anyio.current_time()
+        async with third:
+            with pytest.raises(errors.ConsumerNameInUse) as refused_iter:
+                async with third.subscribe(topic, group="g", consumer="c1"):
+                    pass
+        refused_iter_s = anyio.current_time() - t0
+        receipts = await first.publish_many(topic, [{"n": n} for n in range(20)])
+        await wait_until(lambda: len(got["first"]) == 20, timeout=5)
+        consumers = await ctl.xinfo_consumers(topic_keys(first.prefix, "f30").stream, "g")
+        assert await ctl.get(key) == token  # the refused members left the lease alone
+    print(
+        f"F30: refused_s={refused_s:.2f} refused_iterator_s={refused_iter_s:.2f} "
+        f"(renewal every {LEASE_TTL / 3:.1f}s) error={refused.value}"
+    )
+    for exc in (refused.value, refused_iter.value):
+        assert isinstance(exc, errors.BackendError)
+        assert (exc.topic, exc.group, exc.consumer) == ("f30", "g", "c1")
+        assert exc.holder == token
+        assert "'c1'" in str(exc)
+        assert "'g'" in str(exc)
+        assert "'f30'" in str(exc)
+    # Refused within one renewal period plus a poll: "fails fast".
+    assert refused_s <= LEASE_TTL / 3 + 0.5
+    assert refused_iter_s <= LEASE_TTL / 3 + 0.5
+    assert got["second"] == []
+    assert sorted(got["first"]) == sorted(r.id for r in receipts)
+    assert [c["name"] for c in consumers] == ["c1"]
+
+
+async def test_f30_clean_leave_frees_the_name_at_once(bus_factory: Any) -> None:
+    topic = Topic("f30", durable=True)
+    first, again, third = bus_factory(), bus_factory(), bus_factory()
+    key = lease_key(first.prefix, "f30", "g", "c1")
+    for bus in (first, again):
+        bus.on(topic, group="g", consumer="c1", **F30_GROUP)(lambda event: None)
+    async with control_client(first.url) as ctl:
+        async with first:
+            assert await ctl.exists(key) == 1
+            assert 0 < await ctl.pttl(key) <= LEASE_TTL * 1000
+        assert await ctl.exists(key) == 0  # deleted on leave, not left to lapse
+        t0 = anyio.current_time()
+        async with again:
+            restart_s = anyio.current_time() - t0
+        async with third:
+            for _ in range(3):  # an iterator's leave frees it too
+                async with third.subscribe(topic, group="g", consumer="c1"):
+                    assert await ctl.exists(key) == 1
+                assert await ctl.exists(key) == 0
+    print(f"F30 clean leave: restart_s={restart_s:.3f}")
+    assert restart_s < 0.5
+
+
+async def test_f30_crashed_holder_lease_lapses_and_the_restart_takes_its_pending_back(
+    bus_factory: Any,
+) -> None:
+    """A crashed member's lease (its last renewal 1 s before) is not renewed: the
+    restart under its name waits for it to lapse, at most one TTL, then takes its
+    own pending entries back at once (F2's path), long before claim_idle."""
+    topic = Topic("f30", durable=True)
+    pub, restarted = bus_factory(), bus_factory()
+    stream = topic_keys(pub.prefix, "f30").stream
+    key = lease_key(pub.prefix, "f30", "g", "c1")
+    calls = Calls()
+
+    @restarted.on(topic, group="g", consumer="c1", **F30_GROUP)
+    async def handle(event: Any, d: Delivery) -> None:
+        calls.add(d, "restarted")
+
+    async with control_client(pub.url) as ctl, pub:
+        await ctl.xgroup_create(stream, "g", id="0", mkstream=True)
+        receipts = await pub.publish_many(topic, [{"n": n} for n in range(3)])
+        await ctl.xreadgroup("g", "c1", {stream: ">"}, count=3)  # held when it crashed
+        remaining_ms = int(LEASE_TTL * 1000) - 1000
+        await ctl.set(key, "crashed-host/1/0123456789ab", px=remaining_ms)
+        t0 = anyio.current_time()
+        async with restarted:
+            waited = anyio.current_time() - t0
+            handled_s = await wait_until(lambda: len(calls.calls) == 3, timeout=5)
+            assert (await ctl.get(key)).split("/")[1] == str(os.getpid())
+    print(
+        f"F30 crashed holder: lease_left_ms={remaining_ms} waited_s={waited:.2f} "
+        f"own_pending_handled_s={handled_s:.2f} attempts={[c[2] for c in calls.calls]}"
+    )
+    assert remaining_ms / 1000 - 0.1 <= waited <= remaining_ms / 1000 + 0.5
+    assert handled_s < 1.0  # claim_idle is 30 s: these came back as its own
+    assert sorted(c[0] for c in calls.calls) == sorted(r.id for r in receipts)
+    assert {c[2] for c in calls.calls} == {2}
+
+
+async def test_f30_lease_without_expiry_is_refused_at_once(bus_factory: Any) -> None:
+    topic = Topic("f30", durable=True)
+    bus = bus_factory()
+    key = lease_key(bus.prefix, "f30", "g", "c1")
+    async with control_client(bus.url) as ctl, bus:
+        await ctl.set(key, "someone")
+        t0 = anyio.current_time()
+        with pytest.raises(errors.ConsumerNameInUse) as refused:
+            async with bus.subscribe(topic, group="g", consumer="c1"):
+                pass
+        assert refused.value.holder == "someone"
+        assert anyio.current_time() - t0 < 0.5
+        assert await ctl.get(key) == "someone"
+
+
+async def test_f30_member_whose_name_was_taken_stops_reading(
+    bus_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another member took the name while this one was silent past its lease (here:
+    the lease is overwritten, as a member starting after it lapsed would): at its
+    next renewal the member logs an ERROR and reads nothing more under the name."""
+    topic = Topic("f30", durable=True)
+    victim, other, pub = bus_factory(client_name="victim"), bus_factory(), bus_factory()
+    key = lease_key(pub.prefix, "f30", "g", "c1")
+    calls = Calls()
+
+    @victim.on(topic, group="g", consumer="c1", **F30_GROUP)
+    async def one(event: Any, d: Delivery) -> None:
+        calls.add(d, "victim")
+
+    @other.on(topic, group="g", consumer="c2", **F30_GROUP)
+    async def two(event: Any, d: Delivery) -> None:
+        calls.add(d, "other")
+
+    async with control_client(pub.url) as ctl, pub, victim, other:
+        before = await pub.publish_many(topic, [{"n": n} for n in range(10)])
+        await wait_until(lambda: len(calls.calls) == 10, timeout=5)
+        await ctl.set(key, "intruder/1/0123456789ab", px=60_000)
+        t0 = anyio.current_time()
+
+        def logged() -> bool:
+            return any("was taken" in r.getMessage() for r in caplog.records)
+
+        await wait_until(logged, timeout=LEASE_TTL)
+        noticed_s = anyio.current_time() - t0
+
+        async def not_reading() -> bool:
+            clients = await ctl.client_list()
+            return not [c for c in clients if c["name"] == "victim" and c["cmd"] == "xreadgroup"]
+
+        await wait_until(not_reading, timeout=5)
+        after = await pub.publish_many(topic, [{"n": n} for n in range(10, 60)])
+
+        async def drained() -> bool:
+            return len(calls.calls) >= 60 and not await pending_entries(
+                ctl, topic_keys(pub.prefix, "f30").stream, "g"
+            )
+
+        await wait_until(drained, timeout=5)
+        (victim_stats,) = victim.consumer_statistics(one)
+    assert await ctl_get_after(pub.url, key) == "intruder/1/0123456789ab"  # left alone on leave
+    victim_after = [c for c in calls.calls if c[0] in {r.id for r in after} and c[3] == "victim"]
+    errors_logged = [
+        r for r in caplog.records if r.levelno == logging.ERROR and "was taken" in r.getMessage()
+    ]
+    print(
+        f"F30 name taken: noticed_s={noticed_s:.2f} victim_handled_after={len(victim_after)} "
+        f"errors_logged={len(errors_logged)} victim_reads={victim_stats.reads}"
+    )
+    assert noticed_s <= LEASE_TTL / 3 + 0.5
+    assert len(errors_logged) == 1
+    assert victim_after == []
+    assert {c[0] for c in calls.calls} == {r.id for r in [*before, *after]}
+    assert calls.dup == 0
+
+
+async def ctl_get_after(url: str, key: str) -> str | None:
+    async with control_client(url) as ctl:
+        value: str | None = await ctl.get(key)
+        return value
+
+
+@pytest.mark.slow
+async def test_f30_two_processes_with_one_name(redis_server_factory: Any, tmp_path: Path) -> None:
+    """The scenario as the plan states it, with real processes: a second process
+    under the same name fails fast; once the first is frozen (SIGSTOP) past its
+    lease, a third takes the name; the first, resumed, logs an ERROR and stops
+    reading, and everything published afterwards is handled by the new holder."""
+    server = redis_server_factory()
+    prefix, seed = "f30", 30
+    topic = Topic("orders", durable=True)
+    key = lease_key(prefix, "orders", "billing", "c1")
+    with fleet_of(tmp_path, server.url, prefix, seed, claim_idle=10.0) as fleet:
+        holder = fleet.spawn("c1")
+        await holder.wait_event("ready", timeout=20)
+        t_spawn = time.time()
+        duplicate = fleet.spawn("c1")
+        code = await duplicate.wait_exit(timeout=20)
+        refused_s = time.time() - t_spawn
+        stderr = duplicate.stderr_tail(20_000)
+        assert code != 0
+        assert "ConsumerNameInUse" in stderr
+        assert "consumer name 'c1' of group 'billing' is in use" in stderr
+        assert "(topic 'orders')" in stderr
+        assert duplicate.event("ready") is None
+
+        async with control_client(server.url) as ctl:
+            first_token = await ctl.get(key)
+            t_stop = holder.send(signal.SIGSTOP)
+            successor = fleet.spawn("c1")
+            ready = await successor.wait_event("ready", timeout=20)
+            takeover_s = ready["t"] - t_stop
+            assert await ctl.get(key) != first_token
+            holder.send(signal.SIGCONT)
+
+            def holder_gave_up() -> bool:
+                return "was taken" in holder.stderr_tail(20_000)
+
+            await wait_until(holder_gave_up, timeout=LEASE_TTL + 2)
+            bus = EventBus(server.url, prefix=prefix)
+            async with bus:
+                receipts = await bus.publish_many(topic, [{"seq": n} for n in range(50)])
+                tail = OracleTail(fleet.oracle_dir)
+
+                def handled() -> bool:
+                    tail.poll()
+                    return {r.id for r in receipts} <= tail.handled_ids
+
+                await wait_until(handled, timeout=10)
+            by_pid = Counter(line["pid"] for line in tail.done)
+            await fleet.stop_all()
+            assert await ctl.exists(key) == 0  # the successor freed it; the first did not
+    print(
+        f"F30 processes: duplicate_exit_code={code} refused_after_spawn_s={refused_s:.2f} "
+        f"takeover_after_sigstop_s={takeover_s:.2f} handled_by_pid={dict(by_pid)} "
+        f"(holder {holder.pid}, successor {successor.pid})"
+    )
+    assert by_pid[holder.pid] == 0
+    assert by_pid[successor.pid] == 50
+    assert takeover_s <= LEASE_TTL + 3.0  # interpreter start-up included
