@@ -1,5 +1,9 @@
-"""RELIABILITY.md F30: faults of one consumer-group member.
+"""RELIABILITY.md F3c, F30: faults of one consumer-group member.
 
+* F3c: handlers running 3x ``claim_idle`` on live members are never claimed (the
+  member's claimer heartbeats what it holds); the negative control, a holder
+  that does not heartbeat (a raw redis-py consumer), loses its entry to a claim
+  and the event runs twice.
 * F30: two members under one consumer name: the second is refused with
   ``ConsumerNameInUse`` (a lease on the name), a clean leave frees the name at
   once, a crashed holder's lease lapses within its TTL, and a member whose name
@@ -66,6 +70,150 @@ class Calls:
 async def pending_entries(ctl: aioredis.Redis, stream: str, group: str) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = await ctl.xpending_range(stream, group, "-", "+", 10_000)
     return entries
+
+
+# -- F3c: long handlers are not claimed from live members -------------------------------
+
+F3C_IDLE = 1.0
+F3C_CLAIM = ClaimPolicy(idle=F3C_IDLE, interval=0.2)
+F3C_HANDLER_S = 3 * F3C_IDLE
+F3C_GROUP: dict[str, Any] = {"claim": F3C_CLAIM, "concurrency": 4, "batch": 4, "block": 0.5}
+
+
+class IdleWatch:
+    """Polls the group's pending list: the largest idle time and delivery count seen."""
+
+    def __init__(self, ctl: aioredis.Redis, stream: str, group: str) -> None:
+        self.ctl, self.stream, self.group = ctl, stream, group
+        self.max_idle: dict[str, int] = {}
+        self.max_delivered: dict[str, int] = {}
+
+    async def run(self) -> None:
+        while True:
+            for e in await pending_entries(self.ctl, self.stream, self.group):
+                sid = e["message_id"]
+                self.max_idle[sid] = max(self.max_idle.get(sid, 0), int(e["time_since_delivered"]))
+                self.max_delivered[sid] = max(
+                    self.max_delivered.get(sid, 0), int(e["times_delivered"])
+                )
+            await anyio.sleep(0.05)
+
+
+async def _f3c_members(
+    bus_factory: Any, topic: Topic[Any], calls: Calls, started: list[float]
+) -> list[tuple[EventBus, Any]]:
+    members = []
+    for i in range(3):
+        bus = bus_factory()
+        name = f"m{i}"
+
+        async def handle(event: Any, d: Delivery, name: str = name) -> None:
+            started.append(anyio.current_time())
+            calls.add(d, name)
+            await anyio.sleep(F3C_HANDLER_S)
+
+        bus.on(topic, group="g", consumer=name, **F3C_GROUP)(handle)
+        members.append((bus, handle))
+    return members
+
+
+@pytest.mark.slow  # ~6 s: one member runs 5 of the 6 handlers, 4 at a time
+async def test_f3c_long_handlers_of_live_members_are_never_claimed(bus_factory: Any) -> None:
+    topic = Topic("f3c", durable=True)
+    pub = bus_factory()
+    stream = topic_keys(pub.prefix, "f3c").stream
+    calls = Calls()
+    started: list[float] = []
+    members = await _f3c_members(bus_factory, topic, calls, started)
+    (a, _), (b, _), (c, _) = members
+    t0 = anyio.current_time()
+    async with control_client(pub.url) as ctl, pub, a, b, c:
+        watch = IdleWatch(ctl, stream, "g")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch.run)
+            receipts = await pub.publish_many(topic, [{"n": n} for n in range(6)])
+            await wait_until(lambda: len(calls.calls) >= 6, timeout=5)
+
+            async def drained() -> bool:
+                return not await pending_entries(ctl, stream, "g")
+
+            await wait_until(drained, timeout=F3C_HANDLER_S + 5)
+            tg.cancel_scope.cancel()
+        stats = [s for m, fn in members for s in m.consumer_statistics(fn)]
+    elapsed = anyio.current_time() - t0
+    claimed = sum(s.claimed for s in stats)
+    attempts = Counter(c[2] for c in calls.calls)
+    max_idle_ms = max(watch.max_idle.values())
+    held_s = max(started) + F3C_HANDLER_S - min(started)
+    print(
+        f"F3c: events=6 members=3 handler_s={F3C_HANDLER_S} claim_idle_s={F3C_IDLE} "
+        f"reclaims={claimed} dup={calls.dup} attempts={dict(attempts)} "
+        f"max_pending_idle_ms={max_idle_ms} "
+        f"max_times_delivered={max(watch.max_delivered.values())} "
+        f"per_member={Counter(c[3] for c in calls.calls)} elapsed_s={elapsed:.1f}"
+    )
+    assert {r.id for r in receipts} == set(calls.by_id)  # lost = 0
+    assert held_s >= 3 * F3C_IDLE  # each entry was held 3x claim_idle
+    assert claimed == 0
+    assert calls.dup == 0
+    assert attempts == {1: 6}
+    assert max(watch.max_delivered.values()) == 1
+    # The heartbeat kept every entry's idle time below claim_idle all along.
+    assert max_idle_ms < F3C_IDLE * 1000
+
+
+async def test_f3c_negative_control_a_holder_without_heartbeat_loses_its_entry(
+    bus_factory: Any,
+) -> None:
+    """A raw consumer reads one entry and sits on it for 3x claim_idle without the
+    heartbeat (as a member that never extends would): a live member claims it after
+    claim_idle and the event runs twice. The members' own long handlers, beside it,
+    are still not claimed."""
+    topic = Topic("f3c", durable=True)
+    pub = bus_factory()
+    stream = topic_keys(pub.prefix, "f3c").stream
+    calls = Calls()
+    started: list[float] = []
+    members = await _f3c_members(bus_factory, topic, calls, started)
+    (a, _), (b, _), (c, _) = members
+    zombie_ack: list[int] = []
+    async with control_client(pub.url) as ctl, pub:
+        await ctl.xgroup_create(stream, "g", id="0", mkstream=True)
+        (held,) = await pub.publish_many(topic, [{"n": 0}])
+        ((_key, entries),) = await ctl.xreadgroup("g", "zombie", {stream: ">"}, count=1)
+        assert [e[0] for e in entries] == [held.stream_id]
+        read_at = anyio.current_time()
+        async with a, b, c:
+            others = await pub.publish_many(topic, [{"n": n} for n in range(1, 6)])
+            # The zombie's "handler": 3x claim_idle, no heartbeat, then its ack.
+            await anyio.sleep_until(read_at + F3C_HANDLER_S)
+            calls.calls.append((held.id, held.stream_id, 1, "zombie"))
+            zombie_ack.append(await ctl.xack(stream, "g", held.stream_id))
+
+            def acks_done() -> list[Any]:
+                # Every entry a member ran has had its ack (counted or found taken).
+                stats = [s for m, fn in members for s in m.consumer_statistics(fn)]
+                done = sum(s.acked + s.ack_lost_ownership for s in stats)
+                return stats if len(calls.calls) >= 7 and done == 6 else []
+
+            await wait_until(lambda: bool(acks_done()), timeout=F3C_HANDLER_S + 5)
+            stats = acks_done()
+            assert not await pending_entries(ctl, stream, "g")
+    claimed = sum(s.claimed for s in stats)
+    lost_ownership = sum(s.ack_lost_ownership for s in stats)
+    again = [c for c in calls.calls if c[0] == held.id and c[3] != "zombie"]
+    print(
+        f"F3c negative control: reclaims={claimed} dup={calls.dup} "
+        f"zombie_xack={zombie_ack[0]} members_ack_lost_ownership={lost_ownership} "
+        f"second_run={again}"
+    )
+    assert {r.id for r in [held, *others]} == set(calls.by_id)  # lost = 0
+    assert claimed == 1
+    assert calls.dup == 1  # the Celery visibility-timeout trap: it ran twice
+    assert [c[2] for c in again] == [2]  # the claim was a second delivery
+    # Whoever acked second found nothing: exactly one of the two acks counted.
+    assert zombie_ack[0] + (1 - lost_ownership) == 1
+    assert all(n == 1 for i, n in calls.by_id.items() if i != held.id)
 
 
 # -- F30: duplicate consumer names --------------------------------------------------------
