@@ -1,9 +1,13 @@
-"""RELIABILITY.md F3c, F30: faults of one consumer-group member.
+"""RELIABILITY.md F3c, F21, F30: faults of one consumer-group member.
 
 * F3c: handlers running 3x ``claim_idle`` on live members are never claimed (the
   member's claimer heartbeats what it holds); the negative control, a holder
   that does not heartbeat (a raw redis-py consumer), loses its entry to a claim
   and the event runs twice.
+* F21: a group iterator's task cancelled 0-3 ms after its handler returned,
+  around the ``XACK``, 2,000 times through a 1 ms delay proxy, with sentinel
+  ``SET``/``GET`` pairs on the member's own command client: no reply cross-talk,
+  no leaked connection, nothing lost.
 * F30: two members under one consumer name: the second is refused with
   ``ConsumerNameInUse`` (a lease on the name), a clean leave frees the name at
   once, a crashed holder's lease lapses within its TTL, and a member whose name
@@ -15,6 +19,7 @@ Real redis-server only; fault timing comes from one seed, printed first
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -35,6 +40,7 @@ from redis.crc import key_slot
 from eventbus import ClaimPolicy, Delivery, EventBus, Topic, errors
 from eventbus._keys import member_lease, topic_keys
 from eventbus._streams._lease import LEASE_TTL
+from eventbus.testing import FaultProxy
 
 from ..helpers import control_client, wait_until
 from .oracle import OracleTail
@@ -491,3 +497,185 @@ async def test_f30_two_processes_with_one_name(redis_server_factory: Any, tmp_pa
     assert by_pid[holder.pid] == 0
     assert by_pid[successor.pid] == 50
     assert takeover_s <= LEASE_TTL + 3.0  # interpreter start-up included
+
+
+# -- F21: cancellation around the ack --------------------------------------------------
+
+F21_ITERATIONS = 2000
+F21_CHECK_EVERY = 100
+F21_LANES = 4
+"""Iterations run in 4 lanes at once (each its own topic and member, all on the one
+bus and its command client): ~45 ms an iteration through the 1 ms proxy, so
+2,000 in a row would take 90 s; side by side they also interleave on the pool."""
+F21_GROUP: dict[str, Any] = {
+    "group": "g",
+    # Claim passes every 2 ms: their XAUTOCLAIM / XPENDING calls on the shared
+    # command client are cut mid-flight by the stop, again and again.
+    "claim": ClaimPolicy(idle=30, interval=0.002),
+    "block": 0.05,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error")
+async def test_f21_cancellation_around_the_ack(
+    redis_server_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each iteration: publish one event, run a group iterator in a task until the
+    event's loop body returns (then ``__anext__`` acks it), cancel that task 0-3 ms
+    later. The cancel reaches the member only through the iterator's exit, which
+    stops it shielded: the reader's blocked XREADGROUP and the claimer's calls are
+    cut, the XACK is flushed (or, if Redis cannot be reached in time, the event stays
+    pending for the same name's next start). Sentinels run SET/GET pairs on the
+    member's command client throughout, a third of them cut 0-3 ms in."""
+    rng = fault_rng("F21")
+    server = redis_server_factory()
+    topics = [Topic(f"f21-{lane}", durable=True) for lane in range(F21_LANES)]
+    streams = [topic_keys("f21", t.name).stream for t in topics]
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    handled: Counter[str] = Counter()
+    published: list[str] = []
+    counts = Counter[str]()
+    client_counts: list[int] = []
+    t_start = time.monotonic()
+    async with FaultProxy(("127.0.0.1", server.port)) as proxy, control_client(server.url) as ctl:
+        proxy.delay = 0.001  # each way, per chunk
+        bus = EventBus(f"redis://127.0.0.1:{proxy.port}", prefix="f21", client_name="f21")
+
+        async def consume(lane: int, target: str, returned: anyio.Event, box: list[Any]) -> None:
+            async with bus.subscribe(topics[lane], consumer=f"c{lane}", **F21_GROUP) as sub:
+                box.append(sub)
+                async for _ in sub:
+                    d = sub.delivery
+                    assert d is not None
+                    handled[d.id] += 1
+                    if d.id == target:
+                        returned.set()  # the body ends: __anext__ acks it
+
+        async def iteration(lane: int) -> None:
+            receipt = await bus.publish(topics[lane], {"lane": lane})
+            published.append(receipt.id)
+            returned = anyio.Event()
+            box: list[Any] = []
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(consume, lane, receipt.id, returned, box)
+                    await returned.wait()
+                    await anyio.sleep(rng.uniform(0, 0.003))
+                    acked = box[0].statistics().acked
+                    tg.cancel_scope.cancel()
+            counts["cancel_after_ack_reply" if acked else "cancel_before_ack_reply"] += 1
+
+        async def lane_run(lane: int, n: int) -> None:
+            for _ in range(n):
+                await iteration(lane)
+
+        async with bus:
+            # The members' own command client: acks, claims, leases, hand-backs. The
+            # sentinels must share its pool to catch a reply read by the wrong caller.
+            shared: aioredis.Redis = bus._durable._client
+            sentinels = Sentinels(shared, rng)
+            async with anyio.create_task_group() as background:
+                background.start_soon(sentinels.run)  # two at once: more of the pool in use
+                background.start_soon(sentinels.run)
+                for _ in range(F21_ITERATIONS // F21_CHECK_EVERY):
+                    async with anyio.create_task_group() as lanes:
+                        for lane in range(F21_LANES):
+                            lanes.start_soon(lane_run, lane, F21_CHECK_EVERY // F21_LANES)
+                    sentinels.pause()
+                    client_counts.append(await no_leaks(bus, shared, ctl))
+                    for stream in streams:
+                        counts["pending_at_checks"] += await pending_count(ctl, stream)
+                    sentinels.resume()
+                background.cancel_scope.cancel()
+            # Anything left pending comes back to the same name on its next start.
+            async with anyio.create_task_group() as lanes:
+                for lane in range(F21_LANES):
+                    lanes.start_soon(iteration, lane)
+            for stream in streams:
+                await wait_until(lambda s=stream: _no_pending(ctl, s), timeout=5)
+            client_counts.append(await no_leaks(bus, shared, ctl))
+        gc.collect()  # unclosed connections or transports would warn (as errors) here
+    elapsed = time.monotonic() - t_start
+    lost = [e for e in published if handled[e] == 0]
+    dup = sum(handled.values()) - len(handled)
+    asyncio_errors = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    print(
+        f"F21: iterations={counts['cancel_after_ack_reply'] + counts['cancel_before_ack_reply']}"
+        f" lanes={F21_LANES} delay_ms=1 each way lost={len(lost)} dup={dup} "
+        f"cancels={dict(counts)} sentinel_pairs={sentinels.checked} "
+        f"sentinel_cut={sentinels.cut} sentinel_mismatches={sentinels.mismatches} "
+        f"client_list_counts={client_counts} asyncio_errors={len(asyncio_errors)} "
+        f"elapsed_s={elapsed:.1f}"
+    )
+    assert sentinels.mismatches == 0
+    assert sentinels.checked >= F21_ITERATIONS
+    assert not lost
+    assert not asyncio_errors, asyncio_errors[:3]
+    assert max(client_counts) <= 20  # no growth over 2,000 stops (pool max: 100)
+
+
+async def pending_count(ctl: aioredis.Redis, stream: str) -> int:
+    return int((await ctl.xpending(stream, "g"))["pending"])
+
+
+async def _no_pending(ctl: aioredis.Redis, stream: str) -> bool:
+    return await pending_count(ctl, stream) == 0
+
+
+async def no_leaks(bus: EventBus, shared: aioredis.Redis, ctl: aioredis.Redis) -> int:
+    """No connection in use in the shared pool, and every connection Redis lists
+    under the bus's name belongs to one of the bus's pools; returns the count."""
+    pools = [shared.connection_pool, bus._durable._stream_client.connection_pool]
+    seen: list[int] = []
+
+    async def settled() -> bool:
+        in_use = sum(p.get_connection_count()[1][0] for p in pools)
+        held = sum(n for p in pools for n, _ in p.get_connection_count())
+        listed = [c for c in await ctl.client_list() if c["name"] == "f21"]
+        seen[:] = [len(listed)]
+        return in_use == 0 and len(listed) <= held <= min(p.max_connections for p in pools)
+
+    await wait_until(settled, timeout=5)
+    return seen[0]
+
+
+class Sentinels:
+    """SET/GET pairs of unique keys on a shared client, some cut 0-3 ms in: any reply
+    read by the wrong caller shows as a mismatch."""
+
+    def __init__(self, client: aioredis.Redis, rng: random.Random) -> None:
+        self.client = client
+        self.rng = rng
+        self.checked = 0
+        self.cut = 0
+        self.mismatches = 0
+        self._go = anyio.Event()
+        self._go.set()
+        self._n = 0
+
+    def pause(self) -> None:
+        self._go = anyio.Event()
+
+    def resume(self) -> None:
+        self._go.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._go.wait()
+            self._n += 1
+            key, value = f"f21:s:{self._n}", secrets.token_hex(8)
+            if self._n % 3 == 0:
+                with anyio.move_on_after(self.rng.uniform(0, 0.003)) as scope:
+                    await self._pair(key, value)
+                if scope.cancelled_caught:
+                    self.cut += 1
+                continue
+            await self._pair(key, value)
+            self.checked += 1
+
+    async def _pair(self, key: str, value: str) -> None:
+        ok = await self.client.set(key, value, px=60_000)
+        got = await self.client.get(key)
+        if ok is not True or got != value.encode():
+            self.mismatches += 1
