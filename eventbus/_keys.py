@@ -11,6 +11,8 @@ Layout (``prefix`` defaults to ``eb``; a topic name never contains ``:``, ``{`` 
     {prefix}:{<topic>}:cursors       hash: group -> id below which its events were handled
     {prefix}:{<topic>}:seen:<group>:<event id>
                                      dedupe mark (``dedupe=`` groups), expires
+    {prefix}:{<topic>}:lease:<len(group)>:<group>:<consumer>
+                                     lease of a consumer name while its member runs
 
 The topic sits in a ``{hash tag}`` so every name of one topic maps to one Redis
 Cluster slot. ``docs/wire-format.md`` is written from this module.
@@ -30,6 +32,7 @@ __all__ = [
     "dedupe_prefix",
     "live_channel",
     "live_pattern",
+    "member_lease",
     "topic_keys",
     "validate_prefix",
 ]
@@ -78,6 +81,8 @@ class TopicKeys(NamedTuple):
     cursors: str
     seen: str
     """Prefix of dedupe marks (build them with :func:`dedupe_prefix`)."""
+    lease: str
+    """Prefix of consumer-name leases (build them with :func:`member_lease`)."""
 
 
 def topic_keys(prefix: str, topic: str) -> TopicKeys:
@@ -89,6 +94,7 @@ def topic_keys(prefix: str, topic: str) -> TopicKeys:
         dlq_count=f"{base}:dlq-count",
         cursors=f"{base}:cursors",
         seen=f"{base}:seen:",
+        lease=f"{base}:lease:",
     )
 
 
@@ -98,3 +104,12 @@ def dedupe_prefix(keys: TopicKeys, group: str) -> str:
 
     A prefix, not a whole key: a member builds it once and appends each event id."""
     return keys.seen + group + ":"
+
+
+def member_lease(keys: TopicKeys, group: str, consumer: str) -> str:
+    """The lease of consumer name ``consumer`` in ``group`` on a durable topic:
+    ``{prefix}:{<topic>}:lease:<len(group)>:<group>:<consumer>``.
+
+    Group and consumer names may contain ``:``; the group's length in front keeps
+    the key one-to-one with the pair (``a:b``/``c`` and ``a``/``b:c`` differ)."""
+    return f"{keys.lease}{len(group)}:{group}:{consumer}"

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ACK_PUBLISH", "DEAD_LETTER", "REPLAY_DEAD_LETTERS", "TRIM_ACKED"]
+__all__ = [
+    "ACK_PUBLISH",
+    "DEAD_LETTER",
+    "LEASE_RELEASE",
+    "LEASE_RENEW",
+    "REPLAY_DEAD_LETTERS",
+    "TRIM_ACKED",
+]
 
 DEAD_LETTER: Final = """
 -- Move one pending entry of a consumer group to the dead-letter stream.
@@ -187,4 +194,35 @@ for i = 1, #ARGV do
   end
 end
 return {replayed, skipped}
+"""
+
+LEASE_RENEW: Final = """
+-- Renew a group member's lease on its consumer name, or take it again if it lapsed.
+-- KEYS[1] lease key
+-- ARGV[1] the member's token, ARGV[2] time to live in ms
+-- returns {1, token}: renewed; {2, token}: it had lapsed (the member stalled or was
+-- cut off past the TTL) and nobody took it, so it is the member's again;
+-- {0, holder}: another member holds the name now (nothing is written)
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, holder}
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {2, ARGV[1]}
+end
+return {0, holder}
+"""
+
+LEASE_RELEASE: Final = """
+-- Delete a group member's lease on its consumer name, if it still holds it.
+-- KEYS[1] lease key
+-- ARGV[1] the member's token
+-- returns 1 if deleted, 0 if the lease is not the member's (lapsed, or taken by
+-- another member: that one's lease is left alone)
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """

@@ -15,7 +15,9 @@ The tree::
         ├── RedisUnavailable                     connection refused, reset or timed out
         │   └── TLSError                         the TLS handshake or certificate check failed
         ├── AuthenticationFailed                 wrong password, disabled user
-        └── PermissionDenied                     an ACL NOPERM: names the command, key or channel
+        ├── PermissionDenied                     an ACL NOPERM: names the command, key or channel
+        └── ConsumerNameInUse                    a live member of the group already runs under
+                                                 this consumer name
 
 Errors carry their context as attributes (``topic``, ``event_id``, ...) and build
 their message from it, so a log line names what failed. Foreign errors (redis-py,
@@ -30,6 +32,7 @@ __all__ = [
     "BackendError",
     "BusStateError",
     "ConfigurationError",
+    "ConsumerNameInUse",
     "DecodeError",
     "EncodeError",
     "EventBusError",
@@ -188,3 +191,32 @@ class PermissionDenied(BackendError):
         if hint:
             message += f"; grant it with {hint!r}"
         super().__init__(message, topic=topic)
+
+
+class ConsumerNameInUse(BackendError):
+    """Another live member of the consumer group runs under this consumer name.
+
+    Two members with one name would share one pending list, and each would take
+    the other's entries for its own; so a member holds a lease on its name while
+    it runs, and a second one is refused when it starts. Raised by ``async with
+    bus:`` (a ``bus.on(..., group=, consumer=)`` handler) or by entering
+    ``bus.subscribe(..., group=, consumer=)``, within about one lease period.
+
+    :ivar group: the consumer group.
+    :ivar consumer: the consumer name.
+    :ivar holder: who holds the name, as its lease says (``<host>/<pid>/<random>``),
+        or ``None`` if it could not be read.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, *, topic: str, group: str, consumer: str, holder: str | None) -> None:
+        self.group = group
+        self.consumer = consumer
+        self.holder = holder
+        held = "" if holder is None else f", held by {holder[:120]!r}"
+        super().__init__(
+            f"consumer name {consumer!r} of group {group!r} is in use by a live member{held}:"
+            " give each member its own consumer= name",
+            topic=topic,
+        )

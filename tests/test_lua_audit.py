@@ -479,7 +479,14 @@ SCRIPT_PARAMS: Final = [pytest.param(source, id=name) for name, source in script
 
 
 def test_s7_the_package_has_scripts_to_audit() -> None:
-    assert set(scripts()) == {"ACK_PUBLISH", "DEAD_LETTER", "REPLAY_DEAD_LETTERS", "TRIM_ACKED"}
+    assert set(scripts()) == {
+        "ACK_PUBLISH",
+        "DEAD_LETTER",
+        "LEASE_RELEASE",
+        "LEASE_RENEW",
+        "REPLAY_DEAD_LETTERS",
+        "TRIM_ACKED",
+    }
     assert all(isinstance(source, str) and "redis.call" in source for source in scripts().values())
 
 

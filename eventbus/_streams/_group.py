@@ -11,7 +11,10 @@ Tasks of one :class:`GroupConsumer` (all in its own task group):
   ``ClaimHost``): every ``claim.interval``, a heartbeat of the entries held here
   and ``XAUTOCLAIM`` of entries idle past ``claim.idle`` in crashed or hung
   consumers, following the cursor;
-* the acker: ``XACK`` of everything handled since its last flush, in one call.
+* the acker: ``XACK`` of everything handled since its last flush, in one call;
+* the lease (:class:`~._lease.MemberLease`): taken on the consumer name before
+  anything is read, renewed until :meth:`GroupConsumer.stop` has flushed the
+  acks, then deleted; if another member took the name, this one stops reading.
 
 The member also holds a :class:`~._deadletter.DeadLetterWriter` (giving up on an
 entry), a :class:`~._chain.Chainer` (``publish_to=``) and a
@@ -55,7 +58,7 @@ from .._config import Limits
 from .._connection import CONNECTION_ERRORS, is_busygroup, is_nogroup, is_unblocked
 from .._envelope import Envelope
 from .._handlers import HandlerSpec, invoke
-from .._keys import TopicKeys
+from .._keys import TopicKeys, member_lease
 from .._stats import ConsumerCounters, ConsumerStatistics
 from .._topic import Topic
 from ..errors import DecodeError
@@ -66,6 +69,7 @@ from ._deadletter import DeadLetterWriter
 from ._dedupe import Dedupe
 from ._entry import Work, entries_as_sent
 from ._ids import id_key, previous_id
+from ._lease import MemberLease
 from ._options import GroupOptions
 
 __all__ = ["GroupConsumer", "Release"]
@@ -138,6 +142,15 @@ class GroupConsumer:
             None if options.dedupe is None else Dedupe(client, keys, options.group, options.dedupe)
         )
 
+        self._lease = MemberLease(
+            client=client,
+            key=member_lease(keys, options.group, options.consumer),
+            topic=topic.name,
+            group=options.group,
+            consumer=options.consumer,
+            on_lost=self._name_taken,
+        )
+        self._name_lost = False
         self._claimer = Claimer(
             client=client,
             keys=keys,
@@ -244,11 +257,15 @@ class GroupConsumer:
             await self._run(task_status)
         finally:
             with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(1.0):
+                    await self._lease.release()
                 await self._blocking.aclose()
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        await self._lease.acquire()  # before anything is read under the name
         await self.ensure_group()
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self._lease.run)
             tg.start_soon(self._ack_loop)
             tg.start_soon(self._retries)
             tg.start_soon(self._workers)
@@ -313,10 +330,17 @@ class GroupConsumer:
                 len(self._acks),
             )
             self._ack_scope.cancel()
+        # Held until here, so the last acks are written under the name; then freed,
+        # so a successor under the same name starts at once.
+        self._lease.stop()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+            await self._lease.release()
 
     async def _release(self, unstarted: list[Work], retrying: list[Work]) -> None:
         """Hand entries back to the group, claimable by others at once, without
         charging a delivery to the unstarted ones (``RETRYCOUNT`` = count - 1)."""
+        if self._name_lost:
+            return  # pending under a name another member holds now: they are its entries
         by_count: dict[int, list[str]] = {}
         for work in unstarted:
             by_count.setdefault(max(work.count - 1, 0), []).append(work.id)
@@ -346,6 +370,26 @@ class GroupConsumer:
             self._counters.released += len(ids)
             for entry_id in ids:
                 self._held.pop(entry_id, None)
+
+    def _name_taken(self, holder: str) -> None:
+        """Another member took this consumer name while this one was silent past its
+        lease: from now on the name's pending list is that member's. Stop reading,
+        claiming and retrying under it; handlers already running finish and ack."""
+        logger.error(
+            "group %r of topic %r: consumer name %r was taken by %r while this member was"
+            " frozen or cut off past its lease; this member stops reading. Running handlers"
+            " finish and ack; its prefetched entries are left to the new holder",
+            self.options.group,
+            self.topic.name,
+            self.options.consumer,
+            holder,
+        )
+        self._name_lost = True
+        self.begin_stop()
+        for work in [*self._unstarted, *self._retrying.values()]:
+            self._held.pop(work.id, None)
+        self._unstarted = []
+        self._retrying.clear()
 
     # -- reading ------------------------------------------------------------------------
 

@@ -222,7 +222,8 @@ class FaultProxy:
     * :meth:`reset_all`: close every relayed connection with an RST;
     * :meth:`drop_next_reply`: let Redis execute a command, swallow its reply and
       reset the client's connection ("executed, but the reply was lost");
-    * ``delay``: seconds added before forwarding each chunk.
+    * ``delay``: seconds added before forwarding each chunk, both ways (a
+      request-reply round trip takes ``2 * delay`` longer); set it at any time.
 
     ``connections`` counts accepted client connections; ``dropped`` lists the
     replies swallowed so far (:class:`DroppedReply`).
