@@ -13,6 +13,7 @@ own, so you can register hooks first and keep them::
 from __future__ import annotations
 
 import base64
+import binascii
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Final
@@ -51,6 +52,8 @@ F_ENV: Final = b"env"
 F_DATA: Final = b"data"
 ENTRY_VERSION: Final = 2
 _B64_ALT: Final = b"-_"
+_URLSAFE: Final = bytes.maketrans(b"+/", _B64_ALT)
+_b2a: Final = binascii.b2a_base64
 
 
 def id_field(event_id: str) -> tuple[bytes, bytes]:
@@ -61,7 +64,7 @@ def id_field(event_id: str) -> tuple[bytes, bytes]:
         except ValueError:
             raw = b""
         if raw and raw.hex() == event_id:
-            return F_ID, base64.urlsafe_b64encode(raw)[:22]
+            return F_ID, _b2a(raw, newline=False)[:22].translate(_URLSAFE)
     return F_ID_TEXT, event_id.encode()
 
 
@@ -102,6 +105,7 @@ class _WireV1(msgspec.Struct, gc=False):
 
 _decode_wire: Final = msgspec.json.Decoder(_WireV1).decode
 _loads: Final = msgspec.json.Decoder().decode
+_dumps: Final = orjson.dumps
 """JSON to Python values, integers of any size kept exact."""
 
 
@@ -302,20 +306,34 @@ class Codec:
         :raises eventbus.errors.EncodeError: the event cannot be unstructured to JSON.
         :raises eventbus.errors.PayloadTooLarge: over the limit, before any I/O.
         """
-        name, payload = self._payload(topic, event)
+        name = F_JSON
+        if type(event) in _JSON_NATIVE:
+            try:
+                payload = _dumps(event)
+            except TypeError:  # a container holding what orjson cannot write
+                name, payload = self._payload(topic, event)
+        else:
+            name, payload = self._payload(topic, event)
         id_name, id_value = id_field(event_id)
         fields = [id_name, id_value, F_PUB, publisher.encode(), F_SEQ, b"%d" % seq]
+        # An upper bound of the entry's size (field names and the seq: under 64 bytes);
+        # the exact sum only when the bound is over the limit.
+        size = len(payload) + len(id_value) + len(publisher) + 64
         if headers:
-            fields += (F_HEADERS, orjson.dumps(headers))
+            hdrs = _dumps(headers)
+            size += len(hdrs)
+            fields += (F_HEADERS, hdrs)
         if cause:
             fields += (F_CAUSE, cause.encode())
+            size += len(cause)
             if corr and corr != cause:
                 fields += (F_CORR, corr.encode())
+                size += len(corr)
         fields += (name, payload)
-        size = sum(map(len, fields))
-        if size > self.limits.max_payload_bytes:
+        limit = self.limits.max_payload_bytes
+        if size > limit and sum(map(len, fields)) > limit:
             raise PayloadTooLarge(
-                topic=topic, size=size, limit=self.limits.max_payload_bytes, event_id=event_id
+                topic=topic, size=sum(map(len, fields)), limit=limit, event_id=event_id
             )
         return fields
 

@@ -268,10 +268,23 @@ class _HiredisPacking(AbstractConnection):
     """Packs commands with ``hiredis.pack_command`` (about 6x faster than redis-py's
     pure-Python packer, which its asyncio connections always use; its sync ones
     already use hiredis). Arguments hiredis does not take (bytearray, and the
-    bool/None redis-py refuses) go to redis-py's packer, unchanged.
+    bool/None redis-py refuses) go to redis-py's packer, unchanged."""
 
-    Also names the address and the timeout in a timeout's message (redis-py says
-    only "Timeout connecting to server"), and the setting that chose it."""
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str) and " " not in first:
+            try:
+                return [_hiredis_pack(args)]
+            except TypeError:
+                pass
+        return super().pack_command(*args)
+
+
+class _NamedTimeouts(_HiredisPacking):
+    """Also names the address, the timeout and the setting that chose it in a
+    timeout's message (redis-py says "Timeout connecting to server" or "Timeout
+    reading from host:port"). Only for clients whose timeouts reach the caller
+    (the command clients): the wrapper costs a coroutine frame per reply."""
 
     timeout_setting = "socket_timeout"
 
@@ -298,22 +311,13 @@ class _HiredisPacking(AbstractConnection):
                 f" ({self.timeout_setting})"
             ) from exc
 
-    def pack_command(self, *args: EncodableT) -> list[bytes]:
-        first = args[0]
-        if isinstance(first, str) and " " not in first:
-            try:
-                return [_hiredis_pack(args)]
-            except TypeError:
-                pass
-        return super().pack_command(*args)
+
+_PACKING_CLASSES: dict[tuple[type[AbstractConnection], str | None], type[AbstractConnection]] = {}
 
 
-_PACKING_CLASSES: dict[tuple[type[AbstractConnection], str], type[AbstractConnection]] = {}
-
-
-def _pack_with_hiredis(client: aioredis.Redis, timeout_setting: str) -> aioredis.Redis:
+def _pack_with_hiredis(client: aioredis.Redis, timeout_setting: str | None) -> aioredis.Redis:
     """Make ``client``'s pool create connections that pack commands with hiredis,
-    and name ``timeout_setting`` when a reply times out.
+    and (unless ``None``) name ``timeout_setting`` when a reply times out.
 
     Set on the pool after ``from_url`` chose the class for the URL's scheme
     (plain, TLS or Unix socket), so the subclass keeps that choice."""
@@ -321,11 +325,14 @@ def _pack_with_hiredis(client: aioredis.Redis, timeout_setting: str) -> aioredis
     base = pool.connection_class
     packing = _PACKING_CLASSES.get((base, timeout_setting))
     if packing is None:
-        packing = type(
-            f"Hiredis{base.__name__}",
-            (_HiredisPacking, base),
-            {"timeout_setting": timeout_setting},
-        )
+        if timeout_setting is None:
+            packing = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
+        else:
+            packing = type(
+                f"Hiredis{base.__name__}",
+                (_NamedTimeouts, base),
+                {"timeout_setting": timeout_setting},
+            )
         _PACKING_CLASSES[(base, timeout_setting)] = packing
     pool.connection_class = packing
     return client
@@ -414,9 +421,7 @@ class ClientFactory:
             setting,
         )
 
-    def unretried_client(
-        self, socket_timeout: float | None, setting: str = "block + 10s"
-    ) -> aioredis.Redis:
+    def unretried_client(self, socket_timeout: float | None) -> aioredis.Redis:
         """Pooled client that never retries by itself: for ``XADD *`` (a blind retry
         after a lost reply stores the event twice) and blocking reads (whose loops
         reconnect, and re-read what a lost reply may have delivered).
@@ -430,7 +435,7 @@ class ClientFactory:
                 retry=Retry(NoBackoff(), 0),
                 **self._options,
             ),
-            setting,
+            None,  # its readers' loops reconnect; the XADD writer has its own deadline
         )
 
     def push_pool(self) -> aioredis.ConnectionPool:
