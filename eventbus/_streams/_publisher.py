@@ -93,23 +93,27 @@ class StreamWriter:
 
     async def add(
         self, topic: Topic[Any], keys: TopicKeys, entries: Iterable[tuple[str, bytes]]
-    ) -> list[str]:
+    ) -> list[str | BaseException]:
         """Store ``(event id, envelope)`` entries in ``topic``'s stream, in order.
 
-        Returns the stream ids. Cancellation: once called, the entries are sent
-        even if the caller is cancelled (their outcome is then unknown to it).
+        Returns, per entry, its stream id, or the error that kept it out of the
+        stream: the entries of one call are not all or nothing (Redis accepts or
+        refuses each ``XADD`` of a pipeline on its own: one that fills the memory
+        up leaves those before it stored and refuses those after).
+        Cancellation: once called, the entries are sent even if the caller is
+        cancelled (their outcome is then unknown to it).
 
-        :raises eventbus.errors.RedisUnavailable: Redis could not be reached within
-            the timeout; the entries were not stored (or, if Redis executed a
-            command whose reply was lost and could not be checked, see the module doc).
-        :raises eventbus.errors.BackendError: Redis refused the command (OOM, NOPERM, ...).
+        Errors, as values: ``RedisUnavailable`` (Redis could not be reached within the
+        timeout; the entry was not stored, or, if Redis executed a command whose
+        reply was lost and could not be checked, see the module doc); ``BackendOOM``
+        and other ``BackendError`` (Redis refused this entry's command).
         """
         loop = asyncio.get_running_loop()
         items = [_Item(topic, keys, eid, env, loop.create_future()) for eid, env in entries]
         self._queue.extend(items)
         if not self._busy:
             await self._write_queued()
-        return list(await asyncio.gather(*(i.fut for i in items)))
+        return list(await asyncio.gather(*(i.fut for i in items), return_exceptions=True))
 
     async def add_one(self, topic: Topic[Any], keys: TopicKeys, event_id: str, env: bytes) -> str:
         """:meth:`add` for one entry (the common ``publish()`` path, without lists)."""
