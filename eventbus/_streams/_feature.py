@@ -108,7 +108,10 @@ class DurableFeature:
         self._stream_client = ctx.clients.unretried_client(socket_timeout=None)
         self._trimmer = Trimmer(self._client, self._start_soon)
         self._writer = StreamWriter(
-            self._stream_client, timeout=ctx.publish_timeout, trimmer=self._trimmer
+            self._stream_client,
+            timeout=ctx.publish_timeout,
+            trimmer=self._trimmer,
+            start=self._start_soon,
         )
         # Live subscribers first, as their handlers may wait for what the groups
         # chain to; then the members, one by one, each once its group exists.
