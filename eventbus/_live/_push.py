@@ -385,7 +385,9 @@ class LiveConnection:
         while True:
             try:
                 frame = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
-            except rex.ResponseError as exc:
+            except (rex.ResponseError, rex.BusyLoadingError) as exc:
+                # An error reply (redis-py raises LOADING as a connection error): the
+                # connection is fine, the command was refused.
                 self._on_error_reply(exc)
                 continue
             self._frames += 1
@@ -439,15 +441,24 @@ class LiveConnection:
         if self._routes.get(route) is route_state:
             route_state.confirmed.set()
 
-    def _on_error_reply(self, exc: rex.ResponseError) -> None:
+    def _on_error_reply(self, exc: rex.ResponseError | rex.BusyLoadingError) -> None:
         if not self._outstanding:
             logger.error("unexpected error on the push connection: %s", exc)
             return
         sent, name, token = self._outstanding.popleft()
+        if sent == b"PING":
+            # The server answered, so it is alive: a refused PING is no dead peer.
+            # Redis refuses PING while it loads its dataset (LOADING), and
+            # meanwhile delivers what is published, as SUBSCRIBE works then.
+            token.set()
+            logger.debug("PING on the push connection refused: %s", exc)
+            return
+        if isinstance(exc, rex.BusyLoadingError):
+            raise exc  # a (P)SUBSCRIBE refused while loading: reconnect and try again
         command = sent.decode()
         channel = name.decode(errors="replace") or None
         mapped = translate(exc, command=command, channel=channel)
-        if token is None or sent == b"PING":
+        if token is None:
             logger.error("%s on the push connection failed: %s", command, mapped)
             return
         route: bytes = token[0]
