@@ -13,13 +13,15 @@ concurrency=4, block=1 s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 import anyio
 import pytest
+import redis.exceptions
 
-from eventbus import ClaimPolicy, Delivery, EventBus, Receipt, Topic, errors
+from eventbus import ClaimPolicy, Delivery, EventBus, LivePolicy, Receipt, Topic, errors
 from eventbus._keys import topic_keys
 
 from ..helpers import control_client, wait_until
@@ -38,6 +40,193 @@ FAULT_GROUP: dict[str, Any] = {
 
 def _event(n: int) -> dict[str, Any]:
     return {"n": n, "pad": "x" * 200}
+
+
+# -- F5: graceful restart, with a LOADING window ------------------------------------------
+
+FILLER_KEYS = 1_000_000
+"""DEBUG POPULATE keys of 100 bytes: ~177 MB in memory, a ~39 MB AOF (RDB preamble),
+~1.5 s of LOADING on the development machine (2 cores)."""
+
+
+async def _populate(ctl: Any, keys: int) -> None:
+    """Fill Redis with ``keys`` filler keys and rewrite the AOF, so a restart loads them
+    (DEBUG POPULATE writes nothing to the AOF by itself)."""
+    await ctl.execute_command("DEBUG", "POPULATE", keys, "filler", 100)
+    await ctl.bgrewriteaof()
+
+    async def rewritten() -> bool:
+        info = await ctl.info("persistence")
+        return not (int(info["aof_rewrite_in_progress"]) or int(info["aof_rewrite_scheduled"]))
+
+    await wait_until(rewritten, timeout=60, interval=0.05)
+
+
+class Outcome:
+    """What a publish returned (a receipt, or an error) and how long it took."""
+
+    def __init__(self, started: float, took: float, result: Receipt | BaseException) -> None:
+        self.started = started
+        self.took = took
+        self.result = result
+
+
+async def _timed_publish(bus: EventBus, topic: Topic[Any], event: Any) -> Outcome:
+    start = anyio.current_time()
+    result: Receipt | BaseException
+    try:
+        result = await bus.publish(topic, event)
+    except errors.EventBusError as exc:
+        result = exc
+    return Outcome(start, anyio.current_time() - start, result)
+
+
+@pytest.mark.slow
+async def test_f5_graceful_restart_through_loading(redis_server_factory: Any) -> None:
+    # SHUTDOWN (AOF on), 2 s down, then a restart that spends ~1.5 s LOADING a
+    # 1,000,000-key filler. During the outage durable publishes raise RedisUnavailable
+    # after publish_timeout (2 s) and leave nothing behind; afterwards the group member,
+    # the live subscriber and the publisher are back within 2 s of the load completing,
+    # and every event whose publish returned was handled exactly once.
+    publish_timeout = 2.0
+    server = redis_server_factory(appendonly=True)
+    orders = Topic("orders", durable=True)
+    prices = Topic("prices")
+    handled: dict[str, float] = {}
+    calls = 0
+    live_seen: list[tuple[int, float]] = []
+    bus = EventBus(
+        server.url,
+        prefix="f5",
+        publish_timeout=publish_timeout,
+        live=LivePolicy(ping_interval=1.0, ping_timeout=1.0, connect_timeout=1.0),
+    )
+
+    @bus.on(orders, group="billing", **FAULT_GROUP)
+    async def bill(event: dict[str, Any], d: Delivery) -> None:
+        nonlocal calls
+        calls += 1
+        handled.setdefault(d.id, anyio.current_time())
+
+    outcomes: list[Outcome] = []
+    burst: list[Outcome] = []
+    async with control_client(server.url) as ctl:
+        await _populate(ctl, FILLER_KEYS)
+        dataset = int((await ctl.info("memory"))["used_memory"])
+    aof = sum(p.stat().st_size for p in server.directory.rglob("appendonly*") if p.is_file())
+
+    async with bus, bus.subscribe(prices) as live, anyio.create_task_group() as tg:
+
+        async def listen() -> None:
+            async for n in live:
+                live_seen.append((n, anyio.current_time()))  # noqa: PERF401 - as they arrive
+
+        tg.start_soon(listen)
+        outcomes.extend([await _timed_publish(bus, orders, {"n": n}) for n in range(200)])
+        await wait_until(lambda: len(handled) == 200, timeout=10)
+
+        # The outage: SHUTDOWN, 2 s down, restart (LOADING), loaded.
+        async with control_client(server.url) as ctl:
+            await ctl.shutdown()
+        down_at = anyio.current_time()
+        await anyio.to_thread.run_sync(server.stop)  # reap it (it is exiting by itself)
+        times: dict[str, float] = {}
+        loaded = anyio.Event()
+        loading_replies = 0
+
+        async def restart() -> None:
+            await anyio.sleep_until(down_at + 2.0)  # the outage's length
+            times["restart"] = anyio.current_time()
+            await anyio.to_thread.run_sync(server.restart)  # returns once loaded
+            times["loaded"] = anyio.current_time()
+            loaded.set()
+
+        async def watch_loading() -> None:
+            # A raw client sees the LOADING window (the bus must wait through it).
+            nonlocal loading_replies
+            await anyio.sleep_until(down_at + 2.0)
+            async with control_client(server.url) as raw:
+                while not loaded.is_set():
+                    try:
+                        await raw.ping()
+                    except redis.exceptions.BusyLoadingError:
+                        loading_replies += 1
+                    except redis.exceptions.ConnectionError:
+                        pass
+                    await anyio.sleep(0.05)
+
+        async def keep_publishing() -> None:
+            n = 1000
+            while not loaded.is_set() or anyio.current_time() < times["loaded"] + 2.0:
+                outcomes.append(await _timed_publish(bus, orders, {"n": n}))
+                n += 1
+                await anyio.sleep(0.02)
+
+        async def probe_live() -> None:
+            # From the load on: a live event every 20 ms until one arrives.
+            await loaded.wait()
+            n = 0
+            while not live_seen:
+                n += 1
+                with contextlib.suppress(errors.RedisUnavailable):
+                    await bus.publish(prices, n)
+                await anyio.sleep(0.02)
+
+        async def burst_of_publishes() -> None:
+            # 100 at once, while the writer is already retrying for keep_publishing.
+            await anyio.sleep_until(down_at + 0.5)
+            async with anyio.create_task_group() as many:
+                for k in range(100):
+
+                    async def one(k: int = k) -> None:
+                        burst.append(await _timed_publish(bus, orders, {"burst": k}))
+
+                    many.start_soon(one)
+
+        async with anyio.create_task_group() as outage:
+            for task in (restart, watch_loading, keep_publishing, burst_of_publishes, probe_live):
+                outage.start_soon(task)
+        ok = [o for o in (*outcomes, *burst) if isinstance(o.result, Receipt)]
+        ok_ids = {o.result.id for o in ok if isinstance(o.result, Receipt)}
+        await wait_until(lambda: ok_ids <= handled.keys(), timeout=10)
+        async with control_client(server.url) as ctl:
+            pending = (await ctl.xpending(topic_keys("f5", "orders").stream, "billing"))["pending"]
+            stream_len = await ctl.xlen(topic_keys("f5", "orders").stream)
+        tg.cancel_scope.cancel()
+
+    done_at = times["loaded"]
+    failed = [o for o in (*outcomes, *burst) if not isinstance(o.result, Receipt)]
+    recovery = {
+        "publish": min(o.started + o.took for o in ok if o.started + o.took >= done_at) - done_at,
+        "group": min(t for t in handled.values() if t >= done_at) - done_at,
+        "live": live_seen[0][1] - done_at,
+    }
+    took = sorted(o.took for o in failed)
+    burst_failed = sum(1 for o in burst if not isinstance(o.result, Receipt))
+    print(
+        f"F5: filler {FILLER_KEYS} keys ({dataset / 1e6:.0f} MB in memory, AOF {aof / 1e6:.0f} MB);"
+        f" down {times['restart'] - down_at:.2f}s, LOADING {done_at - times['restart']:.2f}s"
+        f" ({loading_replies} LOADING replies to a raw PING); publishes ok={len(ok)}"
+        f" failed={len(failed)} (burst {burst_failed}/100), failures raised after"
+        f" {took[0]:.2f}-{took[-1]:.2f}s (publish_timeout {publish_timeout});"
+        " recovery_s after the load: "
+        + ", ".join(f"{k}={v:.2f}" for k, v in recovery.items())
+        + f"; reconnects={bus.reconnects} disconnects={bus.disconnects} handled={len(handled)}"
+        f" calls={calls} stream={stream_len} pending={pending}"
+    )
+    assert loading_replies > 0
+    assert failed, "the outage made no publish fail"
+    for o in failed:  # raised after publish_timeout, none held longer (nor buffered)
+        assert isinstance(o.result, errors.RedisUnavailable), o.result
+        assert publish_timeout - 0.2 <= o.took <= publish_timeout + 0.5, o.took
+    assert all(v <= 2.0 for v in recovery.values()), recovery
+    # Nothing acknowledged lost, nothing failed stored behind the caller's back.
+    assert handled.keys() == ok_ids
+    assert stream_len == len(ok_ids)
+    assert calls == len(handled)  # no redelivery: the acks survived the restart
+    assert pending == 0
+    assert bus.reconnects == 1  # the push connection waited through LOADING, once
+    assert bus.disconnects == {"closed": 1}
 
 
 # -- F28: out of memory, and eviction policies -------------------------------------------
