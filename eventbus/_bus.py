@@ -802,6 +802,26 @@ class EventBus:
         return self._live.statistics().reconnects
 
     @property
+    def disconnects(self) -> dict[str, int]:
+        """Times the push connection was lost since the bus opened, by reason (a copy).
+
+        - ``"closed"``: the server closed or reset it (``CLIENT KILL``, a restart,
+          the network);
+        - ``"output_buffer"``: the server closed it after this process had not read
+          it for a second or more (the process stopped, its event loop blocked, or a
+          full ``overflow="block"`` subscriber held the reader). That is what Redis
+          does to a slow pub/sub reader past ``client-output-buffer-limit pubsub``;
+          Redis does not tell the client, so the reason is inferred;
+        - ``"ping_timeout"``: no PONG within ``LivePolicy.ping_timeout``;
+        - ``"error"``: anything else (a reply that could not be parsed).
+
+        Failed reconnect attempts are not counted. Every loss may lose messages.
+
+        .. versionadded:: 0.2
+        """
+        return self._live.statistics().disconnects
+
+    @property
     def push_client_id(self) -> int | None:
         """Redis ``CLIENT ID`` of the push connection (``None`` before it is opened)."""
         return self._live.statistics().push_client_id

@@ -22,6 +22,7 @@ from redis.typing import EncodableT
 from .errors import (
     AuthenticationFailed,
     BackendError,
+    BackendOOM,
     ConfigurationError,
     PermissionDenied,
     RedisUnavailable,
@@ -224,6 +225,13 @@ def translate(
         if text.startswith("Redis at "):  # already says where, and what timed out
             return RedisUnavailable(text, topic=topic)
         return RedisUnavailable(f"Redis is unavailable: {text}", topic=topic)
+    if isinstance(exc, rex.OutOfMemoryError):
+        return BackendOOM(
+            f"Redis is out of memory and refused the write (OOM {exc}): used_memory is"
+            " over 'maxmemory' and 'maxmemory-policy' is noeviction; free memory (let"
+            " consumers catch up, trim streams) or raise 'maxmemory'",
+            topic=topic,
+        )
     if isinstance(exc, rex.ResponseError):
         return BackendError(f"Redis error: {exc}", topic=topic)
     return exc

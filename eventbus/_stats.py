@@ -200,6 +200,9 @@ class LiveStatistics:
     """Redis ``CLIENT ID`` of the push connection (``None`` before it is opened)."""
     decode_errors: int
     """Pushed messages that could not be decoded (logged and skipped)."""
+    disconnects: dict[str, int]
+    """Established push connections lost, by reason (``closed``, ``output_buffer``,
+    ``ping_timeout``, ``error``; see ``EventBus.disconnects``)."""
 
 
 @attrs.frozen

@@ -14,6 +14,7 @@ The tree::
     └── BackendError                             Redis said no, or could not be reached
         ├── RedisUnavailable                     connection refused, reset or timed out
         │   └── TLSError                         the TLS handshake or certificate check failed
+        ├── BackendOOM                           Redis is full (maxmemory) and refuses writes
         ├── AuthenticationFailed                 wrong password, disabled user
         ├── PermissionDenied                     an ACL NOPERM: names the command, key or channel
         └── ConsumerNameInUse                    a live member of the group already runs under
@@ -27,9 +28,17 @@ kept as ``__cause__``.
 
 from __future__ import annotations
 
+import typing
+
+if typing.TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._envelope import Receipt
+
 __all__ = [
     "AuthenticationFailed",
     "BackendError",
+    "BackendOOM",
     "BusStateError",
     "ConfigurationError",
     "ConsumerNameInUse",
@@ -143,7 +152,15 @@ class BackendError(EventBusError):
     """Redis refused an operation or could not be reached.
 
     :ivar topic: the topic concerned, when one is.
+    :ivar receipts: raised by ``publish_many`` to a durable topic: one entry per
+        event, in order, its :class:`~eventbus.Receipt` if Redis stored it, else
+        ``None`` (refused, or not known to be stored). A batch is not all or
+        nothing: the events before a refusal (Redis filling up mid-batch, say) are
+        stored and will be delivered. Retry only the ``None`` ones, or they are
+        stored twice. Empty for every other call.
     """
+
+    receipts: Sequence[Receipt | None] = ()
 
     def __init__(self, message: str, *, topic: str | None = None) -> None:
         self.topic = topic
@@ -152,6 +169,16 @@ class BackendError(EventBusError):
 
 class RedisUnavailable(BackendError):
     """The connection to Redis was refused, reset, or timed out."""
+
+
+class BackendOOM(BackendError):
+    """Redis is out of memory: ``used_memory`` is over ``maxmemory`` and its
+    ``maxmemory-policy`` (``noeviction``) refuses commands that add data, such as
+    the ``XADD`` of a durable publish. Nothing of the refused event was stored.
+
+    Not retried: it lasts until memory is freed (consumers ack and the streams are
+    trimmed, or ``maxmemory`` is raised). Reads, acks and live ``PUBLISH`` still work.
+    """
 
 
 class TLSError(RedisUnavailable):

@@ -18,7 +18,9 @@ signal             keyword arguments
 ``failed``         ``topic``, ``event_id``, ``subscription``, ``error``
 ``overflowed``     ``topic``, ``subscription``, ``policy``, ``dropped`` (total)
 ``gap``            ``topic``, ``subscription``, ``gap`` (:class:`~eventbus.Gap`)
-``disconnected``   ``error``: the push connection was found dead (reset, closed,
+``disconnected``   ``error``, ``reason`` (as counted in ``EventBus.disconnects``,
+                   or ``"connect"`` if the first connection attempt of an outage
+                   failed): the push connection was found dead (reset, closed,
                    or no PONG in time); a reconnect follows
 ``reconnected``    ``reconnects`` (total), ``downtime`` (seconds):
                    messages published while the push connection was down are

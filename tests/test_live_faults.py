@@ -126,6 +126,7 @@ async def test_f10_kill_pubsub_resubscribes_and_accounts_gaps_exactly(
         tg.cancel_scope.cancel()
 
     assert sub_bus.reconnects == 4
+    assert sub_bus.disconnects == {"closed": 4}  # CLIENT KILL of a reader keeping up
     assert reconnect_signals == [1, 2, 3, 4]
     assert all(t <= 1.0 for t in restore_times), restore_times
     total_missed = 0
@@ -190,6 +191,7 @@ async def test_f10b_half_open_connection_is_detected_by_ping(redis_server_factor
             assert value == 12
             stats = sub.statistics()
             assert (stats.gaps, stats.missed, stats.reconnects) == (1, 10, 1)
+            assert sub_bus.disconnects == {"ping_timeout": 1}
 
             # The old socket is closed: one pub/sub client left on the server.
             async def one_pubsub_client() -> bool:

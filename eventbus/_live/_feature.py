@@ -153,4 +153,5 @@ class LiveFeature:
             reconnects=0 if live is None else live.reconnects,
             push_client_id=None if live is None else live.client_id,
             decode_errors=0 if live is None else live.decode_errors,
+            disconnects={} if live is None else dict(live.disconnects),
         )

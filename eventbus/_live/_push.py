@@ -54,6 +54,14 @@ logger = logging.getLogger("eventbus")
 
 _YIELD_EVERY: Final = 64  # frames handled before letting subscribers run
 _PATTERN_MARK: Final = b"\x00"
+_TICK: Final = 0.5
+"""Seconds between the stall watcher's wake-ups."""
+_STALL: Final = 1.0
+"""Seconds without reading (a stopped process, a blocked event loop, a full
+``block`` subscriber) after which a server close is put down to the output buffer."""
+_STALL_RECENT: Final = 3.0
+"""How long after such a stall a server close is still put down to it (the reader
+first reads what the kernel had buffered, then the close)."""
 
 
 async def _pass_through(frame: Any) -> Any:
@@ -109,7 +117,11 @@ class LiveConnection:
         self._frames = 0
         self._step = ""
         self._reader_blocked = False
+        self._last_tick = time.monotonic()
+        self._stall_end = -math.inf
         self.reconnects = 0
+        self.disconnects: dict[str, int] = {}
+        """Established connections lost, by reason: see :meth:`_loss_reason`."""
         self.decode_errors = 0
         self.client_id: int | None = None
 
@@ -196,6 +208,7 @@ class LiveConnection:
         while True:
             conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
             error: BaseException | None = None
+            established = False
             self._lost = None
             try:
                 await self._open(conn)
@@ -207,7 +220,9 @@ class LiveConnection:
                         self._lost = exc
                         tg.cancel_scope.cancel()
                     else:
+                        established = True
                         tg.start_soon(self._guard, tg, self._ping_loop, conn)
+                        tg.start_soon(self._guard, tg, self._watch_stalls, conn)
                         if started:
                             self._on_reconnected(down_since)
                         else:
@@ -239,10 +254,21 @@ class LiveConnection:
                 logger.error("live push connection failed for good: %s", mapped)
                 return
             failures += 1
+            reason = "connect"
+            if established:
+                reason = self._loss_reason(error)
+                self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
+                if reason == "output_buffer":
+                    logger.warning(
+                        "Redis closed the push connection after this process had not read"
+                        " it for %.0fs or more: most likely its client-output-buffer-limit"
+                        " pubsub; the messages it held are lost",
+                        _STALL,
+                    )
             if down_since is None:
                 down_since = time.monotonic()
                 if signals.disconnected.receivers:
-                    emit(signals.disconnected, self._sender, error=mapped)
+                    emit(signals.disconnected, self._sender, error=mapped, reason=reason)
             delay = min(
                 self._policy.reconnect_backoff_max,
                 self._policy.reconnect_backoff * 2 ** (failures - 1),
@@ -255,6 +281,40 @@ class LiveConnection:
                 failures,
             )
             await anyio.sleep(delay)
+
+    def _loss_reason(self, error: BaseException) -> str:
+        """Why an established connection was lost, as far as this side can tell.
+
+        ``ping_timeout``: no PONG in time (a half-open connection, a hung server).
+        ``output_buffer``: the server closed it after this process had not read it
+        for ``_STALL`` seconds (stopped, its event loop blocked, or a full ``block``
+        subscriber holding the reader). Redis does that to a slow pub/sub reader
+        past its ``client-output-buffer-limit pubsub``, and says nothing to the
+        client, so this is an inference: a ``CLIENT KILL`` or a restart landing in
+        such a stall counts here too. ``closed``: the server closed or reset it
+        otherwise (``CLIENT KILL``, a restart, the network). ``error``: anything
+        else (a reply that could not be parsed).
+        """
+        if isinstance(error, rex.TimeoutError | TimeoutError):
+            return "ping_timeout"
+        if isinstance(error, rex.ConnectionError | OSError):
+            now = time.monotonic()
+            if now - self._last_tick >= _TICK + _STALL or now - self._stall_end <= _STALL_RECENT:
+                return "output_buffer"
+            return "closed"
+        return "error"
+
+    async def _watch_stalls(self, conn: AbstractConnection) -> None:
+        """Note when this process stopped running for ``_STALL`` seconds (see
+        :meth:`_loss_reason`): a wake-up that comes that late means the event loop
+        did not run (SIGSTOP, a paused VM, a blocking call)."""
+        self._last_tick = time.monotonic()
+        while True:
+            await anyio.sleep(_TICK)
+            now = time.monotonic()
+            if now - self._last_tick >= _TICK + _STALL:
+                self._stall_end = now
+            self._last_tick = now
 
     async def _open(self, conn: AbstractConnection) -> None:
         with anyio.fail_after(self._policy.connect_timeout):
@@ -333,17 +393,22 @@ class LiveConnection:
         while True:
             try:
                 frame = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
-            except rex.ResponseError as exc:
+            except (rex.ResponseError, rex.BusyLoadingError) as exc:
+                # An error reply (redis-py raises LOADING as a connection error): the
+                # connection is fine, the command was refused.
                 self._on_error_reply(exc)
                 continue
             self._frames += 1
             blocked = handle(frame)
             if blocked is not None:
                 self._reader_blocked = True
+                since = time.monotonic()
                 try:
                     await blocked
                 finally:
                     self._reader_blocked = False
+                    if time.monotonic() - since >= _STALL:
+                        self._stall_end = time.monotonic()  # not read meanwhile: a stall
             count += 1
             if count >= _YIELD_EVERY:
                 count = 0
@@ -384,15 +449,24 @@ class LiveConnection:
         if self._routes.get(route) is route_state:
             route_state.confirmed.set()
 
-    def _on_error_reply(self, exc: rex.ResponseError) -> None:
+    def _on_error_reply(self, exc: rex.ResponseError | rex.BusyLoadingError) -> None:
         if not self._outstanding:
             logger.error("unexpected error on the push connection: %s", exc)
             return
         sent, name, token = self._outstanding.popleft()
+        if sent == b"PING":
+            # The server answered, so it is alive: a refused PING is no dead peer.
+            # Redis refuses PING while it loads its dataset (LOADING), and
+            # meanwhile delivers what is published, as SUBSCRIBE works then.
+            token.set()
+            logger.debug("PING on the push connection refused: %s", exc)
+            return
+        if isinstance(exc, rex.BusyLoadingError):
+            raise exc  # a (P)SUBSCRIBE refused while loading: reconnect and try again
         command = sent.decode()
         channel = name.decode(errors="replace") or None
         mapped = translate(exc, command=command, channel=channel)
-        if token is None or sent == b"PING":
+        if token is None:
             logger.error("%s on the push connection failed: %s", command, mapped)
             return
         route: bytes = token[0]

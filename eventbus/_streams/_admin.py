@@ -1,13 +1,63 @@
-"""Statistics of a durable topic, read from Redis (the records are in ``_stats``)."""
+"""What durable topics read back from Redis: a topic's statistics (the records
+are in ``_stats``), and the server's eviction policy."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import redis.exceptions as rex
 
 from .._keys import TopicKeys
 from .._stats import GroupStats, TopicStats
 
-__all__ = ["topic_stats"]
+__all__ = ["topic_stats", "warn_if_evicting"]
+
+logger = logging.getLogger("eventbus")
+
+
+async def warn_if_evicting(client: Any) -> str | None:
+    """Log a WARNING if Redis may evict keys when full; return its ``maxmemory-policy``.
+
+    One ``INFO memory`` (not ``CONFIG GET``, which least-privilege users and managed
+    services refuse). An eviction policy deletes durable data with no error to
+    anyone: ``allkeys-*`` whole streams (events, and with them the consumer groups
+    and their pending lists), dead letters and cursors; ``volatile-*`` only keys that
+    expire, which are the ``dedupe=`` marks. A refused or failed ``INFO`` is not an
+    error: the check is skipped (logged at DEBUG).
+    """
+    try:
+        info = await client.info("memory")
+    except (rex.RedisError, OSError) as exc:
+        logger.debug("maxmemory-policy not checked: INFO memory failed: %s", exc)
+        return None
+    policy = info.get("maxmemory_policy")
+    if not isinstance(policy, str) or policy == "noeviction":
+        return None if policy is None else str(policy)
+    maxmemory = int(info.get("maxmemory", 0) or 0)
+    limit = (
+        f"maxmemory is {maxmemory} bytes"
+        if maxmemory
+        else "maxmemory is 0 (no limit) now, so nothing is evicted until one is set"
+    )
+    if policy.startswith("volatile"):
+        effect = (
+            "it evicts keys that expire, which are the dedupe= marks: duplicates are then"
+            " no longer skipped (streams do not expire and are kept)"
+        )
+    else:
+        effect = (
+            "it can delete whole streams of durable topics (their events, consumer groups"
+            " and pending lists), dead letters and cursors, with no error to anyone"
+        )
+    logger.warning(
+        "Redis maxmemory-policy is %r (%s): when memory is full %s. Durable topics need"
+        " maxmemory-policy noeviction (a full Redis then refuses publishes with BackendOOM)",
+        policy,
+        limit,
+        effect,
+    )
+    return policy
 
 
 def _decode(value: Any) -> str:

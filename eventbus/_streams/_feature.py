@@ -27,7 +27,7 @@ from .._hub import Receiver
 from .._keys import TopicKeys, topic_keys
 from .._stats import BusStats, ConsumerStatistics, DurableStatistics
 from .._topic import Topic
-from ..errors import EventBusError
+from ..errors import BackendError, EventBusError
 from ._deadletter import (
     DeadLetter,
     list_dead_letters,
@@ -81,6 +81,9 @@ class DurableFeature:
         self._tail_scope: anyio.CancelScope | None = None
         self._own_tails: dict[Receiver, anyio.CancelScope] = {}
         self._declared = Declarations()
+        self._running = False
+        self._eviction_checked = False
+        """Whether the one ``maxmemory-policy`` check of this bus was made (or started)."""
 
     def keys(self, topic: Topic[Any]) -> TopicKeys:
         """The Redis keys of durable ``topic`` (and remember the topic for ``stats``)."""
@@ -89,7 +92,16 @@ class DurableFeature:
             assert self._ctx is not None
             self._topics.setdefault(topic.name, topic)
             keys = self._keys[topic.name] = topic_keys(self._ctx.prefix, topic.name)
+            if self._running and not self._eviction_checked:
+                # The first durable topic of a bus that opened without one.
+                self._eviction_checked = True
+                self._start_soon(self._check_eviction)
         return keys
+
+    async def _check_eviction(self) -> None:
+        from ._admin import warn_if_evicting
+
+        await warn_if_evicting(self._client)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -104,12 +116,17 @@ class DurableFeature:
             timeout=ctx.publish_timeout,
             trimmer=self._trimmer,
             address=ctx.clients.address,
+            start=self._start_soon,
         )
         # Live subscribers first, as their handlers may wait for what the groups
         # chain to; then the members, one by one, each once its group exists.
         await self._declared.attach_all(self.attach)
         for member in list(self._members):
             await self._start(member)
+        if self._topics:  # durable subscribers declared: checked before the bus opens
+            self._eviction_checked = True
+            await self._check_eviction()
+        self._running = True
         task_status.started()
 
     async def aclose(self) -> None:
@@ -328,16 +345,28 @@ class DurableFeature:
         self, topic: Topic[Any], events: Iterable[Any], headers: dict[str, str]
     ) -> list[Receipt]:
         """Encode every event first (a bad one raises before anything is sent), then
-        store them in pipelined batches."""
+        store them in pipelined batches. Not all or nothing: if some are refused
+        (out of memory mid-batch, say), the first error is raised carrying the
+        receipts of those that were stored (``BackendError.receipts``)."""
         ctx = self._ctx
         assert ctx is not None
         assert self._writer is not None
         encoded = ctx.encode_entries(topic.name, events, headers)
-        stream_ids = await self._writer.add(topic, self.keys(topic), encoded)
-        return [
-            receipt(ctx.sender, topic.name, event_id, stream_ms(stream_id), stream_id=stream_id)
-            for (event_id, _fields), stream_id in zip(encoded, stream_ids, strict=True)
-        ]
+        outcomes = await self._writer.add(topic, self.keys(topic), encoded)
+        receipts: list[Receipt | None] = []
+        first_error: BaseException | None = None
+        for (event_id, _fields), outcome in zip(encoded, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                receipts.append(None)
+                first_error = first_error or outcome
+            else:
+                ms = stream_ms(outcome)
+                receipts.append(receipt(ctx.sender, topic.name, event_id, ms, stream_id=outcome))
+        if first_error is not None:
+            if isinstance(first_error, BackendError):
+                first_error.receipts = receipts
+            raise first_error
+        return receipts  # type: ignore[return-value]  # no None without an error
 
     # -- read back from Redis -----------------------------------------------------------
 

@@ -4,7 +4,10 @@ Concurrent ``publish()`` calls share pipelines: the first caller to find the
 writer idle sends everything queued (up to ``MAX_BATCH`` per pipeline) until the
 queue is empty, while later callers only queue and wait. An idle bus therefore
 sends a lone publish at once, as one command; only what is already waiting is
-batched. No background task, no linger timer.
+batched. No linger timer, and no background task unless the writing caller's
+own events are answered while others still wait: it then returns, and a task
+of the bus sends the rest (else, with Redis down, that caller would wait out
+every later caller's ``publish_timeout`` too).
 
 A pipeline that dies with the connection is *ambiguous*: Redis may have stored
 some of its entries. Before anything is sent again the writer looks for the
@@ -46,11 +49,13 @@ _SCAN_PAGE: Final = 1000
 _SCAN_LIMIT: Final = 200_000
 """Most entries read back to resolve one ambiguous batch; past it, re-send."""
 _TRIM_PROBE: Final = 10_000
+_LAST_TRY: Final = 0.05
+"""Seconds kept for the last lookup before a deadline (less left: the event fails)."""
 _ID_FIELDS: Final = (F_ID, F_ID_TEXT)
 
 
 class _Item:
-    __slots__ = ("event_id", "fields", "fut", "keys", "topic")
+    __slots__ = ("deadline", "event_id", "fields", "fut", "keys", "topic")
 
     def __init__(
         self,
@@ -59,6 +64,7 @@ class _Item:
         event_id: str,
         fields: list[bytes],
         fut: asyncio.Future[str],
+        deadline: float,
     ) -> None:
         self.topic = topic
         self.keys = keys
@@ -66,6 +72,8 @@ class _Item:
         self.fields = fields
         """The entry's fields, flat; the first pair is the event id's (``Codec.encode_entry``)."""
         self.fut = fut
+        self.deadline = deadline
+        """``time.monotonic()`` by which its caller gets an answer: queued time counts."""
 
 
 def _xadd_args(item: _Item) -> tuple[Any, ...]:
@@ -82,16 +90,24 @@ class StreamWriter:
         after a lost reply stores the event twice; this class retries itself) and
         without a socket timeout (this class bounds each pipeline as a whole).
     :param timeout: seconds a publish may spend retrying before it raises.
+    :param start: schedules a task in the bus's task group (see :meth:`_write_queued`).
     :param address: where Redis is, for error messages.
     """
 
     def __init__(
-        self, client: aioredis.Redis, *, timeout: float, trimmer: Trimmer, address: str = "?"
+        self,
+        client: aioredis.Redis,
+        *,
+        timeout: float,
+        trimmer: Trimmer,
+        start: Callable[[Callable[[], Awaitable[None]]], None],
+        address: str = "?",
     ) -> None:
         self._client: Any = client  # redis-py's stubs type replies as unions
         self._timeout = timeout
         self._address = address
         self._trimmer = trimmer
+        self._start = start
         self._queue: list[_Item] = []
         self._busy = False
         self._gather = False
@@ -100,37 +116,53 @@ class StreamWriter:
 
     async def add(
         self, topic: Topic[Any], keys: TopicKeys, entries: Iterable[tuple[str, list[bytes]]]
-    ) -> list[str]:
+    ) -> list[str | BaseException]:
         """Store ``(event id, fields)`` entries in ``topic``'s stream, in order.
 
-        Returns the stream ids. Cancellation: once called, the entries are sent
-        even if the caller is cancelled (their outcome is then unknown to it).
+        Returns, per entry, its stream id, or the error that kept it out of the
+        stream: the entries of one call are not all or nothing (Redis accepts or
+        refuses each ``XADD`` of a pipeline on its own: one that fills the memory
+        up leaves those before it stored and refuses those after).
+        Cancellation: once called, the entries are sent even if the caller is
+        cancelled (their outcome is then unknown to it).
 
-        :raises eventbus.errors.RedisUnavailable: Redis could not be reached within
-            the timeout; the entries were not stored (or, if Redis executed a
-            command whose reply was lost and could not be checked, see the module doc).
-        :raises eventbus.errors.BackendError: Redis refused the command (OOM, NOPERM, ...).
+        Errors, as values: ``RedisUnavailable`` (Redis could not be reached within the
+        timeout; the entry was not stored, or, if Redis executed a command whose
+        reply was lost and could not be checked, see the module doc); ``BackendOOM``
+        and other ``BackendError`` (Redis refused this entry's command).
         """
         loop = asyncio.get_running_loop()
-        items = [_Item(topic, keys, eid, fields, loop.create_future()) for eid, fields in entries]
+        deadline = time.monotonic() + self._timeout
+        items = [
+            _Item(topic, keys, eid, fields, loop.create_future(), deadline)
+            for eid, fields in entries
+        ]
         self._queue.extend(items)
-        if not self._busy:
-            await self._write_queued()
-        return list(await asyncio.gather(*(i.fut for i in items)))
+        if not self._busy and items:
+            await self._write_queued(items[-1])
+        return list(await asyncio.gather(*(i.fut for i in items), return_exceptions=True))
 
     async def add_one(
         self, topic: Topic[Any], keys: TopicKeys, event_id: str, fields: list[bytes]
     ) -> str:
         """:meth:`add` for one entry (the common ``publish()`` path, without lists)."""
-        item = _Item(topic, keys, event_id, fields, asyncio.get_running_loop().create_future())
+        fut = asyncio.get_running_loop().create_future()
+        item = _Item(topic, keys, event_id, fields, fut, time.monotonic() + self._timeout)
         self._queue.append(item)
         if not self._busy:
-            await self._write_queued()
+            await self._write_queued(item)
         return await item.fut
 
-    async def _write_queued(self) -> None:
-        """Send what is queued, and what gets queued meanwhile, until the queue is empty."""
+    async def _write_queued(self, mine: _Item | None) -> None:
+        """Send what is queued, and what gets queued meanwhile, until the queue is empty.
+
+        ``mine``: the writing caller's last event. Once it is answered, the caller
+        stops writing for the others, who then get a task of their own
+        (:meth:`_write_rest`): a publish waits at most its own ``publish_timeout``
+        plus the batch in flight when it was called (also bounded by its deadline),
+        never the retries of every batch queued after it."""
         self._busy = True
+        handed_over = False
         try:
             # Every await below is shielded: this task writes for every queued
             # caller now, so its own cancellation must not abort their batch.
@@ -141,19 +173,31 @@ class StreamWriter:
                 # publisher (idle bus) skips it and is sent at once.
                 await anyio.lowlevel.cancel_shielded_checkpoint()
             while self._queue:
+                if mine is not None and mine.fut.done():
+                    self._start(self._write_rest)  # keeps _busy: the task writes on
+                    handed_over = True
+                    return
                 batch = self._queue[:MAX_BATCH]
                 del self._queue[:MAX_BATCH]
                 self._gather = len(batch) > 1
                 await self._send(batch)
         finally:
-            self._busy = False
+            if not handed_over:
+                self._busy = False
+
+    async def _write_rest(self) -> None:
+        """What a caller left queued when its own events were answered (a bus task)."""
+        await self._write_queued(None)
 
     async def _send(self, batch: list[_Item]) -> None:
-        deadline = time.monotonic() + self._timeout
         attempt = 0
         remaining = batch
         while remaining:
             sent_at = time.monotonic()
+            # Each event's deadline runs from its publish call, time spent queued
+            # behind another batch included: the caller waits publish_timeout, not
+            # that batch's timeout plus its own.
+            deadline = min(item.deadline for item in remaining)
             try:
                 # One scope per pipeline: shielded from the caller's cancellation,
                 # with its own deadline (not redis-py's socket timeout: that one
@@ -164,7 +208,7 @@ class StreamWriter:
                 if scope.cancelled_caught:
                     raise TimeoutError(f"no reply to XADD within {self._timeout:g}s")
             except CONNECTION_ERRORS as exc:
-                remaining = await self._recover(remaining, exc, sent_at, deadline, attempt)
+                remaining = await self._recover(remaining, exc, sent_at, attempt)
                 attempt += 1
                 continue
             except Exception as exc:  # not a connection problem: fail these, keep writing
@@ -209,19 +253,23 @@ class StreamWriter:
         return results
 
     async def _recover(
-        self,
-        items: list[_Item],
-        error: BaseException,
-        sent_at: float,
-        deadline: float,
-        attempt: int,
+        self, items: list[_Item], error: BaseException, sent_at: float, attempt: int
     ) -> list[_Item]:
-        """After an ambiguous failure: resolve what Redis stored, return what it did not."""
+        """After an ambiguous failure: resolve what Redis stored, return what it did not.
+
+        Tries until the earliest deadline of ``items``, the last try just before
+        it; an event with no time left for a try fails, the others keep trying."""
         while True:
+            now = time.monotonic()
+            expired = [i for i in items if i.deadline - now < _LAST_TRY]
+            if expired:
+                self._fail(expired, error)
+                items = [i for i in items if i.deadline - now >= _LAST_TRY]
+                if not items:
+                    return []
+            deadline = min(i.deadline for i in items)
             delay = min(0.05 * 2**attempt, 1.0) * (1 + random.random() * 0.2)
-            if time.monotonic() + delay > deadline:
-                self._fail(items, error)
-                return []
+            delay = min(delay, deadline - now - _LAST_TRY)
             attempt += 1
             try:
                 with anyio.CancelScope(shield=True):  # see _write_queued
