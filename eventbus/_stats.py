@@ -78,9 +78,10 @@ class ConsumerCounters:
     acked: int = 0
     """Entries ``XACK`` removed from the group's pending list."""
     ack_lost_ownership: int = 0
-    """Acks that found nothing to ack. Usually another member claimed and finished
-    the entry first (Redis acks have no owner check), so it ran twice; also an ack
-    retried after its reply was lost, or an entry trimmed while it was held."""
+    """Acks that found nothing to ack: another member claimed and finished the
+    entry first (Redis acks have no owner check), so it ran twice; or it was
+    trimmed while held. A retried ack's shortfall is not counted (the attempt
+    whose reply was lost may have acked it)."""
     lost_to_trim: int = 0
     """Pending entries trimmed from the stream before they were handled
     (``XAUTOCLAIM``'s deleted ids, or a re-read that found them gone)."""

@@ -876,6 +876,7 @@ class GroupConsumer:
 
     async def _flush(self, ids: list[str], marks: list[str]) -> None:
         backoff = 0.05
+        retried = False
         while True:
             extra: list[tuple[Any, ...]] = []
             if marks and self._dedupe is not None:
@@ -906,6 +907,7 @@ class GroupConsumer:
                 break
             except CONNECTION_ERRORS as exc:
                 logger.warning("group %r: ack failed (%s); retrying", self.options.group, exc)
+                retried = True
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
         if isinstance(result, BaseException):
@@ -915,7 +917,11 @@ class GroupConsumer:
         else:
             acked = int(result)
         self._counters.acked += acked
-        if acked < len(ids):
+        if acked < len(ids) and not retried:
+            # After a failed attempt, a shortfall is ambiguous: the attempt whose reply
+            # was lost (a timeout after the process was frozen, a dropped connection)
+            # may have acked them itself. Only a first attempt's shortfall is another
+            # member's doing (F3: it claimed them and acked first).
             self._counters.ack_lost_ownership += len(ids) - acked
 
     def _held_after_ack(self, ids: list[str]) -> None:
