@@ -68,7 +68,7 @@ def id_field(event_id: str) -> tuple[bytes, bytes]:
     return F_ID_TEXT, event_id.encode()
 
 
-def _id_of(value: bytes) -> str:
+def id_of(value: bytes) -> str:
     """The event id of an ``i`` field (the inverse of :func:`id_field`)."""
     if len(value) != 22:
         raise ValueError(f"field 'i' must be 22 base64url characters, got {len(value)}")
@@ -376,7 +376,11 @@ class Codec:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return Envelope.bare(topic, raw, CONTENT_BYTES)
-        if type(doc) is dict and doc.get("eventbus") == WIRE_VERSION:
+        if (
+            type(doc) is dict
+            and type(doc.get("eventbus")) is int
+            and doc["eventbus"] == WIRE_VERSION
+        ):
             return self._from_doc(topic, doc)
         env = Envelope.bare(topic, doc, CONTENT_JSON)
         env.cache[bytes] = raw  # a bytes subscriber gets exactly what was published
@@ -503,11 +507,12 @@ class Codec:
                 and fields[4] == F_SEQ
                 and len(fields[7]) <= limit
                 and fields[5].isdigit()
+                and len(fields[5]) <= 19
             ):
                 try:
                     return Envelope(
                         topic,
-                        _id_of(fields[1]),
+                        id_of(fields[1]),
                         fields[3].decode(),
                         int(fields[5]),
                         int(stream_id.partition("-")[0]),
@@ -588,7 +593,7 @@ class Codec:
                 topic=topic,
                 reason="decode_error",
             )
-        if doc["eventbus"] != WIRE_VERSION:
+        if type(doc["eventbus"]) is not int or doc["eventbus"] != WIRE_VERSION:
             raise DecodeError(
                 f"entry {stream_id}: envelope version {doc['eventbus']!r} is not supported"
                 f" (this eventbus reads version {WIRE_VERSION})",
@@ -618,7 +623,7 @@ class Codec:
             raise malformed("has both 'd' and 'b'; a payload is one or the other")
         try:
             if F_ID in fields:
-                event_id = _id_of(fields[F_ID])
+                event_id = id_of(fields[F_ID])
             else:
                 event_id = fields.get(F_ID_TEXT, b"").decode()
         except ValueError as exc:

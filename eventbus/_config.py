@@ -185,8 +185,11 @@ class ClaimPolicy:
 
     Every ``interval`` seconds a consumer runs ``XAUTOCLAIM`` for entries idle
     longer than ``idle`` (following its cursor through the whole pending list, at
-    most ``count`` entries per call). ``idle`` must exceed your slowest handler:
-    an entry still being worked on past it is handed to another consumer too.
+    most ``count`` entries per call). A running member keeps what it holds from
+    being claimed, however long its handler takes: on the same timer it resets the
+    idle time of its entries, at most every ``idle / 3``, so keep ``interval``
+    well below ``idle``. Only a member that stalls (frozen process, blocked event
+    loop, lost connection) past ``idle`` has its entries handed to another.
 
     .. versionadded:: 0.2
     """

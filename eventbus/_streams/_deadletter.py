@@ -34,7 +34,7 @@ import attrs
 import orjson
 
 from .. import signals
-from .._codec import Codec
+from .._codec import F_ID, Codec, id_of
 from .._envelope import Envelope
 from .._keys import TopicKeys
 from .._scripts import DEAD_LETTER, REPLAY_DEAD_LETTERS
@@ -228,6 +228,11 @@ def dead_letter_fields(
         fields += [FIELD_ID, event_id, FIELD_ENV, envelope]
     else:
         raw_id = entry.get(_ENTRY_ID)
+        if raw_id is None and F_ID in entry:  # a version 2 entry: its id's 16 bytes
+            try:
+                raw_id = id_of(entry[F_ID]).encode()
+            except ValueError:
+                raw_id = None
         if raw_id is not None and len(raw_id) <= _MAX_EVENT_ID:
             fields += [FIELD_ID, raw_id]
         fields += [FIELD_RAW, _raw_fields(entry)]

@@ -721,3 +721,28 @@ async def test_dead_letter_api_pages_replays_and_purges_subsets(bus_factory, red
         f"\nDLQ api: dead_lettered=8 pages={[len(p) for p in pages]} replayed=2+3"
         f" purged=2+1 kept_undecodable=1 handled_after_replay={len(handled)}"
     )
+
+
+async def test_a_validation_error_dead_letter_keeps_the_event_id(bus_factory) -> None:
+    """A version 2 entry whose payload does not fit the handler's type is dead-lettered
+    with its raw fields and the event id its publisher got (decoded from ``i``)."""
+
+    @attrs.frozen
+    class Strict:
+        amount: int
+
+    topic = Topic("strict", durable=True)
+    publisher, consumer = bus_factory(), bus_factory()
+    handled: list[Strict] = []
+
+    @consumer.on(Topic("strict", Strict, durable=True), group="g")
+    async def handle(event: Strict) -> None:
+        handled.append(event)
+
+    async with publisher, consumer:
+        receipt = await publisher.publish(topic, {"amount": "lots"})
+        await wait_until(lambda: consumer.consumer_statistics(handle)[0].dead_lettered == 1)
+        (dead,) = await consumer.dead_letters(topic)
+    assert dead.reason == "validation_error"
+    assert dead.event_id == receipt.id
+    assert handled == []
