@@ -754,7 +754,9 @@ async def faststream_main(args: argparse.Namespace) -> None:
 
     admin = Admin(args.url)
     for count in [int(x) for x in args.faststream_counts.split(",")]:
-        broker = RedisBroker(args.url, logger=None)
+        # Its connection pool refuses more than 100 connections by default
+        # (MaxConnectionsError): a user holding `count` subscribers raises it.
+        broker = RedisBroker(args.url, logger=None, max_connections=count + 16)
 
         def make() -> Callable[[Any], Any]:
             async def handler(body: Any) -> None:

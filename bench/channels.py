@@ -250,7 +250,11 @@ def print_targets(channels: int, rows: dict[str, list[dict[str, Any]]]) -> None:
                 all(b == (0, 0, 0, 0) for b in bad),
                 "churn: misrouted, lost-while-subscribed, leaked (subscriptions, channels): "
                 + "; ".join("/".join(map(str, b)) for b in bad)
-                + " (RSS before/after churn: "
+                + f" ({sum(x['must_deliver'] for x in churn):,} messages checked for loss, "
+                + f"{sum(x['unread_at_leave'] for x in churn):,} not checked: the process had not "
+                + "read that far when it left; joins/s achieved "
+                + ", ".join(f"{x['joins'] / x['seconds']:,.0f}" for x in churn)
+                + "; RSS before/after churn: "
                 + ", ".join(
                     f"{x['rss_before_kib'] / 1024:.0f}/{x['rss_after_kib'] / 1024:.0f} MiB"
                     for x in churn
@@ -287,6 +291,21 @@ def print_faststream(runs: list[dict[str, Any]], opts: argparse.Namespace) -> No
                 )
         if "error" in r:
             print(f"  !! {r['error'][:400]}")
+        usable = [
+            fs["channels"]
+            for k, fs in r.items()
+            if k.startswith("faststream") and fs.get("seconds") is not None
+        ]
+        failed = [
+            fs["channels"]
+            for k, fs in r.items()
+            if k.startswith("faststream") and fs.get("seconds") is None
+        ]
+        print(
+            f"  FastStream usable up to {max(usable, default=0):,} channels"
+            + (f", not at {min(failed):,}" if failed else " (every count tried)")
+            + f" (bound: subscribed within {opts.faststream_seconds:g}s)"
+        )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -308,7 +327,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "Redis this long before the leave must have been received")  # fmt: skip
     parser.add_argument("--resubscribe-timeout", type=float, default=30.0)
     parser.add_argument("--phase-timeout", type=float, default=120.0)
-    parser.add_argument("--faststream-counts", default="100,1000,5000")
+    parser.add_argument("--faststream-counts", default="100,1000,5000,10000")
     parser.add_argument("--faststream-seconds", type=float, default=30.0)
     parser.add_argument("--quick", action="store_true", help="10,000 channels, 20,000 messages, "
                         "5 s of churn, 10 s bounds (about 2 minutes)")  # fmt: skip
