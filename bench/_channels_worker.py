@@ -789,6 +789,30 @@ async def faststream_main(args: argparse.Namespace) -> None:
             break  # it stopped being usable: larger counts would only take longer
 
 
+async def taskcost_main(args: argparse.Namespace) -> None:
+    """The control: what an idle asyncio task per channel costs, with no library at all.
+
+    eventbus and broadcaster are driven by a task per channel (the shape of a server
+    holding a task per connected client), raw redis-py by one reader task and a dict;
+    this separates the user's task from what the library holds per subscription.
+    """
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def hold(topic: str) -> None:
+        async with contextlib.AsyncExitStack():
+            await never
+
+    baseline = settled_rss_kib()
+    tasks = [asyncio.create_task(hold(f"u{i}")) for i in range(args.channels)]
+    await asyncio.sleep(0)  # every task started and parked on the future
+    idle = settled_rss_kib()
+    emit(event="taskcost", bytes_per_task=(idle - baseline) * 1024 / args.channels)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    emit(event="end")
+
+
 def library_versions(contender: str) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -844,6 +868,8 @@ def main() -> None:
     emit(event="versions", versions=library_versions(args.contender))
     if args.contender == "faststream":
         asyncio.run(faststream_main(args))
+    elif args.contender == "taskcost":
+        asyncio.run(taskcost_main(args))
     else:
         asyncio.run(subscribe_main(args))
 
