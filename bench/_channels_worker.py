@@ -512,17 +512,20 @@ async def subscribe_main(args: argparse.Namespace) -> None:
     await subs.start()
     base = await asyncio.to_thread(admin.subscriptions)  # raw's placeholder channel
     baseline = settled_rss_kib()
+    objects_baseline = len(gc.get_objects())
     emit(event="ready", base=base, rss_kib=baseline)
     try:
         probes = await phase_burst(args, subs, admin, base)
         held = args.channels + len(probes)
         idle = settled_rss_kib()
+        objects_idle = len(gc.get_objects())
         emit(
             event="idle",
             rss_baseline_kib=baseline,
             rss_idle_kib=idle,
             subscriptions=held,
             bytes_per_subscription=(idle - baseline) * 1024 / held,
+            gc_objects_per_subscription=(objects_idle - objects_baseline) / held,
             pubsub_clients=await asyncio.to_thread(admin.pubsub_clients),
         )
 
@@ -608,6 +611,7 @@ async def phase_churn(
     live = args.churn_live
     per_tick = max(1, round(args.churn_join_rate * 0.01))
     rss_before = settled_rss_kib()
+    objects_before = len(gc.get_objects())  # gc-tracked objects: a leak shows here
     joined: dict[str, tuple[float, float]] = {}  # topic -> (join called, confirmed)
     left: dict[str, float] = {}  # topic -> leave called
     reader_at: dict[str, int] = {}  # topic -> highest seq received anywhere at its leave
@@ -686,6 +690,8 @@ async def phase_churn(
     leaked_server = await wait_zero(admin, held, 5.0)
     leaked_channels = await asyncio.to_thread(admin.channels, channel("c*"))
     rss_after = settled_rss_kib()
+    # the bench's own records (received, recv_times) are still alive: small against N
+    objects_after = len(gc.get_objects())
 
     records = await asyncio.to_thread(lambda: json.loads(Path(out).read_text()))
     os.unlink(out)
@@ -741,6 +747,8 @@ async def phase_churn(
         leaked_channels=leaked_channels,
         rss_before_kib=rss_before,
         rss_after_kib=rss_after,
+        objects_before=objects_before,
+        objects_after=objects_after,
         tick_lag_max=lag,
         window=args.churn_window,
     )

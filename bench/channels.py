@@ -190,8 +190,11 @@ def print_table(
                 f"subscriber p50/p99/max {fmt(x['lag_p50'], '.3f')}/{fmt(x['lag_p99'], '.3f')}/"
                 f"{fmt(x['lag_max'], '.3f')}s; {x['unread_at_leave']:,} not checked (not yet "
                 f"read by the process when it left); RSS {x['rss_before_kib'] / 1024:.0f} -> "
-                f"{x['rss_after_kib'] / 1024:.0f} MiB; tick lag max {x['tick_lag_max']:.3f}s"
+                f"{x['rss_after_kib'] / 1024:.0f} MiB, gc objects {x['objects_before']:,} -> "
+                f"{x['objects_after']:,}; tick lag max {x['tick_lag_max']:.3f}s"
             )
+        objs = med(get(ok, "idle", "gc_objects_per_subscription"))
+        print(f"    {name}: gc-tracked objects per idle subscription: {fmt(objs, '.1f')}")
         probes = get(ok, "burst", "probes")
         print(f"    {name}: single subscribes timed during the burst: {probes}")
         for e in errors:
