@@ -404,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         f"{time.monotonic() - t:5.1f}s {status}",
                         flush=True,
                     )
+            if not rows:  # --only faststream
+                continue
             control = run_worker("taskcost", Path(sys.executable), channels, server, opts)
             task_bytes = control.get("taskcost", {}).get("bytes_per_task")
             print_table(channels, rows, opts, task_bytes)
