@@ -77,7 +77,6 @@ class Receiver:
         "_buf",
         "_close_error",
         "_closed",
-        "_low_water",
         "_space_waiter",
         "_special",
         "_waiter",
@@ -116,7 +115,6 @@ class Receiver:
         self._buf = _NO_BUFFER  # a deque of its own from the first offer
         self._waiter: asyncio.Future[None] | None = None
         self._space_waiter: asyncio.Future[None] | None = None
-        self._low_water = capacity // 2
         self._closed = False
         self._close_error: BaseException | None = None
         self._warned_block = False
@@ -227,7 +225,7 @@ class Receiver:
     def wake_space(self) -> None:
         """After taking from the buffer: wake a waiting dispatcher once it is half empty."""
         space = self._space_waiter
-        if space is not None and len(self._buf) <= self._low_water:
+        if space is not None and len(self._buf) <= self.capacity // 2:
             self._space_waiter = None
             if not space.done():
                 space.set_result(None)
