@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final
 
 from ._envelope import Delivery
 from ._handlers import report_failure
@@ -16,7 +16,6 @@ from .errors import BusStateError, DecodeError
 if TYPE_CHECKING:
     from ._codec import Codec
     from ._feature import Window
-    from ._subscribers import Subscribers
     from ._topic import Topic
 
 __all__ = ["Subscription"]
@@ -24,6 +23,20 @@ __all__ = ["Subscription"]
 T = TypeVar("T")
 
 _TOKEN = object()
+
+
+class Opener(Protocol):
+    """What a subscription attaches through (the bus's ``Subscribers``)."""
+
+    async def attach(
+        self,
+        subscription: Subscription[Any],
+        receiver: Receiver,
+        topics: tuple[Topic[Any], ...],
+        window: Window,
+    ) -> None: ...
+
+    def detach(self, receiver: Receiver, topics: tuple[Topic[Any], ...]) -> None: ...
 
 
 @final
@@ -67,7 +80,7 @@ class Subscription(Generic[T]):
         receiver: Receiver,
         payload_type: Any,
         codec: Codec,
-        subscribers: Subscribers,
+        subscribers: Opener,
         topics: tuple[Topic[Any], ...],
         window: Window,
         sender: object,
