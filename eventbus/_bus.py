@@ -101,9 +101,14 @@ def _topics(
     return topics
 
 
+_NO_WINDOW: Final = Window()
+
+
 def _check_window(topics: tuple[Topic[Any], ...], window: Window) -> Window:
     """``window`` if its topics keep history (a live topic has no past to replay)."""
-    if window != Window() and not all(t.durable for t in topics):
+    if window == _NO_WINDOW:
+        return _NO_WINDOW  # shared: one less object per subscription
+    if not all(t.durable for t in topics):
         what = "from_ (replay)" if window.start != "latest" else "until"
         raise ConfigurationError(f"{what} needs durable topics: a live topic keeps no history")
     return window
@@ -236,7 +241,9 @@ class EventBus:
         # group that publishes to it starts), drained together.
         self._features: tuple[Feature, ...] = (self._local, self._live, self._durable)
         self._routes = Routes(self._local, self._live, self._durable)
-        self._subscribers = Subscribers(self._routes, self._codec, self)
+        self._subscribers = Subscribers(
+            self._routes, self._codec, self, lambda: self._require_open("subscribe")
+        )
         self._state = BusState.UNOPENED
         self._stack: AsyncExitStack | None = None
         self._server: RedisServer | None = None
@@ -517,9 +524,7 @@ class EventBus:
         _check_overflow(buffer, overflow)
         topics = _topics(topic, more, self._limits)
         window = _check_window(topics, Window(from_, until))
-        return self._subscribers.subscription(
-            topics, buffer, overflow, window, lambda: self._require_open("subscribe")
-        )
+        return self._subscribers.subscription(topics, buffer, overflow, window)
 
     def on(
         self,

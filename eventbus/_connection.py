@@ -8,7 +8,7 @@ import logging
 import re
 import ssl
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -164,8 +164,13 @@ def _acl_hint(detail: str, command: str, channel: str | None) -> str | None:
     return None
 
 
-def _dropped_hint(tls: bool | None) -> str:
-    """Why a connection is reset or closed right away, given what we know of the scheme."""
+def _dropped_hint(tls: bool | Literal["established"] | None) -> str:
+    """Why a connection is reset or closed right away, given what we know of the scheme.
+
+    Nothing for a connection that had worked (``"established"``): the scheme was right.
+    """
+    if tls == "established":
+        return ""
     if tls is False:
         return " (does the server expect TLS? use rediss://)"
     if tls is True:
@@ -184,14 +189,16 @@ def translate(
     topic: str | None = None,
     command: str = "",
     channel: str | None = None,
-    tls: bool | None = None,
+    tls: bool | Literal["established"] | None = None,
     credentials: bool | None = None,
 ) -> BaseException:
     """The eventbus error for a redis-py (or ssl) error; ``exc`` itself if unknown.
 
     ``tls``: whether the connection uses TLS, if the caller knows (it picks the hint
-    added to a reset or closed connection). ``credentials``: whether any were given
-    (a password or user in the URL, or a credential provider), if the caller knows:
+    added to a reset or closed connection), or ``"established"`` for a connection
+    that had worked (no hint: its scheme and certificates were right). ``credentials``:
+    whether any were given (a password or user in the URL, or a credential provider),
+    if the caller knows:
     a server that wants them and got none is told apart from one that refused them."""
     if isinstance(exc, rex.NoPermissionError):
         detail = str(exc)

@@ -200,6 +200,7 @@ async def run_handler(receiver: Receiver, spec: HandlerSpec, codec: Codec, sende
                 # An "error"-policy overflow, or the push connection failed for good.
                 logger.error("subscriber %s stopped: %s", spec.name, exc)
                 return
+            buf = receiver._buf  # created by the first event (Receiver: no buffer before)
         try:
             if untyped:
                 payload = env.data

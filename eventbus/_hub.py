@@ -34,6 +34,10 @@ __all__ = ["Gap", "Hub", "Receiver"]
 logger = logging.getLogger("eventbus")
 
 _GAP_TRACK_LIMIT: Final = 10_000  # publishers remembered per route, oldest forgotten first
+_NO_BUFFER: Final[deque[Envelope]] = deque(maxlen=0)
+"""The buffer of every receiver that has not yet been offered an event: shared, and
+unable to hold one. An empty deque costs 600 bytes; a process holding 50,000 idle
+subscriptions (one channel per connected user) would pay 30 MB for nothing."""
 
 
 @final
@@ -73,7 +77,6 @@ class Receiver:
         "_buf",
         "_close_error",
         "_closed",
-        "_low_water",
         "_space_waiter",
         "_special",
         "_waiter",
@@ -109,16 +112,16 @@ class Receiver:
         self.multi_route = multi_route
         self.on_overflow = on_overflow
         self.owner: object = None  # the Subscription or handler function, for signals
-        self._buf: deque[Envelope] = deque()
+        self._buf = _NO_BUFFER  # a deque of its own from the first offer
         self._waiter: asyncio.Future[None] | None = None
         self._space_waiter: asyncio.Future[None] | None = None
-        self._low_water = capacity // 2
         self._closed = False
         self._close_error: BaseException | None = None
         self._warned_block = False
         self.last: Envelope | None = None
-        # One flag for the rare cases, so the common offer() tests one attribute.
-        self._special = multi_route
+        # One flag for the rare cases (multi-route, closed, no buffer yet), so the
+        # common offer() tests one attribute.
+        self._special = True
         self.received = self.dropped = self.discarded = 0
         self.gaps = self.missed = self.reconnects = self.errors = 0
 
@@ -134,11 +137,15 @@ class Receiver:
         if self._special:
             if self._closed:
                 return True
-            # multi-route: the same publish arrives once per matching channel or
-            # pattern subscription; the dispatcher hands over the same object.
-            if env is self.last:
-                return True
-            self.last = env
+            if self._buf is _NO_BUFFER:
+                self._buf = deque()
+                self._special = self.multi_route
+            if self.multi_route:
+                # the same publish arrives once per matching channel or pattern
+                # subscription; the dispatcher hands over the same object.
+                if env is self.last:
+                    return True
+                self.last = env
         buf = self._buf
         if len(buf) < self.capacity:
             self.received += 1
@@ -209,6 +216,7 @@ class Receiver:
                 await fut
             finally:
                 self._waiter = None
+            buf = self._buf  # created by the first offer
         env = buf.popleft()
         if self._space_waiter is not None:
             self.wake_space()
@@ -217,7 +225,7 @@ class Receiver:
     def wake_space(self) -> None:
         """After taking from the buffer: wake a waiting dispatcher once it is half empty."""
         space = self._space_waiter
-        if space is not None and len(self._buf) <= self._low_water:
+        if space is not None and len(self._buf) <= self.capacity // 2:
             self._space_waiter = None
             if not space.done():
                 space.set_result(None)

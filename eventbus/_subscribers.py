@@ -64,22 +64,30 @@ class _Handler:
 class Subscribers:
     """Handlers and iterators of one bus (see the module doc)."""
 
-    def __init__(self, router: Router, codec: Codec, sender: object) -> None:
+    def __init__(
+        self,
+        router: Router,
+        codec: Codec,
+        sender: object,
+        check_open: Callable[[], None] = lambda: None,
+    ) -> None:
         self._router = router
         self._codec = codec
         self._sender = sender
+        self._check_open = check_open
         self._handlers: list[_Handler] = []
-        self._open: dict[Receiver, Callable[[], None]] = {}
-        """Receivers of open iterators, with what tells each that the bus closed it."""
+        self._open: dict[Receiver, Subscription[Any]] = {}
+        """Receivers of open iterators, with their subscription (told when the bus closes it)."""
         self._tg: anyio.abc.TaskGroup | None = None
+        self._overflowed = self._on_overflow
 
     def receiver(self, topics: tuple[Topic[Any], ...], buffer: int, overflow: Overflow) -> Receiver:
         return Receiver(
-            label=",".join(t.name for t in topics),
+            label=topics[0].name if len(topics) == 1 else ",".join(t.name for t in topics),
             capacity=buffer,
             overflow=overflow,
             multi_route=len(topics) > 1,
-            on_overflow=self._on_overflow,
+            on_overflow=self._overflowed,  # one bound method for all, not one each
         )
 
     def _on_overflow(self, receiver: Receiver) -> None:
@@ -174,29 +182,36 @@ class Subscribers:
         buffer: int,
         overflow: Overflow,
         window: Window,
-        check_open: Callable[[], None],
     ) -> Subscription[Any]:
         receiver = self.receiver(topics, buffer, overflow)
-
-        async def attach(r: Receiver, closed_by_bus: Callable[[], None]) -> None:
-            check_open()
-            await self._router.attach(topics, r, window)
-            self._open[r] = closed_by_bus
-
-        def detach(r: Receiver) -> None:
-            self._open.pop(r, None)
-            self._router.detach(topics, r)
-
         subscription: Subscription[Any] = Subscription._create(
             receiver=receiver,
             payload_type=topics[0].type,
             codec=self._codec,
-            attach=attach,
-            detach=detach,
+            subscribers=self,
+            topics=topics,
+            window=window,
             sender=self._sender,
         )
         receiver.owner = subscription
         return subscription
+
+    async def attach(
+        self,
+        subscription: Subscription[Any],
+        receiver: Receiver,
+        topics: tuple[Topic[Any], ...],
+        window: Window,
+    ) -> None:
+        """Attach an iterator's receiver (on entry); returns once it is confirmed."""
+        self._check_open()
+        await self._router.attach(topics, receiver, window)
+        self._open[receiver] = subscription
+
+    def detach(self, receiver: Receiver, topics: tuple[Topic[Any], ...]) -> None:
+        """Detach an iterator's receiver (on exit)."""
+        self._open.pop(receiver, None)
+        self._router.detach(topics, receiver)
 
     # -- closing ------------------------------------------------------------------------
 
@@ -206,9 +221,9 @@ class Subscribers:
         ``deadline``; returns whether they all finished."""
         for handler in self._handlers:
             handler.receiver.close()
-        for receiver, closed_by_bus in list(self._open.items()):
+        for receiver, subscription in list(self._open.items()):
             receiver.close()
-            closed_by_bus()
+            subscription._closed_by_bus()
         with anyio.move_on_after(max(deadline - anyio.current_time(), 0)):
             for handler in self._handlers:
                 if handler.attached:

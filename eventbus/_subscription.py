@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final
 
 from ._envelope import Delivery
 from ._handlers import report_failure
@@ -15,12 +15,28 @@ from .errors import BusStateError, DecodeError
 
 if TYPE_CHECKING:
     from ._codec import Codec
+    from ._feature import Window
+    from ._topic import Topic
 
 __all__ = ["Subscription"]
 
 T = TypeVar("T")
 
 _TOKEN = object()
+
+
+class Opener(Protocol):
+    """What a subscription attaches through (the bus's ``Subscribers``)."""
+
+    async def attach(
+        self,
+        subscription: Subscription[Any],
+        receiver: Receiver,
+        topics: tuple[Topic[Any], ...],
+        window: Window,
+    ) -> None: ...
+
+    def detach(self, receiver: Receiver, topics: tuple[Topic[Any], ...]) -> None: ...
 
 
 @final
@@ -43,16 +59,18 @@ class Subscription(Generic[T]):
     .. versionadded:: 0.1
     """
 
+    # Small on purpose (a server may hold one per connected user): no closures,
+    # what it shares with its neighbours is reached through ``_subscribers``.
     __slots__ = (
         "__weakref__",
-        "_attach",
         "_codec",
-        "_detach",
-        "_label",
         "_receiver",
         "_sender",
         "_state",
+        "_subscribers",
+        "_topics",
         "_type",
+        "_window",
     )
 
     def __init__(
@@ -62,8 +80,9 @@ class Subscription(Generic[T]):
         receiver: Receiver,
         payload_type: Any,
         codec: Codec,
-        attach: Callable[[Receiver, Callable[[], None]], Awaitable[None]],
-        detach: Callable[[Receiver], None],
+        subscribers: Opener,
+        topics: tuple[Topic[Any], ...],
+        window: Window,
         sender: object,
     ) -> None:
         if token is not _TOKEN:
@@ -71,11 +90,15 @@ class Subscription(Generic[T]):
         self._receiver = receiver
         self._type = payload_type
         self._codec = codec
-        self._attach = attach
-        self._detach = detach
+        self._subscribers = subscribers
+        self._topics = topics
+        self._window = window
         self._sender = sender
-        self._label = receiver.label
         self._state = "new"
+
+    @property
+    def _label(self) -> str:
+        return self._receiver.label
 
     @classmethod
     def _create(cls, **kwargs: Any) -> Subscription[Any]:
@@ -86,7 +109,7 @@ class Subscription(Generic[T]):
             raise BusStateError(f"subscription of {self._label!r} was already entered")
         self._state = "opening"
         try:
-            await self._attach(self._receiver, self._closed_by_bus)
+            await self._subscribers.attach(self, self._receiver, self._topics, self._window)
         except BaseException:
             self._state = "closed"
             raise
@@ -109,7 +132,7 @@ class Subscription(Generic[T]):
         self._state = "closed"
         self._receiver.close(discard=True)
         if was_open:
-            self._detach(self._receiver)
+            self._subscribers.detach(self._receiver, self._topics)
 
     def _closed_by_bus(self) -> None:
         # The bus closed the receiver; buffered events can still be read.

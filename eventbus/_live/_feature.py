@@ -61,6 +61,8 @@ class LiveFeature:
         """The push connection, started (and its first routes confirmed) on first use."""
         live = self._live
         assert live is not None
+        if self._live_scope is not None:
+            return live  # started: no lock, no checkpoint (10,000 subscribers at once)
         assert self._ctx is not None
         tg = self._ctx.task_group
         async with self._live_lock:
@@ -141,6 +143,8 @@ class LiveFeature:
         ]
 
     def begin_drain(self) -> None:
+        if self._live is not None:
+            self._live.flush()  # the unsubscribes queued last still go out
         if self._live_scope is not None:
             self._live_scope.cancel()  # no more incoming messages
 

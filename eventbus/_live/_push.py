@@ -11,13 +11,25 @@ SUBSCRIBE/PSUBSCRIBE are reference counted by the hub: the first local subscribe
 of a channel subscribes upstream and waits for the confirmation; later ones send
 nothing; the last to leave unsubscribes.
 
+Subscribes and unsubscribes coalesce: each is queued, and the first one queued
+schedules a flush (``loop.call_soon``: no timer) that sends everything queued by
+then as one SUBSCRIBE / PSUBSCRIBE / UNSUBSCRIBE / PUNSUBSCRIBE per kind. 10,000
+subscribers entering at once cost one command and one round trip, while a lone
+subscriber pays nothing extra. Each caller still waits for the confirmation of its
+own channel. Redis refuses a whole multi-channel SUBSCRIBE when the ACL denies one
+of its channels (one NOPERM for the command, naming at most one channel), so a
+refused batch is asked again one channel per command: each caller gets its own
+answer, and a refused channel does not fail its neighbours.
+
 Replies to our commands (subscribe confirmations, pongs, errors) come back in
 the order the commands were sent, interleaved with pushed messages, so a FIFO of
-outstanding commands pairs each reply (and each NOPERM) with its command.
+outstanding commands pairs each reply (one per channel of a command, or one error
+for the whole command) with its command and channel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
@@ -53,6 +65,8 @@ __all__ = ["LiveConnection", "pattern_route"]
 logger = logging.getLogger("eventbus")
 
 _YIELD_EVERY: Final = 64  # frames handled before letting subscribers run
+_MAX_BATCH: Final = 10_000
+"""Channels (or patterns) per coalesced SUBSCRIBE/UNSUBSCRIBE command."""
 _PATTERN_MARK: Final = b"\x00"
 _TICK: Final = 0.5
 """Seconds between the stall watcher's wake-ups."""
@@ -74,15 +88,76 @@ def pattern_route(pattern: bytes) -> bytes:
 
 
 class _Route:
-    """Desired upstream subscription and its confirmation state."""
+    """Desired upstream subscription and its confirmation state.
 
-    __slots__ = ("confirmed", "error", "kind", "name")
+    Small on purpose (one per subscribed channel, tens of thousands per process):
+    the futures its first subscribers wait on exist only while they wait.
+    """
+
+    __slots__ = ("confirmed", "error", "kind", "name", "waiters")
 
     def __init__(self, kind: bytes, name: bytes) -> None:
         self.kind = kind  # b"SUBSCRIBE" or b"PSUBSCRIBE"
         self.name = name
-        self.confirmed = anyio.Event()
+        self.confirmed = False
         self.error: BaseException | None = None
+        self.waiters: list[asyncio.Future[None]] | None = None
+
+    async def wait(self, timeout: float = math.inf) -> bool:  # noqa: ASYNC109
+        """Until the server confirmed (or refused: see ``error``) the subscription,
+        for at most ``timeout`` seconds; returns whether it did.
+
+        One future per waiter and a plain loop timer, not a cancel scope: 10,000
+        subscribers entering at once each pay a microsecond, not fifty.
+        """
+        if self.confirmed:
+            return True
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        waiters = self.waiters
+        if waiters is None:
+            waiters = self.waiters = []
+        waiters.append(fut)
+        timer = None if timeout == math.inf else loop.call_later(timeout, _expire, fut)
+        try:
+            await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self.waiters is not None:
+                self.waiters.remove(fut)
+                if not self.waiters:
+                    self.waiters = None
+        return self.confirmed
+
+    def settle(self, error: BaseException | None = None) -> None:
+        """Confirmed (``error`` None) or refused: wake whoever waits."""
+        if error is not None:
+            self.error = error
+        self.confirmed = True
+        waiters = self.waiters
+        if waiters is not None:
+            self.waiters = None
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Sent:
+    """A command written to the push connection, waiting for its replies: one per
+    item (a channel of a (P)(UN)SUBSCRIBE, or the PING), or one error for all."""
+
+    __slots__ = ("command", "index", "items")
+
+    def __init__(self, command: bytes, items: list[tuple[bytes, Any]]) -> None:
+        self.command = command
+        self.items = items  # (channel or pattern, token): (route, _Route), an Event, or None
+        self.index = 0  # replies received so far
 
 
 class LiveConnection:
@@ -109,7 +184,10 @@ class LiveConnection:
         self._sender = sender
         self._routes: dict[bytes, _Route] = {}
         self._conn: AbstractConnection | None = None
-        self._outstanding: deque[tuple[bytes, bytes, Any]] = deque()
+        self._outstanding: deque[_Sent] = deque()
+        self._pending: list[tuple[bytes, bytes, Any]] = []
+        """(Un)subscribes queued for the next flush: (command, name, token)."""
+        self._flush_scheduled = False
         self._topics: dict[bytes, str] = {}
         self._last_frame: tuple[bytes, bytes, Envelope, set[bytes]] | None = None
         self._fatal: BaseException | None = None
@@ -130,7 +208,10 @@ class LiveConnection:
     async def attach(self, route: bytes, kind: bytes, name: bytes, receiver: Receiver) -> None:
         """Attach ``receiver`` to ``route``; subscribe upstream if it is the first.
 
-        Returns once the server confirmed the subscription.
+        Returns once the server confirmed the subscription. Concurrent attaches
+        share one SUBSCRIBE (see the module doc); each returns once its own channel
+        is confirmed. Cancellation: the receiver is detached (unsubscribed upstream
+        if it was the route's last).
 
         :raises eventbus.errors.PermissionDenied: the ACL refuses the channel.
         :raises eventbus.errors.RedisUnavailable: no confirmation within ``connect_timeout``.
@@ -141,36 +222,84 @@ class LiveConnection:
         state = self._routes.get(route)
         if first or state is None:
             state = self._routes[route] = _Route(kind, name)
-            self._send_subscribe(route, state)
-        try:
-            with anyio.fail_after(self._policy.connect_timeout):
-                await state.confirmed.wait()
-        except TimeoutError:
-            self._detach_sync(route, receiver)
-            raise RedisUnavailable(
-                f"Redis at {self._address} did not confirm {kind.decode()} "
-                f"{name.decode(errors='replace')!r} within "
-                f"{self._policy.connect_timeout:g}s (connect_timeout)"
-            ) from None
-        except BaseException:
-            self._detach_sync(route, receiver)
-            raise
+            self._queue(kind, name, (route, state))
+        if not state.confirmed:
+            try:
+                confirmed = await state.wait(self._policy.connect_timeout)
+            except BaseException:
+                self._detach_sync(route, receiver)
+                raise
+            if not confirmed:
+                self._detach_sync(route, receiver)
+                raise RedisUnavailable(
+                    f"Redis at {self._address} did not confirm {kind.decode()} "
+                    f"{name.decode(errors='replace')!r} within "
+                    f"{self._policy.connect_timeout:g}s (connect_timeout)"
+                )
         if state.error is not None:
             self._detach_sync(route, receiver)
             raise state.error
 
     def detach(self, route: bytes, receiver: Receiver) -> None:
-        """Detach ``receiver``; unsubscribe upstream when it was the last one."""
+        """Detach ``receiver``; unsubscribe upstream when it was the last one.
+
+        The UNSUBSCRIBE is queued (coalesced with its neighbours'), not awaited:
+        messages still arriving for the route meanwhile find no receiver.
+        """
         self._detach_sync(route, receiver)
 
     def _detach_sync(self, route: bytes, receiver: Receiver) -> None:
         if not self._hub.remove(route, receiver):
             return
         state = self._routes.pop(route, None)
+        if not self._routes:
+            self._topics.clear()
+        else:
+            self._topics.pop(route, None)
         if state is None or state.error is not None:
             return
         unsub = b"UNSUBSCRIBE" if state.kind == b"SUBSCRIBE" else b"PUNSUBSCRIBE"
-        self._send(unsub, state.name, None)
+        self._queue(unsub, state.name, None)
+
+    def _queue(self, command: bytes, name: bytes, token: Any) -> None:
+        """Queue a (un)subscribe for the next flush, scheduling it if none is."""
+        pending = self._pending
+        pending.append((command, name, token))
+        if len(pending) >= _MAX_BATCH:
+            self.flush()  # a full batch goes now: the first callers need not wait for the rest
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send every queued (un)subscribe, one command per kind (and per
+        ``_MAX_BATCH``). Without a connection, drop them: the supervisor subscribes
+        every route in ``_routes`` when it connects."""
+        self._flush_scheduled = False
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        conn = self._conn
+        if conn is None or not conn.is_connected:
+            return
+        # A channel appears at most once per round, so the commands of one channel
+        # (a SUBSCRIBE, its UNSUBSCRIBE, a SUBSCRIBE again) go out in queue order.
+        batches: dict[bytes, list[tuple[bytes, Any]]] = {}
+        seen: set[bytes] = set()
+        for command, name, token in pending:
+            if name in seen:
+                self._write_batches(batches)
+                batches = {}
+                seen = set()
+            seen.add(name)
+            batches.setdefault(command, []).append((name, token))
+        self._write_batches(batches)
+
+    def _write_batches(self, batches: dict[bytes, list[tuple[bytes, Any]]]) -> None:
+        for command, items in batches.items():
+            for start in range(0, len(items), _MAX_BATCH):
+                self._write(command, items[start : start + _MAX_BATCH])
 
     def _send_subscribe(self, route: bytes, state: _Route) -> None:
         self._send(state.kind, state.name, (route, state))
@@ -179,13 +308,17 @@ class LiveConnection:
         conn = self._conn
         if conn is None or not conn.is_connected:
             return False  # the supervisor (re)subscribes every route when it connects
-        args = (command,) if name is None else (command, name)
-        # Append before writing: the write happens synchronously inside
-        # send_packed_command before its first await, so FIFO order = wire order.
-        self._outstanding.append((command, name or b"", token))
-        packed = conn.pack_command(*args)
-        conn._writer.writelines(packed)  # type: ignore[union-attr]
+        self._write(command, [(name or b"", token)])
         return True
+
+    def _write(self, command: bytes, items: list[tuple[bytes, Any]]) -> None:
+        conn = self._conn
+        assert conn is not None
+        args = [command] if command == b"PING" else [command, *(name for name, _ in items)]
+        # Append before writing: the write happens synchronously (no await), so
+        # FIFO order = wire order.
+        self._outstanding.append(_Sent(command, items))
+        conn._writer.writelines(conn.pack_command(*args))  # type: ignore[union-attr]
 
     async def aclose(self) -> None:
         """Close every connection of the pool (the supervisor closes its own on exit)."""
@@ -245,7 +378,11 @@ class LiveConnection:
                     f"Redis at {self._address} did not answer within "
                     f"{self._policy.connect_timeout:g}s (connect_timeout)"
                 )
-            mapped = translate(error, tls=self._tls, command=self._step)
+            # The "use rediss://" hint is for a first connection that fails; once one
+            # worked, a reset is a kill, a restart or the network, not the scheme.
+            mapped = translate(
+                error, tls="established" if started else self._tls, command=self._step
+            )
             self._step = ""
             if not started:
                 raise mapped from error
@@ -328,6 +465,7 @@ class LiveConnection:
             self.client_id = int(await conn.read_response())
             self._step = ""
         self._outstanding.clear()
+        self._pending.clear()  # the routes they subscribe are resubscribed
         self._conn = conn
 
     async def _guard(self, tg: anyio.abc.TaskGroup, loop: Callable[..., Any], conn: Any) -> None:
@@ -346,7 +484,7 @@ class LiveConnection:
             self._send_subscribe(route, state)
         with anyio.fail_after(self._policy.connect_timeout):
             for _route, state in pending:
-                await state.confirmed.wait()
+                await state.wait()
 
     def _on_reconnected(self, down_since: float | None) -> None:
         self.reconnects += 1
@@ -438,32 +576,53 @@ class LiveConnection:
     def _on_reply(self, command: bytes, name: bytes) -> None:
         if not self._outstanding:
             return
-        sent, _sent_name, token = self._outstanding.popleft()
+        sent = self._outstanding[0]
+        token = sent.items[sent.index][1]
+        sent.index += 1
+        if sent.index >= len(sent.items):
+            self._outstanding.popleft()
         if token is None:
             return
-        if sent == b"PING":
+        if sent.command == b"PING":
             token.set()
             return
         route: bytes = token[0]
         route_state: _Route = token[1]
         if self._routes.get(route) is route_state:
-            route_state.confirmed.set()
+            route_state.settle()
 
     def _on_error_reply(self, exc: rex.ResponseError | rex.BusyLoadingError) -> None:
         if not self._outstanding:
             logger.error("unexpected error on the push connection: %s", exc)
             return
-        sent, name, token = self._outstanding.popleft()
-        if sent == b"PING":
+        sent = self._outstanding.popleft()  # one error answers the whole command
+        if sent.command == b"PING":
             # The server answered, so it is alive: a refused PING is no dead peer.
             # Redis refuses PING while it loads its dataset (LOADING), and
             # meanwhile delivers what is published, as SUBSCRIBE works then.
-            token.set()
+            sent.items[0][1].set()
             logger.debug("PING on the push connection refused: %s", exc)
             return
         if isinstance(exc, rex.BusyLoadingError):
             raise exc  # a (P)SUBSCRIBE refused while loading: reconnect and try again
-        command = sent.decode()
+        items = sent.items[sent.index :]
+        command = sent.command.decode()
+        if len(items) > 1:
+            # Redis refused the whole command for one of its channels (and names at
+            # most that one): ask again, one channel per command, for each caller's
+            # own answer. Unsubscribes are not retried (nobody waits for them).
+            live = [(n, t) for n, t in items if t is not None and self._routes.get(t[0]) is t[1]]
+            for item in live:
+                self._write(sent.command, [item])
+            if len(live) < len(items):
+                logger.error(
+                    "%s of %d channels on the push connection failed: %s",
+                    command,
+                    len(items) - len(live),
+                    translate(exc, command=command),
+                )
+            return
+        name, token = items[0]
         channel = name.decode(errors="replace") or None
         mapped = translate(exc, command=command, channel=channel)
         if token is None:
@@ -471,8 +630,7 @@ class LiveConnection:
             return
         route: bytes = token[0]
         route_state: _Route = token[1]
-        route_state.error = mapped
-        route_state.confirmed.set()
+        route_state.settle(mapped)
         if self._routes.get(route) is route_state:
             # Refused for good: wake and close every receiver waiting on it.
             del self._routes[route]
