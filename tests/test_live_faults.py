@@ -216,3 +216,28 @@ async def test_block_subscriber_does_not_trip_the_keepalive(bus_factory) -> None
                 await anyio.sleep(0.005)  # a slow consumer: ~1 s behind in total
     assert got == list(range(200))
     assert bus.reconnects == 0
+
+
+async def test_reconnected_means_resubscribed(redis_server_factory) -> None:
+    """``reconnects`` rises (and ``signals.reconnected`` fires) only once Redis confirmed
+    every subscription on the new connection: an event published right then arrives.
+    The proxy's delay makes the confirmation come well after the connection is open."""
+    server = redis_server_factory()
+    async with FaultProxy(("127.0.0.1", server.port)) as proxy:
+        sub_bus = EventBus(f"redis://127.0.0.1:{proxy.port}/0", prefix="rr", live=FAST_LIVE)
+        pub_bus = EventBus(server.url, prefix="rr")
+        async with (
+            control_client(server.url) as ctl,
+            sub_bus,
+            pub_bus,
+            sub_bus.subscribe("t") as sub,
+        ):
+            await pub_bus.publish("t", 0)
+            with anyio.fail_after(5):
+                assert await sub.receive() == 0
+            proxy.delay = 0.15
+            await ctl.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            await wait_until(lambda: sub_bus.reconnects == 1, timeout=10, interval=0.001)
+            await pub_bus.publish("t", 1)
+            with anyio.fail_after(5):
+                assert await sub.receive() == 1

@@ -481,6 +481,9 @@ class LiveConnection:
     async def _resubscribe_all(self) -> None:
         pending = list(self._routes.items())
         for route, state in pending:
+            # A new connection: confirmed again only once Redis says so, so this
+            # waits for it (and a subscribe meanwhile returns only then too).
+            state.confirmed = False
             self._send_subscribe(route, state)
         with anyio.fail_after(self._policy.connect_timeout):
             for _route, state in pending:
