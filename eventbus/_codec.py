@@ -346,12 +346,7 @@ class Codec:
                 pass  # a container holding what orjson cannot write: cattrs below
         elif isinstance(event, bytes | bytearray | memoryview):
             return F_BYTES, bytes(event)
-        try:
-            data = self.converter.unstructure(event)
-        except Exception as exc:
-            raise EncodeError(
-                f"cannot unstructure {type(event).__name__}: {exc}", topic=topic
-            ) from exc
+        _content_type, data = self.unstructure(topic, event)  # JSON: bytes were above
         try:
             return F_JSON, orjson.dumps(data)
         except TypeError as exc:

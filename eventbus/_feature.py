@@ -20,7 +20,7 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.abc
 import attrs
@@ -45,6 +45,9 @@ __all__ = [
     "Window",
     "receipt",
 ]
+
+R = TypeVar("R")
+"""What one :class:`~eventbus._codec.Codec` encoding returns (envelope, or entry fields)."""
 
 
 @attrs.frozen
@@ -159,22 +162,9 @@ class FeatureContext:
         :raises eventbus.errors.EncodeError: the event cannot be unstructured.
         :raises eventbus.errors.PayloadTooLarge: over the limit, before any I/O.
         """
-        ids = self.ids
-        if event_id is None:
-            event_id = ids.event_id()
-        seqs = ids.last_seq
-        seq = seqs.get(topic, 0) + 1
-        raw, ms = self.codec.encode(
-            topic,
-            event,
-            event_id=event_id,
-            publisher=ids.publisher_id,
-            seq=seq,
-            headers=headers,
-            cause=cause,
-            corr=corr,
+        event_id, (raw, ms) = self._one(
+            self.codec.encode, topic, event, headers, event_id, cause, corr
         )
-        seqs[topic] = seq
         return event_id, raw, ms
 
     def encode_entry(
@@ -189,12 +179,41 @@ class FeatureContext:
     ) -> tuple[str, list[bytes]]:
         """:meth:`encode` for a stream entry: ``(event id, fields)``; its time is
         the entry id Redis gives it."""
+        return self._one(self.codec.encode_entry, topic, event, headers, event_id, cause, corr)
+
+    def encode_many(
+        self, topic: str, events: Iterable[Any], headers: dict[str, str]
+    ) -> list[tuple[str, bytes, int]]:
+        """:meth:`encode` for a batch, all or nothing: a bad event raises before any
+        of the batch's seqs is taken."""
+        return [
+            (event_id, raw, ms)
+            for event_id, (raw, ms) in self._batch(self.codec.encode, topic, events, headers)
+        ]
+
+    def encode_entries(
+        self, topic: str, events: Iterable[Any], headers: dict[str, str]
+    ) -> list[tuple[str, list[bytes]]]:
+        """:meth:`encode_entry` for a batch, all or nothing, as :meth:`encode_many`."""
+        return self._batch(self.codec.encode_entry, topic, events, headers)
+
+    def _one(
+        self,
+        encode: Callable[..., R],
+        topic: str,
+        event: Any,
+        headers: dict[str, str],
+        event_id: str | None,
+        cause: str,
+        corr: str,
+    ) -> tuple[str, R]:
+        """One event through ``encode`` (a :class:`Codec` method), with its id and seq."""
         ids = self.ids
         if event_id is None:
             event_id = ids.event_id()
         seqs = ids.last_seq
         seq = seqs.get(topic, 0) + 1
-        fields = self.codec.encode_entry(
+        result = encode(
             topic,
             event,
             event_id=event_id,
@@ -205,51 +224,35 @@ class FeatureContext:
             corr=corr,
         )
         seqs[topic] = seq
-        return event_id, fields
+        return event_id, result
 
-    def encode_many(
-        self, topic: str, events: Iterable[Any], headers: dict[str, str]
-    ) -> list[tuple[str, bytes, int]]:
-        """:meth:`encode` for a batch, all or nothing: a bad event raises before any
-        of the batch's seqs is taken."""
+    def _batch(
+        self,
+        encode: Callable[..., R],
+        topic: str,
+        events: Iterable[Any],
+        headers: dict[str, str],
+    ) -> list[tuple[str, R]]:
+        """Events through ``encode``, all or nothing (seqs taken once all encoded)."""
         ids = self.ids
         seq = ids.next_seq(topic) - 1
         encoded = []
         for event in events:
             event_id = ids.event_id()
             seq += 1
-            raw, ms = self.codec.encode(
-                topic,
-                event,
-                event_id=event_id,
-                publisher=ids.publisher_id,
-                seq=seq,
-                headers=headers,
+            encoded.append(
+                (
+                    event_id,
+                    encode(
+                        topic,
+                        event,
+                        event_id=event_id,
+                        publisher=ids.publisher_id,
+                        seq=seq,
+                        headers=headers,
+                    ),
+                )
             )
-            encoded.append((event_id, raw, ms))
-        if encoded:
-            ids.take(topic, seq)
-        return encoded
-
-    def encode_entries(
-        self, topic: str, events: Iterable[Any], headers: dict[str, str]
-    ) -> list[tuple[str, list[bytes]]]:
-        """:meth:`encode_entry` for a batch, all or nothing, as :meth:`encode_many`."""
-        ids = self.ids
-        seq = ids.next_seq(topic) - 1
-        encoded = []
-        for event in events:
-            event_id = ids.event_id()
-            seq += 1
-            fields = self.codec.encode_entry(
-                topic,
-                event,
-                event_id=event_id,
-                publisher=ids.publisher_id,
-                seq=seq,
-                headers=headers,
-            )
-            encoded.append((event_id, fields))
         if encoded:
             ids.take(topic, seq)
         return encoded
