@@ -8,6 +8,15 @@ own, so you can register hooks first and keep them::
     conv.register_structure_hook(Money, parse_money)
     eventbus.configure_converter(conv)
     bus = EventBus(url, converter=conv)
+
+``Codec`` turns events into what goes on the wire and back: the JSON envelope of
+live topics (version 1) and the fields of stream entries (version 2, and version 1
+still read), as docs/wire-format.md describes them.
+
+Why one module past 600 lines: it is the wire format, one concept, and both
+directions of both encodings stay together so that a reader and its writer
+cannot drift apart (tests/test_wire_format.py holds them to the page). Most of
+its length is the decoders' checks, each naming what is wrong with a message.
 """
 
 from __future__ import annotations

@@ -25,6 +25,11 @@ Replies to our commands (subscribe confirmations, pongs, errors) come back in
 the order the commands were sent, interleaved with pushed messages, so a FIFO of
 outstanding commands pairs each reply (one per channel of a command, or one error
 for the whole command) with its command and channel.
+
+Why one module past 600 lines: it is one connection's supervisor, one concept.
+Subscribing, reading, the PING watchdog and reconnecting all share the one
+socket and the route table, and each step depends on the state the others
+leave (what is confirmed, what is queued, whether the reader is held).
 """
 
 from __future__ import annotations
