@@ -306,11 +306,14 @@ class Feature(Protocol):
         before the bus opened), before ``started()``."""
         ...
 
-    async def attach(
+    def attach(
         self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window
-    ) -> None:
+    ) -> Awaitable[None]:
         """Feed ``receiver`` with the events of ``topics`` (all served by this
-        feature); returns once they are confirmed. On failure nothing stays attached."""
+        feature); the awaitable returns once they are confirmed. On failure nothing
+        stays attached. (An ``async def`` fits; a feature may also hand back the
+        awaitable of the layer below, so that a subscriber waiting for its
+        confirmation holds one frame fewer.)"""
         ...
 
     def detach(self, topics: Sequence[Topic[Any]], receiver: Receiver) -> None:
@@ -370,7 +373,14 @@ class Routes:
         for feature, served in self._by_feature(topics).items():
             feature.declare(served, receiver, window)
 
-    async def attach(
+    def attach(
+        self, topics: tuple[Topic[Any], ...], receiver: Receiver, window: Window
+    ) -> Awaitable[None]:
+        if len(topics) == 1:  # the common case: no grouping, no frame of ours
+            return self.feature(topics[0]).attach(topics, receiver, window)
+        return self._attach_all(topics, receiver, window)
+
+    async def _attach_all(
         self, topics: tuple[Topic[Any], ...], receiver: Receiver, window: Window
     ) -> None:
         attached: list[tuple[Feature, tuple[Topic[Any], ...]]] = []

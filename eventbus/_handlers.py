@@ -180,7 +180,7 @@ async def run_handler(receiver: Receiver, spec: HandlerSpec, codec: Codec, sende
     is_async = spec.is_async
     threads = spec.threads
     structure = codec.structure
-    get = receiver.get
+    take = receiver.take
     # The hot loop: take straight from the deque while it has events; await
     # (and park) only when it is empty. blinker mutates its receivers dict in
     # place, so a signal receiver connected later is still seen.
@@ -193,7 +193,11 @@ async def run_handler(receiver: Receiver, spec: HandlerSpec, codec: Codec, sende
                 receiver.wake_space()
         else:
             try:
-                env = await get()
+                got = take()
+                while got is None:
+                    await receiver.waiter()
+                    got = take()
+                env = got
             except StopAsyncIteration:
                 return
             except Exception as exc:

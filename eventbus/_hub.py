@@ -197,30 +197,35 @@ class Receiver:
     def buffered(self) -> int:
         return len(self._buf)
 
-    async def get(self) -> Envelope:
-        """The next buffered envelope. Cancellation-safe: nothing is lost if cancelled.
+    def take(self) -> Envelope | None:
+        """The next buffered envelope, or None while there is none (await :meth:`waiter`).
 
         :raises StopAsyncIteration: the receiver was closed and is drained.
         :raises eventbus.errors.SubscriberOverflow: an ``error``-policy receiver overflowed
             (after everything buffered before the overflow was read).
         """
         buf = self._buf
-        while not buf:
+        if not buf:
             if self._closed:
                 if self._close_error is not None:
                     raise self._close_error
                 raise StopAsyncIteration
-            fut = asyncio.get_running_loop().create_future()
-            self._waiter = fut
-            try:
-                await fut
-            finally:
-                self._waiter = None
-            buf = self._buf  # created by the first offer
+            return None
         env = buf.popleft()
         if self._space_waiter is not None:
             self.wake_space()
         return env
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future settled once an envelope is offered or the receiver closes.
+
+        A plain future, not a coroutine: an idle subscriber holds no frame of ours.
+        Cancelling the await of it loses nothing (nothing was taken).
+        """
+        fut = self._waiter
+        if fut is None or fut.done():
+            fut = self._waiter = asyncio.get_running_loop().create_future()
+        return fut
 
     def wake_space(self) -> None:
         """After taking from the buffer: wake a waiting dispatcher once it is half empty."""

@@ -10,7 +10,7 @@ group. Consumer-group members are not here: the durable feature owns them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import anyio
@@ -41,9 +41,9 @@ class Router(Protocol):
         """Before the bus opens: attach ``receiver`` when each feature starts."""
         ...
 
-    async def attach(
+    def attach(
         self, topics: tuple[Topic[Any], ...], receiver: Receiver, window: Window
-    ) -> None:
+    ) -> Awaitable[None]:
         """On an open bus: attach now (all topics, or none on failure)."""
         ...
 
@@ -196,17 +196,23 @@ class Subscribers:
         receiver.owner = subscription
         return subscription
 
-    async def attach(
+    def attach(
         self,
         subscription: Subscription[Any],
         receiver: Receiver,
         topics: tuple[Topic[Any], ...],
         window: Window,
-    ) -> None:
-        """Attach an iterator's receiver (on entry); returns once it is confirmed."""
+    ) -> Awaitable[None]:
+        """Attach an iterator's receiver (on entry); the awaitable returns once it
+        is confirmed. It counts as open from now (a bus closing meanwhile closes
+        it); on failure the caller forgets it (:meth:`forget`)."""
         self._check_open()
-        await self._router.attach(topics, receiver, window)
         self._open[receiver] = subscription
+        return self._router.attach(topics, receiver, window)
+
+    def forget(self, receiver: Receiver) -> None:
+        """An iterator whose attach failed (nothing of it stays attached)."""
+        self._open.pop(receiver, None)
 
     def detach(self, receiver: Receiver, topics: tuple[Topic[Any], ...]) -> None:
         """Detach an iterator's receiver (on exit)."""

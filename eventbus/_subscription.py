@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final
 
@@ -28,13 +28,15 @@ _TOKEN = object()
 class Opener(Protocol):
     """What a subscription attaches through (the bus's ``Subscribers``)."""
 
-    async def attach(
+    def attach(
         self,
         subscription: Subscription[Any],
         receiver: Receiver,
         topics: tuple[Topic[Any], ...],
         window: Window,
-    ) -> None: ...
+    ) -> Awaitable[None]: ...
+
+    def forget(self, receiver: Receiver) -> None: ...
 
     def detach(self, receiver: Receiver, topics: tuple[Topic[Any], ...]) -> None: ...
 
@@ -112,8 +114,10 @@ class Subscription(Generic[T]):
             await self._subscribers.attach(self, self._receiver, self._topics, self._window)
         except BaseException:
             self._state = "closed"
+            self._subscribers.forget(self._receiver)
             raise
-        self._state = "open"
+        if self._state == "opening":  # not closed by the bus meanwhile
+            self._state = "open"
         return self
 
     async def __aexit__(
@@ -157,18 +161,32 @@ class Subscription(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        payload, _env = await self._next()
-        return payload  # type: ignore[no-any-return]
+        # The loop is spelled out here, not delegated to a coroutine: a subscriber
+        # waiting for its next event holds this one frame and a future.
+        got = self._take()
+        while got is None:
+            await self._receiver.waiter()
+            got = self._take()
+        return got[0]  # type: ignore[no-any-return]
 
     async def _next(self) -> tuple[Any, Any]:
+        got = self._take()
+        while got is None:
+            await self._receiver.waiter()
+            got = self._take()
+        return got
+
+    def _take(self) -> tuple[Any, Any] | None:
+        """The next decodable event and its envelope, or None while none is buffered;
+        an undecodable one is reported and skipped."""
         self._check()
         receiver = self._receiver
-        while True:
-            env = await receiver.get()
+        while (env := receiver.take()) is not None:
             try:
                 return self._codec.structure(env, self._type), env
             except DecodeError as exc:
                 report_failure(self._sender, receiver, "subscription", env.topic, env.id, exc)
+        return None
 
     async def receive(self) -> T:
         """The next event.

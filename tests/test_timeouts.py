@@ -136,6 +136,34 @@ async def test_every_path_fails_within_its_timeout_while_the_server_is_stopped(
             assert address in str(error)
             print(f"live subscribe: {elapsed:.2f}s: {error}")
 
+            # Many at once share one timer (deadlines in arrival order): each still
+            # fails a full connect_timeout after its own start, not before.
+            results: dict[str, tuple[float, float | None]] = {}
+
+            async def timed_subscribe(name: str) -> None:
+                started = time.monotonic()
+                try:
+                    await subscribe_one(name)
+                except RedisUnavailable:
+                    results[name] = (started, time.monotonic() - started)
+                else:
+                    results[name] = (started, None)
+
+            async def subscribe_one(name: str) -> None:
+                async with bus.subscribe(Topic(name)):
+                    pass
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    for i in range(50):
+                        tg.start_soon(timed_subscribe, f"t.many.{i}")
+                    await anyio.sleep(0.4)  # a gap in time, not an ordering of events
+                    tg.start_soon(timed_subscribe, "t.later")
+            assert len(results) == 51
+            for name, (_started, took) in results.items():
+                assert took is not None, f"{name} was confirmed by a stopped server?"
+                assert 1.0 - 0.05 <= took <= 1.0 + SLACK, (name, took)
+
             async def join_group() -> None:
                 async with bus.subscribe(durable_topic, group="late"):
                     pass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -30,7 +30,6 @@ class LiveFeature:
         self._client: Any = None
         self._publisher: OrderedPublisher | None = None
         self._live: LiveConnection | None = None
-        self._live_lock = anyio.Lock()
         self._live_scope: anyio.CancelScope | None = None
         self._declared = Declarations()
 
@@ -58,26 +57,28 @@ class LiveFeature:
             await self._live.aclose()
 
     async def _ensure_live(self) -> LiveConnection:
-        """The push connection, started (and its first routes confirmed) on first use."""
+        """The push connection, started on first use.
+
+        No lock: the first caller marks it started before its first await, so the
+        callers entering meanwhile (10,000 subscribers at once) go straight on and
+        queue their subscribes, which the supervisor sends once it is connected.
+        """
         live = self._live
         assert live is not None
         if self._live_scope is not None:
-            return live  # started: no lock, no checkpoint (10,000 subscribers at once)
+            return live
         assert self._ctx is not None
-        tg = self._ctx.task_group
-        async with self._live_lock:
-            if self._live_scope is None:
-                self._live_scope = scope = anyio.CancelScope()
+        self._live_scope = scope = anyio.CancelScope()
 
-                async def supervise(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-                    with scope:
-                        await live.run(task_status=task_status)
+        async def supervise(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            with scope:
+                await live.run(task_status=task_status)
 
-                try:
-                    await tg.start(supervise)
-                except BaseException:
-                    self._live_scope = None
-                    raise
+        try:
+            await self._ctx.task_group.start(supervise)
+        except BaseException:
+            self._live_scope = None
+            raise
         return live
 
     def _route(self, topic: Topic[Any]) -> tuple[bytes, bytes, bytes]:
@@ -92,9 +93,18 @@ class LiveFeature:
     def declare(self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window) -> None:
         self._declared.add(topics, receiver, window)
 
-    async def attach(
+    def attach(
         self, topics: Sequence[Topic[Any]], receiver: Receiver, window: Window
-    ) -> None:
+    ) -> Awaitable[None]:
+        live = self._live
+        if len(topics) == 1 and self._live_scope is not None and live is not None:
+            # Started, one channel: the connection's own attach, no frame of ours
+            # (it detaches on its own failure).
+            route, kind, name = self._route(topics[0])
+            return live.attach(route, kind, name, receiver)
+        return self._attach_all(topics, receiver)
+
+    async def _attach_all(self, topics: Sequence[Topic[Any]], receiver: Receiver) -> None:
         attached: list[bytes] = []
         try:
             for topic in topics:
