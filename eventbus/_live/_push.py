@@ -99,9 +99,10 @@ class _Route:
     the futures its first subscribers wait on exist only while they wait.
     """
 
-    __slots__ = ("confirmed", "error", "kind", "name", "waiters")
+    __slots__ = ("confirmed", "error", "kind", "name", "route", "waiters")
 
-    def __init__(self, kind: bytes, name: bytes) -> None:
+    def __init__(self, route: bytes, kind: bytes, name: bytes) -> None:
+        self.route = route  # the hub's key
         self.kind = kind  # b"SUBSCRIBE" or b"PSUBSCRIBE"
         self.name = name
         self.confirmed = False
@@ -197,9 +198,11 @@ class _Sent:
 
     __slots__ = ("command", "index", "items")
 
-    def __init__(self, command: bytes, items: list[tuple[bytes, Any]]) -> None:
+    def __init__(self, command: bytes, items: list[Any]) -> None:
         self.command = command
-        self.items = items  # (channel or pattern, token): (route, _Route), an Event, or None
+        # A (P)(UN)SUBSCRIBE's _Route per channel (an unsubscribe's is no longer
+        # in the route table), or the PING's Event.
+        self.items = items
         self.index = 0  # replies received so far
 
 
@@ -229,8 +232,8 @@ class LiveConnection:
         self._expiries = _Expiries(policy.connect_timeout)
         self._conn: AbstractConnection | None = None
         self._outstanding: deque[_Sent] = deque()
-        self._pending: list[tuple[bytes, bytes, Any]] = []
-        """(Un)subscribes queued for the next flush: (command, name, token)."""
+        self._pending: list[tuple[bytes, _Route]] = []
+        """(Un)subscribes queued for the next flush: (command, route state)."""
         self._flush_scheduled = False
         self._topics: dict[bytes, str] = {}
         self._last_frame: tuple[bytes, bytes, Envelope, set[bytes]] | None = None
@@ -265,8 +268,8 @@ class LiveConnection:
         first = self._hub.add(route, receiver)
         state = self._routes.get(route)
         if first or state is None:
-            state = self._routes[route] = _Route(kind, name)
-            self._queue(kind, name, (route, state))
+            state = self._routes[route] = _Route(route, kind, name)
+            self._queue(kind, state)
         if not state.confirmed:
             # Waited for here, not in a method of _Route: one frame fewer per
             # subscriber while 10,000 wait at once.
@@ -309,12 +312,12 @@ class LiveConnection:
         if state is None or state.error is not None:
             return
         unsub = b"UNSUBSCRIBE" if state.kind == b"SUBSCRIBE" else b"PUNSUBSCRIBE"
-        self._queue(unsub, state.name, None)
+        self._queue(unsub, state)
 
-    def _queue(self, command: bytes, name: bytes, token: Any) -> None:
+    def _queue(self, command: bytes, state: _Route) -> None:
         """Queue a (un)subscribe for the next flush, scheduling it if none is."""
         pending = self._pending
-        pending.append((command, name, token))
+        pending.append((command, state))
         if len(pending) >= _MAX_BATCH:
             self.flush()  # a full batch goes now: the first callers need not wait for the rest
         elif not self._flush_scheduled:
@@ -335,33 +338,34 @@ class LiveConnection:
             return
         # A channel appears at most once per round, so the commands of one channel
         # (a SUBSCRIBE, its UNSUBSCRIBE, a SUBSCRIBE again) go out in queue order.
-        batches: dict[bytes, list[tuple[bytes, Any]]] = {}
+        batches: dict[bytes, list[_Route]] = {}
         seen: set[bytes] = set()
-        for command, name, token in pending:
+        for command, state in pending:
+            name = state.name
             if name in seen:
                 self._write_batches(batches)
                 batches = {}
                 seen = set()
             seen.add(name)
-            batches.setdefault(command, []).append((name, token))
+            batches.setdefault(command, []).append(state)
         self._write_batches(batches)
 
-    def _write_batches(self, batches: dict[bytes, list[tuple[bytes, Any]]]) -> None:
+    def _write_batches(self, batches: dict[bytes, list[_Route]]) -> None:
         for command, items in batches.items():
             for start in range(0, len(items), _MAX_BATCH):
                 self._write(command, items[start : start + _MAX_BATCH])
 
-    def _send(self, command: bytes, name: bytes | None, token: Any) -> bool:
+    def _send_ping(self, pong: anyio.Event) -> bool:
         conn = self._conn
         if conn is None or not conn.is_connected:
-            return False  # the supervisor (re)subscribes every route when it connects
-        self._write(command, [(name or b"", token)])
+            return False
+        self._write(b"PING", [pong])
         return True
 
-    def _write(self, command: bytes, items: list[tuple[bytes, Any]]) -> None:
+    def _write(self, command: bytes, items: list[Any]) -> None:
         conn = self._conn
         assert conn is not None
-        args = [command] if command == b"PING" else [command, *(name for name, _ in items)]
+        args = [command] if command == b"PING" else [command, *(s.name for s in items)]
         # Append before writing: the write happens synchronously (no await), so
         # FIFO order = wire order.
         self._outstanding.append(_Sent(command, items))
@@ -526,15 +530,15 @@ class LiveConnection:
             tg.cancel_scope.cancel()
 
     async def _resubscribe_all(self) -> None:
-        pending = list(self._routes.items())
-        for route, state in pending:
+        pending = list(self._routes.values())
+        for state in pending:
             # A new connection: confirmed again only once Redis says so, so this
             # waits for it (and a subscribe meanwhile returns only then too).
             state.confirmed = False
-            self._queue(state.kind, state.name, (route, state))
+            self._queue(state.kind, state)
         self.flush()  # batched, as any other subscribes: _MAX_BATCH channels a command
         with anyio.fail_after(self._policy.connect_timeout):
-            for _route, state in pending:
+            for state in pending:
                 await state.wait()
 
     def _on_reconnected(self, down_since: float | None) -> None:
@@ -563,7 +567,7 @@ class LiveConnection:
         while True:
             await anyio.sleep(interval)
             pong = anyio.Event()
-            if not self._send(b"PING", None, pong):
+            if not self._send_ping(pong):
                 raise rex.ConnectionError("push connection closed")
             # The PONG queues behind the frames sent before it. A reader that is
             # making progress (or waiting on a full "block" subscriber) is alive;
@@ -628,20 +632,17 @@ class LiveConnection:
         if not self._outstanding:
             return
         sent = self._outstanding[0]
-        token = sent.items[sent.index][1]
+        token: Any = sent.items[sent.index]  # the PING's Event, or a _Route
         sent.index += 1
         if sent.index >= len(sent.items):
             self._outstanding.popleft()
             self._expiries.prune()
-        if token is None:
-            return
         if sent.command == b"PING":
             token.set()
             return
-        route: bytes = token[0]
-        route_state: _Route = token[1]
-        if self._routes.get(route) is route_state:
-            route_state.settle()
+        state: _Route = token
+        if self._routes.get(state.route) is state:  # not left (nor unsubscribed) meanwhile
+            state.settle()
 
     def _on_error_reply(self, exc: rex.ResponseError | rex.BusyLoadingError) -> None:
         if not self._outstanding:
@@ -652,20 +653,21 @@ class LiveConnection:
             # The server answered, so it is alive: a refused PING is no dead peer.
             # Redis refuses PING while it loads its dataset (LOADING), and
             # meanwhile delivers what is published, as SUBSCRIBE works then.
-            sent.items[0][1].set()
+            sent.items[0].set()
             logger.debug("PING on the push connection refused: %s", exc)
             return
         if isinstance(exc, rex.BusyLoadingError):
             raise exc  # a (P)SUBSCRIBE refused while loading: reconnect and try again
-        items = sent.items[sent.index :]
+        items: list[_Route] = sent.items[sent.index :]
         command = sent.command.decode()
+        subscribe = sent.command in (b"SUBSCRIBE", b"PSUBSCRIBE")
         if len(items) > 1:
             # Redis refused the whole command for one of its channels (and names at
             # most that one): ask again, one channel per command, for each caller's
             # own answer. Unsubscribes are not retried (nobody waits for them).
-            live = [(n, t) for n, t in items if t is not None and self._routes.get(t[0]) is t[1]]
-            for item in live:
-                self._write(sent.command, [item])
+            live = [s for s in items if subscribe and self._routes.get(s.route) is s]
+            for state in live:
+                self._write(sent.command, [state])
             if len(live) < len(items):
                 logger.error(
                     "%s of %d channels on the push connection failed: %s",
@@ -674,14 +676,13 @@ class LiveConnection:
                     translate(exc, command=command),
                 )
             return
-        name, token = items[0]
-        channel = name.decode(errors="replace") or None
+        route_state = items[0]
+        route = route_state.route
+        channel = route_state.name.decode(errors="replace") or None
         mapped = translate(exc, command=command, channel=channel)
-        if token is None:
+        if not subscribe:
             logger.error("%s on the push connection failed: %s", command, mapped)
             return
-        route: bytes = token[0]
-        route_state: _Route = token[1]
         route_state.settle(mapped)
         if self._routes.get(route) is route_state:
             # Refused for good: wake and close every receiver waiting on it.
