@@ -67,34 +67,50 @@ class Gap:
         return self.last_missing - self.first_missing + 1
 
 
+class _Rare:
+    """What most subscribers never set: see :class:`Receiver`."""
+
+    __slots__ = (
+        "close_error",
+        "discarded",
+        "errors",
+        "gaps",
+        "missed",
+        "reconnects",
+        "warned_block",
+    )
+
+    def __init__(self) -> None:
+        self.discarded = self.gaps = self.missed = self.reconnects = self.errors = 0
+        self.warned_block = False
+        self.close_error: BaseException | None = None
+
+
 class Receiver:
     """The buffer of one subscriber. Written by the dispatcher, read by one consumer.
 
     Not thread-safe: both sides run on the bus's event loop.
     """
 
+    # Small on purpose (a server may hold one per connected user): the counters
+    # and states that stay zero for most subscribers live in a _Rare, made on
+    # first use.
     __slots__ = (
         "_buf",
-        "_close_error",
         "_closed",
+        "_rare",
         "_space_waiter",
         "_special",
         "_waiter",
-        "_warned_block",
         "capacity",
-        "discarded",
         "dropped",
-        "errors",
-        "gaps",
         "label",
         "last",
-        "missed",
         "multi_route",
         "on_overflow",
         "overflow",
         "owner",
         "received",
-        "reconnects",
     )
 
     def __init__(
@@ -116,14 +132,65 @@ class Receiver:
         self._waiter: asyncio.Future[None] | None = None
         self._space_waiter: asyncio.Future[None] | None = None
         self._closed = False
-        self._close_error: BaseException | None = None
-        self._warned_block = False
+        self._rare: _Rare | None = None
         self.last: Envelope | None = None
         # One flag for the rare cases (multi-route, closed, no buffer yet), so the
         # common offer() tests one attribute.
         self._special = True
-        self.received = self.dropped = self.discarded = 0
-        self.gaps = self.missed = self.reconnects = self.errors = 0
+        self.received = self.dropped = 0
+
+    @property
+    def rare(self) -> _Rare:
+        """The rarely set counters and states (made on first use)."""
+        rare = self._rare
+        if rare is None:
+            rare = self._rare = _Rare()
+        return rare
+
+    @property
+    def discarded(self) -> int:
+        """Events thrown away unread when the subscriber left."""
+        return 0 if self._rare is None else self._rare.discarded
+
+    @discarded.setter
+    def discarded(self, value: int) -> None:
+        self.rare.discarded = value
+
+    @property
+    def gaps(self) -> int:
+        """Gaps in a publisher's sequence seen by this subscriber."""
+        return 0 if self._rare is None else self._rare.gaps
+
+    @gaps.setter
+    def gaps(self, value: int) -> None:
+        self.rare.gaps = value
+
+    @property
+    def missed(self) -> int:
+        """Events those gaps add up to."""
+        return 0 if self._rare is None else self._rare.missed
+
+    @missed.setter
+    def missed(self, value: int) -> None:
+        self.rare.missed = value
+
+    @property
+    def reconnects(self) -> int:
+        """Reconnects of the push connection while subscribed."""
+        return 0 if self._rare is None else self._rare.reconnects
+
+    @reconnects.setter
+    def reconnects(self, value: int) -> None:
+        self.rare.reconnects = value
+
+    @property
+    def errors(self) -> int:
+        """Handler failures."""
+        return 0 if self._rare is None else self._rare.errors
+
+    @errors.setter
+    def errors(self, value: int) -> None:
+        self.rare.errors = value
 
     # -- producer side (the dispatcher) ---------------------------------------
 
@@ -177,8 +244,8 @@ class Receiver:
 
     async def wait_space(self) -> None:
         """Wait until a full ``block`` subscriber has drained to half its buffer."""
-        if not self._warned_block:
-            self._warned_block = True
+        if not self.rare.warned_block:
+            self.rare.warned_block = True
             logger.warning(
                 "subscriber of %r (overflow='block') is full: the shared push connection "
                 "waits for it, which delays every other subscriber of this bus",
@@ -207,8 +274,8 @@ class Receiver:
         buf = self._buf
         if not buf:
             if self._closed:
-                if self._close_error is not None:
-                    raise self._close_error
+                if self._rare is not None and self._rare.close_error is not None:
+                    raise self._rare.close_error
                 raise StopAsyncIteration
             return None
         env = buf.popleft()
@@ -241,8 +308,9 @@ class Receiver:
             return
         self._closed = True
         self._special = True
-        self._close_error = error
-        if discard:
+        if error is not None:
+            self.rare.close_error = error
+        if discard and self._buf:
             self.discarded += len(self._buf)
             self._buf.clear()
         for name in ("_waiter", "_space_waiter"):

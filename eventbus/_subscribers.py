@@ -81,6 +81,14 @@ class Subscribers:
         self._tg: anyio.abc.TaskGroup | None = None
         self._overflowed = self._on_overflow
 
+    @property
+    def codec(self) -> Codec:
+        return self._codec
+
+    @property
+    def sender(self) -> object:
+        return self._sender
+
     def receiver(self, topics: tuple[Topic[Any], ...], buffer: int, overflow: Overflow) -> Receiver:
         return Receiver(
             label=topics[0].name if len(topics) == 1 else ",".join(t.name for t in topics),
@@ -187,11 +195,9 @@ class Subscribers:
         subscription: Subscription[Any] = Subscription._create(
             receiver=receiver,
             payload_type=topics[0].type,
-            codec=self._codec,
             subscribers=self,
             topics=topics,
             window=window,
-            sender=self._sender,
         )
         receiver.owner = subscription
         return subscription

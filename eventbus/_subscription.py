@@ -26,7 +26,14 @@ _TOKEN = object()
 
 
 class Opener(Protocol):
-    """What a subscription attaches through (the bus's ``Subscribers``)."""
+    """What a subscription attaches through (the bus's ``Subscribers``), and what
+    it shares with its neighbours: the codec and the signals' sender."""
+
+    @property
+    def codec(self) -> Codec: ...
+
+    @property
+    def sender(self) -> object: ...
 
     def attach(
         self,
@@ -65,9 +72,7 @@ class Subscription(Generic[T]):
     # what it shares with its neighbours is reached through ``_subscribers``.
     __slots__ = (
         "__weakref__",
-        "_codec",
         "_receiver",
-        "_sender",
         "_state",
         "_subscribers",
         "_topics",
@@ -81,21 +86,17 @@ class Subscription(Generic[T]):
         *,
         receiver: Receiver,
         payload_type: Any,
-        codec: Codec,
         subscribers: Opener,
         topics: tuple[Topic[Any], ...],
         window: Window,
-        sender: object,
     ) -> None:
         if token is not _TOKEN:
             raise TypeError("Subscription has no public constructor: use bus.subscribe()")
         self._receiver = receiver
         self._type = payload_type
-        self._codec = codec
         self._subscribers = subscribers
         self._topics = topics
         self._window = window
-        self._sender = sender
         self._state = "new"
 
     @property
@@ -183,9 +184,11 @@ class Subscription(Generic[T]):
         receiver = self._receiver
         while (env := receiver.take()) is not None:
             try:
-                return self._codec.structure(env, self._type), env
+                return self._subscribers.codec.structure(env, self._type), env
             except DecodeError as exc:
-                report_failure(self._sender, receiver, "subscription", env.topic, env.id, exc)
+                report_failure(
+                    self._subscribers.sender, receiver, "subscription", env.topic, env.id, exc
+                )
         return None
 
     async def receive(self) -> T:
