@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final, overload
 
@@ -39,6 +39,7 @@ from ._config import (
     seconds,
 )
 from ._connection import ClientFactory, mask_url
+from ._delayed import DelayedFeature, DelayedStatistics, due_args
 from ._envelope import Receipt
 from ._feature import Feature, FeatureContext, Minter, Routes, Window
 from ._handlers import Handler, inspect_handler
@@ -136,6 +137,20 @@ def _publishable(topic: Topic[Any] | str, limits: Limits) -> Topic[Any]:
     return t
 
 
+def _due(
+    topic: Topic[Any], delay: float | timedelta | None, at: datetime | None
+) -> tuple[str, int]:
+    """The schedule of a ``delay=`` / ``at=`` publish, checked before any I/O."""
+    if topic.local:
+        raise ConfigurationError(
+            f"topic {topic.name!r}: a local topic cannot be delayed (nothing held in this"
+            " process's memory survives a crash); use a durable or live topic"
+        )
+    if delay is not None and not isinstance(delay, int | float | timedelta):
+        raise ConfigurationError(f"delay must be seconds or a timedelta, got {delay!r}")
+    return due_args(None if delay is None else seconds(delay, name="delay"), at)
+
+
 @final
 class EventBus:
     """One ``publish`` reaches every interested subscriber.
@@ -177,6 +192,11 @@ class EventBus:
     :param credential_provider: a redis-py ``CredentialProvider`` for rotating secrets.
     :param handler_threads: how many sync handlers of this bus may run at once, each in
         a worker thread (see :meth:`on`'s ``in_thread``).
+    :param scheduler: whether this bus releases delayed events (``publish(...,
+        delay=)``) when they are due: ``True`` always, ``False`` never, ``None``
+        (default) once it has scheduled one, or from the start when it serves
+        consumer-group handlers. Any number of buses may run it; each due event is
+        released exactly once.
 
     .. versionadded:: 0.1
     """
@@ -200,6 +220,7 @@ class EventBus:
         insecure_skip_verify: bool = False,
         credential_provider: Any = None,
         handler_threads: int = 40,
+        scheduler: bool | None = None,
     ) -> None:
         if url is None:
             url = os.environ.get("EVENTBUS_URL") or DEFAULT_URL
@@ -241,6 +262,8 @@ class EventBus:
         # group that publishes to it starts), drained together.
         self._features: tuple[Feature, ...] = (self._local, self._live, self._durable)
         self._routes = Routes(self._local, self._live, self._durable)
+        self._delayed = DelayedFeature(scheduler=scheduler, wake=self._live.attach_channel)
+        self._serves_handlers = False
         self._subscribers = Subscribers(
             self._routes, self._codec, self, lambda: self._require_open("subscribe")
         )
@@ -340,6 +363,7 @@ class EventBus:
                 try:
                     for feature in self._features:  # each once it confirmed what it serves
                         await tg.start(feature.start, ctx)
+                    self._delayed.start(ctx, serves_handlers=self._serves_handlers)
                     self._subscribers.start(tg)
                 except BaseException as exc:
                     body_error = exc
@@ -362,6 +386,7 @@ class EventBus:
             with anyio.CancelScope(shield=True):
                 for feature in self._features:
                     await feature.aclose()
+                await self._delayed.aclose()
                 if self._server is not None:
                     await anyio.to_thread.run_sync(self._server.close)
 
@@ -369,6 +394,7 @@ class EventBus:
         """One deadline for the whole drain: nothing new comes in, every feature
         finishes or hands back its in-flight work, handlers finish what is buffered."""
         deadline = anyio.current_time() + self._shutdown_grace
+        self._delayed.begin_drain()
         for feature in self._features:
             feature.begin_drain()
         async with anyio.create_task_group() as drains:
@@ -637,6 +663,7 @@ class EventBus:
                 spec = inspect_handler(fn, t.type, self._threads if in_thread else None)
                 self._check_not_closed()
                 self._durable.add_member(spec, t, options)
+                self._serves_handlers = True
                 return fn
 
             return group_decorator
@@ -680,6 +707,8 @@ class EventBus:
         event: T,
         *,
         headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
     ) -> Receipt:
         """Publish ``event`` to every current subscriber of ``topic``.
 
@@ -702,22 +731,39 @@ class EventBus:
         or may not have been published (a durable event is still sent: check the
         stream for its id).
 
+        Later: with ``delay`` (seconds or a ``timedelta``) or ``at`` (a
+        timezone-aware ``datetime``) the event is held in Redis and released to the
+        topic once due, exactly once, by whichever scheduler gets to it first (see
+        ``scheduler`` on :class:`EventBus`); durable and live topics only. The due
+        time is judged by the Redis server's clock, so clock skew between hosts
+        changes nothing; an ``at`` already past publishes at once. The receipt's
+        ``due`` says when it is due, its ``id`` cancels it (:meth:`cancel`), and the
+        subscriber's ``Delivery.due`` says when it was due. A live topic's event is
+        published at release, at most once, as live events are. Once this returns,
+        the event is stored in Redis (if cancelled while the call is in flight, it
+        may or may not be).
+
         :return: a :class:`Receipt` with the event id.
         :raises eventbus.errors.PayloadTooLarge: over ``Limits.max_payload_bytes``, before any I/O.
         :raises eventbus.errors.EncodeError: the event cannot be unstructured to JSON, or
             does not fit a typed topic (not an instance of ``Topic.type``, or a field
             of the wrong type): refused before any I/O, naming the expected type.
-        :raises eventbus.errors.ConfigurationError: a pattern topic, or bad headers.
+        :raises eventbus.errors.ConfigurationError: a pattern topic, or bad headers; a
+            ``delay``/``at`` on a local topic, both given, a naive ``at``, a negative
+            ``delay``.
         :raises eventbus.errors.InvalidTopic: a name longer than this bus's ``Limits``.
         :raises eventbus.errors.BusStateError: the bus is not open.
         :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded retries.
         :raises eventbus.errors.PermissionDenied: the ACL refuses ``PUBLISH`` on the channel.
         """
         t = _publishable(topic, self._limits)
+        due = None if delay is None and at is None else _due(t, delay, at)
         self._require_open("publish")
         hdrs = self._codec.check_headers(t.name, headers)
         if t.type is not object:
             self._codec.check_event(t.name, event, t.type)
+        if due is not None:
+            return await self._delayed.schedule(t, event, hdrs, due)
         return await self._routes.feature(t).publish(t, event, hdrs)
 
     async def publish_many(
@@ -726,6 +772,8 @@ class EventBus:
         events: Iterable[T],
         *,
         headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
     ) -> list[Receipt]:
         """Publish ``events`` in order; returns their receipts.
 
@@ -737,16 +785,52 @@ class EventBus:
         sent even if an earlier one failed, and the first failure is raised. Local
         topic: one :meth:`publish` per event.
 
+        With ``delay`` or ``at`` (as :meth:`publish`), every event of the batch is
+        scheduled for the same due time, in one pipelined round trip.
+
         :raises: as :meth:`publish`.
         """
         t = _publishable(topic, self._limits)
+        due = None if delay is None and at is None else _due(t, delay, at)
         self._require_open("publish")
         hdrs = self._codec.check_headers(t.name, headers)
         if t.type is not object:
             events = list(events)
             for event in events:  # the whole batch, before any I/O
                 self._codec.check_event(t.name, event, t.type)
+        if due is not None:
+            return await self._delayed.schedule_many(t, events, hdrs, due)
         return await self._routes.feature(t).publish_many(t, events, hdrs)
+
+    async def cancel(
+        self, receipt: Receipt | str, *, topic: Topic[Any] | str | None = None
+    ) -> bool:
+        """Cancel a delayed event that is still pending; returns whether it was.
+
+        ``receipt``: the :class:`Receipt` of ``publish(..., delay=)`` (or ``at=``), or
+        the event id. With a bare id and no ``topic``, the topics holding delayed
+        events are searched in one round trip. False means it was released already,
+        cancelled before, or never scheduled: a cancel never takes back an event
+        that reached its topic. Cancellation of this call: the event may or may not
+        have been cancelled.
+
+        :raises eventbus.errors.BusStateError: the bus is not open.
+        :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded retries.
+        """
+        self._require_open("cancel")
+        if isinstance(receipt, Receipt):
+            event_id, name = receipt.id, receipt.topic
+            t: Topic[Any] | None = Topic(name)
+        else:
+            event_id = receipt
+            t = None if topic is None else within_limits(as_topic(topic), self._limits)
+        if not isinstance(event_id, str) or not event_id:
+            raise ConfigurationError(f"cancel() takes a Receipt or an event id, got {receipt!r}")
+        return await self._delayed.cancel(event_id, t)
+
+    def delayed_statistics(self) -> DelayedStatistics:
+        """Counters of this bus's delayed events and its scheduler."""
+        return self._delayed.statistics()
 
     # -- durable topics: inspection ---------------------------------------------------
 

@@ -57,6 +57,8 @@ F_JSON: Final = b"d"
 F_BYTES: Final = b"b"
 F_VERSION: Final = b"v"
 """Absent in version 2; a later version that older readers must not misread sets it."""
+F_DUE: Final = b"t"
+"""A delayed event's due time (epoch ms, Redis server clock), added at release."""
 F_ENV: Final = b"env"
 F_DATA: Final = b"data"
 ENTRY_VERSION: Final = 2
@@ -110,6 +112,7 @@ class _WireV1(msgspec.Struct, gc=False):
     h: dict[str, str] = {}
     cause: str = ""
     corr: str = ""
+    due: int | None = None
 
 
 _decode_wire: Final = msgspec.json.Decoder(_WireV1).decode
@@ -412,6 +415,7 @@ class Codec:
             stream_id,
             w.cause,
             w.corr or w.cause,
+            w.due,
         )
 
     def _from_doc(self, topic: str, doc: dict[str, Any]) -> Envelope:
@@ -433,6 +437,7 @@ class Codec:
         headers = doc.get("h", {})
         cause = doc.get("cause", "")
         corr = doc.get("corr", "")
+        due = doc.get("due")
         # Exact types: orjson makes exactly these (and a bool is not a sequence number).
         wrong = [
             name
@@ -448,6 +453,8 @@ class Codec:
         ]
         if ts is not None and type(ts) is not int:
             wrong.append("ts")
+        if due is not None and type(due) is not int:
+            wrong.append("due")
         if type(headers) is dict and not all(type(v) is str for v in headers.values()):
             wrong.append("h")
         if type(seq) is int and seq < 0:
@@ -468,6 +475,7 @@ class Codec:
             "",
             cause,
             corr or cause,
+            due,
         )
 
     @staticmethod
@@ -638,6 +646,12 @@ class Codec:
             corr = fields.get(F_CORR, b"").decode() or cause
         except UnicodeDecodeError as exc:
             raise malformed(f"'p', 'c' and 'r' must be UTF-8 text: {exc}", exc) from exc
+        due_text = fields.get(F_DUE)
+        due: int | None = None
+        if due_text is not None:
+            if not (due_text.isdigit() and len(due_text) <= 19):
+                raise malformed(f"'t' must be a decimal integer, got {due_text[:40]!r}")
+            due = int(due_text)
         seq_text = fields.get(F_SEQ)
         if seq_text is None:
             seq = 0
@@ -674,6 +688,7 @@ class Codec:
             stream_id,
             cause,
             corr,
+            due,
         )
 
     def structure(self, envelope: Envelope, tp: Any) -> Any:

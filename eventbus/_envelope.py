@@ -50,6 +50,12 @@ class Delivery:
     """Id of the event whose handler published this one (chaining), else empty."""
     correlation_id: str = ""
     """Id of the first event of a chain, inherited by every event it caused, else empty."""
+    due: datetime | None = None
+    """A delayed event (``publish(..., delay=)`` or ``at=``): when it was due, by the
+    Redis server's clock (UTC); ``None`` for an event published at once.
+
+    .. versionadded:: 0.2
+    """
 
 
 @final
@@ -73,6 +79,12 @@ class Receipt:
     Durable topic: 0 (consumers read the stream; see ``stats()``)."""
     stream_id: str | None = None
     """Durable topic: the entry id Redis gave the event in the topic's stream."""
+    due: datetime | None = None
+    """A delayed event: when it is due, by the Redis server's clock (UTC). ``None``
+    for an event published at once.
+
+    .. versionadded:: 0.2
+    """
 
 
 @attrs.define(slots=True, eq=False)
@@ -95,6 +107,7 @@ class Envelope:
     stream_id: str = ""
     cause: str = ""
     corr: str = ""
+    due_ms: int | None = None
     _delivery: Delivery | None = None
 
     @classmethod
@@ -136,4 +149,7 @@ class Envelope:
             group,
             self.cause,
             self.corr,
+            None
+            if self.due_ms is None
+            else datetime.fromtimestamp(self.due_ms / 1000, tz=timezone.utc),
         )

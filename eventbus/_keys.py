@@ -13,6 +13,13 @@ Layout (``prefix`` defaults to ``eb``; a topic name never contains ``:``, ``{`` 
                                      dedupe mark (``dedupe=`` groups), expires
     {prefix}:{<topic>}:lease:<len(group)>:<group>:<consumer>
                                      lease of a consumer name while its member runs
+    {prefix}:{<topic>}:delayed       zset: the topic's delayed events by due time (ms)
+    {prefix}:{<topic>}:delayed-data  hash: event id -> the delayed event to release
+    {prefix}:{<topic>}:delayed-done:<event id>
+                                     an event released at once (its due time had
+                                     passed), for 10 minutes: a retried call finds it
+    {prefix}:delayed                 zset: topics with delayed events by earliest due
+    {prefix}:delayed:wake            channel: an earlier due time was scheduled
 
 The topic sits in a ``{hash tag}`` so every name of one topic maps to one Redis
 Cluster slot. ``docs/wire-format.md`` is written from this module.
@@ -30,6 +37,8 @@ __all__ = [
     "TopicKeys",
     "channel_topic",
     "dedupe_prefix",
+    "delayed_index",
+    "delayed_wake",
     "live_channel",
     "live_pattern",
     "member_lease",
@@ -83,6 +92,12 @@ class TopicKeys(NamedTuple):
     """Prefix of dedupe marks (build them with :func:`dedupe_prefix`)."""
     lease: str
     """Prefix of consumer-name leases (build them with :func:`member_lease`)."""
+    delayed: str
+    """Sorted set of the topic's delayed events (member event id, score due ms)."""
+    delayed_data: str
+    """Hash of the topic's delayed events (event id -> what to release)."""
+    delayed_done: str
+    """Prefix of the marks of events released at once (append the event id)."""
 
 
 def topic_keys(prefix: str, topic: str) -> TopicKeys:
@@ -95,7 +110,20 @@ def topic_keys(prefix: str, topic: str) -> TopicKeys:
         cursors=f"{base}:cursors",
         seen=f"{base}:seen:",
         lease=f"{base}:lease:",
+        delayed=f"{base}:delayed",
+        delayed_data=f"{base}:delayed-data",
+        delayed_done=f"{base}:delayed-done:",
     )
+
+
+def delayed_index(prefix: str) -> str:
+    """Sorted set of the topics holding delayed events, scored by their earliest due time."""
+    return f"{prefix}:delayed"
+
+
+def delayed_wake(prefix: str) -> str:
+    """Channel on which a scheduler is told that an earlier due time was scheduled."""
+    return f"{prefix}:delayed:wake"
 
 
 def dedupe_prefix(keys: TopicKeys, group: str) -> str:

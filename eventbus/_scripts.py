@@ -19,6 +19,9 @@ from typing import Final
 __all__ = [
     "ACK_PUBLISH",
     "DEAD_LETTER",
+    "DELAYED_CANCEL",
+    "DELAYED_RELEASE",
+    "DELAYED_SCHEDULE",
     "LEASE_RELEASE",
     "LEASE_RENEW",
     "REPLAY_DEAD_LETTERS",
@@ -225,4 +228,186 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+
+
+# -- delayed events ---------------------------------------------------------------------
+#
+# A topic's schedule: a sorted set (member the event id, score the due time in ms by
+# the Redis server's clock) and a hash (field the event id, value the event as it
+# will be released). The value is "l" + a live envelope (PUBLISH), or "d" followed
+# by netstrings ("<length>:<bytes>"): the stream's MAXLEN ("" for none), then the
+# entry's field and value items (XADD). An index (member the topic, score its
+# earliest due time) lets schedulers find due topics, and a wake channel tells
+# them when the earliest due time of all moved earlier.
+
+
+DELAYED_SCHEDULE: Final = """
+-- Schedule events for one due time, or release them at once if it is already past.
+-- Safe to run twice (a client's retry after a lost reply): a scheduled event is
+-- found by its id, an event released at once leaves a mark for 10 minutes.
+-- KEYS[1] schedule (zset), KEYS[2] schedule data (hash), KEYS[3] stream,
+-- KEYS[4] index (zset of topics), KEYS[4 + i] the released-at-once mark of event i
+-- ARGV[1] 'in' (ARGV[2] ms from now) or 'at' (ARGV[2] epoch ms), ARGV[3] topic,
+-- ARGV[4] live channel, ARGV[5] wake channel, then per event i: its id and the
+-- event (see above)
+-- returns {due ms, server now ms, then per event: stream id or '' (released at
+-- once), 1 if scheduled by this call else 0}
+local function release_one(blob, channel, due)
+  local d = string.format('%d', due)
+  if string.sub(blob, 1, 1) == 'l' then
+    -- the envelope is a JSON object: its due time goes in before the closing brace
+    redis.call('PUBLISH', channel, string.sub(blob, 2, -2) .. ',"due":' .. d .. '}')
+    return
+  end
+  local items = {}
+  local pos = 2
+  local len = #blob
+  for _ = 1, 1 + 2 * 256 do -- MAXLEN, then at most 256 fields (Limits caps them lower)
+    if pos > len then
+      break
+    end
+    local colon = string.find(blob, ':', pos, true)
+    local n = tonumber(string.sub(blob, pos, colon - 1))
+    items[#items + 1] = string.sub(blob, colon + 1, colon + n)
+    pos = colon + n + 1
+  end
+  local maxlen = table.remove(items, 1)
+  items[#items + 1] = 't'
+  items[#items + 1] = d
+  if maxlen ~= '' then
+    return redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', unpack(items))
+  end
+  return redis.call('XADD', KEYS[3], '*', unpack(items))
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due
+if ARGV[1] == 'in' then
+  due = now + tonumber(ARGV[2])
+else
+  due = tonumber(ARGV[2])
+end
+local out = {due, now}
+local first = nil
+local added = false
+for i = 1, (#ARGV - 5) / 2 do
+  local id = ARGV[4 + 2 * i]
+  local blob = ARGV[5 + 2 * i]
+  local held = redis.call('ZSCORE', KEYS[1], id)
+  if held then
+    out[#out + 1] = ''
+    out[#out + 1] = 1
+  elseif due <= now then
+    local done = redis.call('GET', KEYS[4 + i])
+    if not done then
+      done = release_one(blob, ARGV[4], due) or ''
+      redis.call('SET', KEYS[4 + i], done, 'PX', 600000)
+    end
+    out[#out + 1] = done
+    out[#out + 1] = 0
+  else
+    if not added then
+      first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+      added = true
+    end
+    redis.call('HSET', KEYS[2], id, blob)
+    redis.call('ZADD', KEYS[1], due, id)
+    out[#out + 1] = ''
+    out[#out + 1] = 1
+  end
+end
+if added then
+  local cur = redis.call('ZSCORE', KEYS[4], ARGV[3])
+  if not cur or due < tonumber(cur) then
+    redis.call('ZADD', KEYS[4], due, ARGV[3])
+  end
+  if #first == 0 or due < tonumber(first[2]) then
+    redis.call('PUBLISH', ARGV[5], due)
+  end
+end
+return out
+"""
+
+DELAYED_RELEASE: Final = """
+-- Release a topic's due events, at most ARGV[3] of them: each written to its topic
+-- first, then removed from the schedule (a failure never loses one).
+-- KEYS[1] schedule (zset), KEYS[2] schedule data (hash), KEYS[3] stream,
+-- KEYS[4] index (zset of topics)
+-- ARGV[1] topic, ARGV[2] live channel, ARGV[3] batch limit
+-- returns {released, server now ms, next due ms or -1, missing data}
+local function release_one(blob, channel, due)
+  local d = string.format('%d', due)
+  if string.sub(blob, 1, 1) == 'l' then
+    -- the envelope is a JSON object: its due time goes in before the closing brace
+    redis.call('PUBLISH', channel, string.sub(blob, 2, -2) .. ',"due":' .. d .. '}')
+    return
+  end
+  local items = {}
+  local pos = 2
+  local len = #blob
+  for _ = 1, 1 + 2 * 256 do -- MAXLEN, then at most 256 fields (Limits caps them lower)
+    if pos > len then
+      break
+    end
+    local colon = string.find(blob, ':', pos, true)
+    local n = tonumber(string.sub(blob, pos, colon - 1))
+    items[#items + 1] = string.sub(blob, colon + 1, colon + n)
+    pos = colon + n + 1
+  end
+  local maxlen = table.remove(items, 1)
+  items[#items + 1] = 't'
+  items[#items + 1] = d
+  if maxlen ~= '' then
+    return redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', unpack(items))
+  end
+  return redis.call('XADD', KEYS[3], '*', unpack(items))
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ready = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0,
+  tonumber(ARGV[3]))
+local kind = redis.call('TYPE', KEYS[3])['ok']
+if #ready > 0 and kind ~= 'none' and kind ~= 'stream' then
+  return redis.error_reply('WRONGTYPE eventbus: ' .. KEYS[3] .. ' is a ' .. kind
+    .. ', not a stream; the due events stay scheduled')
+end
+local released, missing = 0, 0
+for i = 1, #ready, 2 do
+  local id = ready[i]
+  local blob = redis.call('HGET', KEYS[2], id)
+  if blob then
+    release_one(blob, ARGV[2], tonumber(ready[i + 1]))
+    released = released + 1
+  else
+    missing = missing + 1
+  end
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('ZREM', KEYS[1], id)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #nxt == 0 then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  return {released, now, -1, missing}
+end
+redis.call('ZADD', KEYS[4], nxt[2], ARGV[1])
+return {released, now, tonumber(nxt[2]), missing}
+"""
+
+DELAYED_CANCEL: Final = """
+-- Remove one scheduled event if it is still pending.
+-- KEYS[1] schedule (zset), KEYS[2] schedule data (hash), KEYS[3] index (zset)
+-- ARGV[1] event id, ARGV[2] topic
+-- returns 1 if it was pending (and is now removed), else 0
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #nxt == 0 then
+  redis.call('ZREM', KEYS[3], ARGV[2])
+else
+  redis.call('ZADD', KEYS[3], nxt[2], ARGV[2])
+end
+return 1
 """

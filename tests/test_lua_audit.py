@@ -97,7 +97,10 @@ KEY_POSITIONS: Final[dict[str, Callable[[list[Any]], list[int]]]] = {
             "ZADD",
             "ZREM",
             "ZCARD",
+            "ZRANGE",
             "ZRANGEBYSCORE",
+            "ZSCORE",
+            "TYPE",
             "LPUSH",
             "RPUSH",
             "LLEN",
@@ -111,6 +114,7 @@ KEY_POSITIONS: Final[dict[str, Callable[[list[Any]], list[int]]]] = {
     "XGROUP": _second,
     "LMOVE": lambda args: [0, 1][: len(args)],
     "TIME": _none,
+    "PUBLISH": _none,  # a channel, not a key
 }
 
 SAMPLE_CALLS: Final[dict[str, list[str]]] = {
@@ -136,7 +140,11 @@ SAMPLE_CALLS: Final[dict[str, list[str]]] = {
     "ZADD": ["k1", "1", "m"],
     "ZREM": ["k1", "m"],
     "ZCARD": ["k1"],
+    "ZRANGE": ["k1", "0", "0", "WITHSCORES"],
     "ZRANGEBYSCORE": ["k1", "0", "1", "LIMIT", "0", "10"],
+    "ZSCORE": ["k1", "m"],
+    "TYPE": ["k1"],
+    "PUBLISH": ["ch", "msg"],
     "LPUSH": ["k1", "v"],
     "RPUSH": ["k1", "v"],
     "LLEN": ["k1"],
@@ -482,6 +490,9 @@ def test_s7_the_package_has_scripts_to_audit() -> None:
     assert set(scripts()) == {
         "ACK_PUBLISH",
         "DEAD_LETTER",
+        "DELAYED_CANCEL",
+        "DELAYED_RELEASE",
+        "DELAYED_SCHEDULE",
         "LEASE_RELEASE",
         "LEASE_RENEW",
         "REPLAY_DEAD_LETTERS",

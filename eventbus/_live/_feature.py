@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -103,6 +103,15 @@ class LiveFeature:
             route, kind, name = self._route(topics[0])
             return live.attach(route, kind, name, receiver)
         return self._attach_all(topics, receiver)
+
+    async def attach_channel(self, channel: str, receiver: Receiver) -> Callable[[], None]:
+        """Feed ``receiver`` with a channel of the bus's own (not a topic's), such
+        as the delayed events' wake channel; returns once confirmed, with the
+        function that detaches it."""
+        live = await self._ensure_live()
+        route = channel.encode()
+        await live.attach(route, b"SUBSCRIBE", route, receiver)
+        return lambda: live.detach(route, receiver)
 
     async def _attach_all(self, topics: Sequence[Topic[Any]], receiver: Receiver) -> None:
         attached: list[bytes] = []

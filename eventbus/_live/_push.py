@@ -99,15 +99,20 @@ class _Route:
     the futures its first subscribers wait on exist only while they wait.
     """
 
-    __slots__ = ("confirmed", "error", "kind", "name", "route", "waiters")
+    __slots__ = ("confirmed", "error", "kind", "name", "waiters")
 
-    def __init__(self, route: bytes, kind: bytes, name: bytes) -> None:
-        self.route = route  # the hub's key
+    def __init__(self, kind: bytes, name: bytes) -> None:
         self.kind = kind  # b"SUBSCRIBE" or b"PSUBSCRIBE"
         self.name = name
         self.confirmed = False
         self.error: BaseException | None = None
         self.waiters: list[asyncio.Future[None]] | None = None
+
+    @property
+    def route(self) -> bytes:
+        """The hub's key: the channel, or the pattern behind a mark (see
+        :func:`pattern_route`). Computed, not stored: one slot less per route."""
+        return self.name if self.kind == b"SUBSCRIBE" else _PATTERN_MARK + self.name
 
     def waiter(self) -> asyncio.Future[None]:
         """A future settled once the server confirms (or refuses) the subscription;
@@ -268,7 +273,7 @@ class LiveConnection:
         first = self._hub.add(route, receiver)
         state = self._routes.get(route)
         if first or state is None:
-            state = self._routes[route] = _Route(route, kind, name)
+            state = self._routes[route] = _Route(kind, name)
             self._queue(kind, state)
         if not state.confirmed:
             # Waited for here, not in a method of _Route: one frame fewer per

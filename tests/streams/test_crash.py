@@ -61,9 +61,18 @@ def fault_seed() -> int:
 
 
 class Worker:
-    """One ``tests.streams.worker`` process: its stdout events, signals, exit."""
+    """One worker process (``tests.streams.worker`` unless told): its stdout events,
+    signals, exit."""
 
-    def __init__(self, name: str, argv: list[str], oracle: Path, stderr: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        oracle: Path,
+        stderr: Path,
+        *,
+        module: str = "tests.streams.worker",
+    ) -> None:
         self.name = name
         self.oracle = oracle
         self.stderr_path = stderr
@@ -72,7 +81,7 @@ class Worker:
         self._stderr = stderr.open("wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.streams.worker", *argv],
+            [sys.executable, "-m", module, *argv],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=self._stderr,

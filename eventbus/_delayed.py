@@ -1,0 +1,452 @@
+"""Delayed events: held in Redis, released on time by any number of schedulers, once.
+
+``publish(topic, event, delay=...)`` (or ``at=``) stores the event, encoded as it
+will be released, in the topic's schedule: a sorted set scored by due time and a
+hash of the events (``_keys``: ``{prefix}:{<topic>}:delayed`` and
+``...:delayed-data``). One script does it (``DELAYED_SCHEDULE``), and it reads the
+due time off the Redis server's clock (``TIME``), so the clocks of the hosts
+involved never matter: not at scheduling, not at release.
+
+Any bus can run the scheduler (``EventBus(scheduler=...)``). It sleeps until the
+earliest due time of all topics (an index: ``{prefix}:delayed``, topics scored by
+their earliest due time), and is woken early through the bus's push connection
+when any process schedules an earlier event (``{prefix}:delayed:wake``). Each
+release is one script call per topic (``DELAYED_RELEASE``) moving at most
+``_BATCH`` due events: each written to the topic first (``XADD``, or ``PUBLISH``
+for a live topic), then removed from the schedule, so a failure never loses one;
+and since a script runs alone, schedulers racing for the same events release each
+exactly once. A backlog drains in such calls, back to back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import attrs
+import redis.exceptions as rex
+
+from ._connection import translate
+from ._envelope import Receipt
+from ._feature import FeatureContext, receipt
+from ._hub import Receiver
+from ._keys import delayed_index, delayed_wake, live_channel, topic_keys
+from ._scripts import DELAYED_CANCEL, DELAYED_RELEASE, DELAYED_SCHEDULE
+from ._topic import Topic
+from .errors import ConfigurationError, EventBusError
+
+__all__ = ["DelayedFeature", "DelayedStatistics", "due_args"]
+
+logger = logging.getLogger("eventbus")
+
+_BATCH: Final = 500
+"""Events one release call moves at most (RELIABILITY.md §3 item 8: Lua's unpack
+limit; and a call stays within a few milliseconds)."""
+_INDEX_PEEK: Final = 64
+"""Topics read from the index per round, earliest due first."""
+_MAX_SLEEP: Final = 5.0
+"""Longest sleep between two looks at the index. Wake messages make it rarely
+matter; it bounds the delay if one is lost while the push connection reconnects."""
+_RETRY_MIN: Final = 0.1
+_RETRY_MAX: Final = 5.0
+
+Wake = Callable[[str, Receiver], Awaitable[Callable[[], None]]]
+"""Subscribe a receiver to one of the bus's own channels; returns its detach."""
+
+
+@attrs.frozen
+class DelayedStatistics:
+    """Counters of this bus's delayed events and scheduler.
+
+    .. versionadded:: 0.2
+    """
+
+    scheduled: int
+    """Events this bus scheduled (``delay=`` or ``at=`` in the future)."""
+    cancelled: int
+    """Events this bus cancelled while they were pending."""
+    released: int
+    """Events this bus's scheduler released (others may have released the rest)."""
+    release_errors: int
+    """Release calls Redis refused (a topic's key of the wrong type, OOM...)."""
+    scheduler_running: bool
+    """Whether this bus runs a scheduler."""
+
+
+def due_args(delay: float | None, at: datetime | None) -> tuple[str, int]:
+    """The schedule script's (mode, value) for ``delay`` seconds or an ``at`` time.
+
+    :raises eventbus.errors.ConfigurationError: both given, a naive ``at``, a
+        negative or non-finite ``delay``.
+    """
+    if at is not None:
+        if delay is not None:
+            raise ConfigurationError("give delay= or at=, not both")
+        if not isinstance(at, datetime):
+            raise ConfigurationError(f"at= must be a datetime, got {at!r}")
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ConfigurationError(
+                f"at= must be timezone-aware (a naive datetime is ambiguous), got {at!r}:"
+                " use datetime(..., tzinfo=timezone.utc) or datetime.now(timezone.utc)"
+            )
+        return "at", math.floor(at.timestamp() * 1000)
+    assert delay is not None
+    if not math.isfinite(delay) or delay < 0:
+        raise ConfigurationError(f"delay must be zero or more seconds, got {delay!r}")
+    return "in", math.ceil(delay * 1000)
+
+
+class DelayedFeature:
+    """Schedules, cancels and (when asked) releases delayed events."""
+
+    def __init__(self, *, scheduler: bool | None, wake: Wake) -> None:
+        if scheduler not in (True, False, None):
+            raise ConfigurationError(f"scheduler must be True, False or None, got {scheduler!r}")
+        self._mode = scheduler
+        self._wake = wake
+        self._ctx: FeatureContext | None = None
+        self._client: Any = None
+        self._scheduler_client: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._scope: anyio.CancelScope | None = None
+        self._kick: Receiver | None = None
+        self._server_ms = 0.0
+        self._server_at = 0.0
+        self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        """Schedule calls waiting for the next round trip (see :meth:`_call_schedule`)."""
+        self._failing: dict[str, tuple[float, float]] = {}
+        """Topic -> (retry at (monotonic), backoff): releases Redis refused."""
+        self.scheduled = self.cancelled = self.released = self.release_errors = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self, ctx: FeatureContext, *, serves_handlers: bool) -> None:
+        """Ready to schedule; start the scheduler now if it is on (``True``), or on
+        by default (``None``) in a bus that serves handlers."""
+        self._ctx = ctx
+        self._client = ctx.clients.command_client(ctx.publish_timeout, "publish_timeout")
+        self._scripts["schedule"] = self._client.register_script(DELAYED_SCHEDULE)
+        self._scripts["release"] = self._client.register_script(DELAYED_RELEASE)
+        self._scripts["cancel"] = self._client.register_script(DELAYED_CANCEL)
+        if self._mode is True or (self._mode is None and serves_handlers):
+            self._start_scheduler()
+
+    def begin_drain(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def aclose(self) -> None:
+        for client in (self._client, self._scheduler_client):
+            if client is not None:
+                await client.aclose()
+
+    def statistics(self) -> DelayedStatistics:
+        return DelayedStatistics(
+            scheduled=self.scheduled,
+            cancelled=self.cancelled,
+            released=self.released,
+            release_errors=self.release_errors,
+            scheduler_running=self._scope is not None and not self._scope.cancel_called,
+        )
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def _blob(self, topic: Topic[Any], event: Any, headers: dict[str, str], event_id: str) -> bytes:
+        """The event as the release will write it (see ``_scripts``, "delayed events").
+
+        Sequence number 0: released in due order, not in publish order, so
+        subscribers do not count it in a publisher's sequence (no false gaps).
+        """
+        ctx = self._ctx
+        assert ctx is not None
+        publisher = ctx.ids.publisher_id
+        if not topic.durable:
+            raw, _ms = ctx.codec.encode(
+                topic.name, event, event_id=event_id, publisher=publisher, seq=0, headers=headers
+            )
+            return b"l" + raw
+        fields = ctx.codec.encode_entry(
+            topic.name, event, event_id=event_id, publisher=publisher, seq=0, headers=headers
+        )
+        maxlen = b"%d" % topic.maxlen if topic.trim == "hard" and topic.maxlen else b""
+        parts = [b"d"]
+        for item in (maxlen, *fields):
+            parts += (b"%d:" % len(item), item)
+        return b"".join(parts)
+
+    async def schedule(
+        self, topic: Topic[Any], event: Any, headers: dict[str, str], due: tuple[str, int]
+    ) -> Receipt:
+        """Hold ``event`` until ``due`` (from :func:`due_args`); at once if already due."""
+        ctx = self._ctx
+        assert ctx is not None
+        event_id = ctx.ids.event_id()
+        blob = self._blob(topic, event, headers, event_id)
+        return (await self._schedule(topic, [(event_id, blob)], due))[0]
+
+    async def schedule_many(
+        self,
+        topic: Topic[Any],
+        events: Iterable[Any],
+        headers: dict[str, str],
+        due: tuple[str, int],
+    ) -> list[Receipt]:
+        """:meth:`schedule` for a batch, one due time for all: all encoded first (a
+        bad event raises before anything is sent), then one script call per
+        ``_BATCH`` events."""
+        ctx = self._ctx
+        assert ctx is not None
+        encoded = []
+        for event in events:
+            event_id = ctx.ids.event_id()
+            encoded.append((event_id, self._blob(topic, event, headers, event_id)))
+        return await self._schedule(topic, encoded, due)
+
+    async def _schedule(
+        self, topic: Topic[Any], encoded: list[tuple[str, bytes]], due: tuple[str, int]
+    ) -> list[Receipt]:
+        ctx = self._ctx
+        assert ctx is not None
+        keys = topic_keys(ctx.prefix, topic.name)
+        head = [keys.delayed, keys.delayed_data, keys.stream, delayed_index(ctx.prefix)]
+        mode, value = due
+        receipts: list[Receipt] = []
+        now_ms = time.time_ns() // 1_000_000
+        for start in range(0, len(encoded), _BATCH):
+            chunk = encoded[start : start + _BATCH]
+            args: list[Any] = [
+                mode,
+                value,
+                topic.name,
+                live_channel(ctx.prefix, topic.name),
+                delayed_wake(ctx.prefix),
+            ]
+            for event_id, blob in chunk:
+                args += (event_id, blob)
+            try:
+                reply = await self._call_schedule(
+                    head + [keys.delayed_done + event_id for event_id, _ in chunk], args
+                )
+            except rex.RedisError as exc:
+                raise translate(exc, topic=topic.name, command="EVALSHA") from exc
+            due_ms, server_ms = int(reply[0]), int(reply[1])
+            self._note_server_time(server_ms)
+            mode, value = "at", due_ms  # the rest of a batch: the same due time
+            due_at = datetime.fromtimestamp(due_ms / 1000, tz=timezone.utc)
+            for i, (event_id, _blob) in enumerate(chunk):
+                stream_id, scheduled = reply[2 + 2 * i], int(reply[3 + 2 * i])
+                sid = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+                self.scheduled += scheduled
+                r = receipt(ctx.sender, topic.name, event_id, now_ms)
+                receipts.append(attrs.evolve(r, stream_id=sid or None, due=due_at))
+        if self._mode is None and self.scheduled:
+            self._start_scheduler()  # a bus that schedules releases too, by default
+        return receipts
+
+    async def _call_schedule(self, keys: list[str], args: list[Any]) -> Any:
+        """One schedule script call, sent with the calls queued beside it.
+
+        Concurrent callers (a thousand tasks each scheduling one event) share one
+        pipeline per round trip instead of one connection each: the first caller
+        of a round sends what has queued by its next checkpoint; the others wait
+        for their own reply. The send is shielded (bounded by ``publish_timeout``),
+        so cancelling the caller that sends does not fail its neighbours.
+        """
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((keys, args, fut))
+        if len(self._queued) == 1:
+            await anyio.lowlevel.checkpoint()  # let this round's neighbours queue
+            batch, self._queued = self._queued, []
+            with anyio.CancelScope(shield=True):
+                await self._send_batch(batch)
+        return await fut
+
+    async def _send_batch(
+        self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        script = self._scripts["schedule"]
+        try:
+            if len(batch) == 1:
+                keys, args, fut = batch[0]
+                replies: list[Any] = [await script(keys=keys, args=args)]
+            else:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for keys, args, _fut in batch:
+                        await script(keys=keys, args=args, client=pipe)
+                    replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for _keys, _args, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_keys, _args, fut), reply in zip(batch, replies, strict=True):
+            if fut.done():
+                continue
+            if isinstance(reply, Exception):
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+    async def cancel(self, event_id: str, topic: Topic[Any] | None) -> bool:
+        """Remove a pending delayed event; whether it was still pending. Without a
+        topic, the topics holding delayed events are searched (one round trip)."""
+        ctx = self._ctx
+        assert ctx is not None
+        index = delayed_index(ctx.prefix)
+        if topic is not None:
+            name = topic.name
+        else:
+            names = [
+                n.decode() if isinstance(n, bytes) else str(n)
+                for n in await self._client.zrange(index, 0, -1)
+            ]
+            if not names:
+                return False
+            async with self._client.pipeline(transaction=False) as pipe:
+                for n in names:
+                    pipe.zscore(topic_keys(ctx.prefix, n).delayed, event_id)
+                scores = await pipe.execute()
+            found = [n for n, score in zip(names, scores, strict=True) if score is not None]
+            if not found:
+                return False
+            name = found[0]
+        keys = topic_keys(ctx.prefix, name)
+        removed = await self._scripts["cancel"](
+            keys=[keys.delayed, keys.delayed_data, index], args=[event_id, name]
+        )
+        if int(removed):
+            self.cancelled += 1
+            return True
+        return False
+
+    # -- the scheduler ------------------------------------------------------------------
+
+    def _start_scheduler(self) -> None:
+        if self._scope is not None:
+            return
+        ctx = self._ctx
+        assert ctx is not None
+        self._scope = scope = anyio.CancelScope()
+        self._scheduler_client = ctx.clients.command_client(
+            ctx.clients.command_timeout, "command_timeout"
+        )
+
+        async def run() -> None:
+            with scope:
+                await self._run()
+
+        ctx.task_group.start_soon(run)
+
+    def _note_server_time(self, server_ms: int) -> None:
+        self._server_ms = float(server_ms)
+        self._server_at = time.monotonic()
+
+    def _server_now(self) -> float:
+        """The Redis server's clock (ms) as last seen, advanced by our monotonic clock."""
+        return self._server_ms + (time.monotonic() - self._server_at) * 1000
+
+    async def _run(self) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        client = self._scheduler_client
+        self._kick = kick = Receiver(
+            label="eventbus.delayed.wake", capacity=1, overflow="drop_oldest"
+        )
+        detach: Callable[[], None] | None = None
+        retry = _RETRY_MIN
+        try:
+            while True:
+                try:
+                    if detach is None:
+                        detach = await self._wake(delayed_wake(ctx.prefix), kick)
+                    if not self._server_at:
+                        seconds_, micros = await client.time()
+                        self._note_server_time(int(seconds_) * 1000 + int(micros) // 1000)
+                    next_due = await self._release_due(client)
+                    retry = _RETRY_MIN
+                except (EventBusError, rex.RedisError, OSError, TimeoutError) as exc:
+                    logger.warning("delayed-event scheduler: %s; retrying in %.1fs", exc, retry)
+                    await anyio.sleep(retry)
+                    retry = min(retry * 2, _RETRY_MAX)
+                    continue
+                wait = _MAX_SLEEP
+                if next_due is not None:
+                    wait = min(max((next_due - self._server_now()) / 1000, 0.0), _MAX_SLEEP)
+                if wait > 0:
+                    with anyio.move_on_after(wait):
+                        if kick.take() is None:
+                            await kick.waiter()
+                while kick.take() is not None:
+                    pass  # woken: look again (whatever the message said)
+        finally:
+            if detach is not None:
+                detach()
+
+    async def _release_due(self, client: Any) -> float | None:
+        """Release every due event of every topic; the earliest due time left (ms)."""
+        ctx = self._ctx
+        assert ctx is not None
+        index = delayed_index(ctx.prefix)
+        release = self._scripts["release"]
+        while True:
+            heads = await client.zrange(index, 0, _INDEX_PEEK - 1, withscores=True)
+            now = self._server_now()
+            mono = time.monotonic()
+            next_due: float | None = None
+            more = len(heads) == _INDEX_PEEK  # more topics past these: look again
+            backlog = False
+            for raw_name, score in heads:
+                name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+                failing = self._failing.get(name)
+                if failing is not None and failing[0] > mono:
+                    continue
+                if score > now:
+                    next_due = score if next_due is None else min(next_due, score)
+                    more = False
+                    break
+                keys = topic_keys(ctx.prefix, name)
+                try:
+                    released, server_now, topic_next, missing = await release(
+                        keys=[keys.delayed, keys.delayed_data, keys.stream, index],
+                        args=[name, live_channel(ctx.prefix, name), _BATCH],
+                        client=client,
+                    )
+                except rex.ResponseError as exc:
+                    self.release_errors += 1
+                    backoff = min(failing[1] * 2, 30.0) if failing else 1.0
+                    self._failing[name] = (mono + backoff, backoff)
+                    logger.error(
+                        "delayed events of topic %r could not be released (retrying in"
+                        " %.0fs; they stay scheduled): %s",
+                        name,
+                        backoff,
+                        exc,
+                    )
+                    continue
+                self._failing.pop(name, None)
+                self._note_server_time(int(server_now))
+                self.released += int(released)
+                if int(missing):
+                    logger.error(
+                        "%d delayed event(s) of topic %r had no data in %s and were dropped",
+                        int(missing),
+                        name,
+                        keys.delayed_data,
+                    )
+                if int(released) + int(missing) >= _BATCH:
+                    backlog = True  # go round again at once
+                elif int(topic_next) >= 0:
+                    topic_next = float(topic_next)
+                    next_due = topic_next if next_due is None else min(next_due, topic_next)
+            if not (more or backlog):
+                return next_due

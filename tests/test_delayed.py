@@ -1,0 +1,281 @@
+"""Delayed events (issue 11): ``publish(..., delay=)`` / ``at=``, ``cancel``, the scheduler.
+
+Against real redis-server processes. Due times are judged by the server's clock:
+"not early" is checked against the stream entry id, which Redis stamps with its
+own clock when the scheduler's script writes the entry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import anyio
+import pytest
+
+from eventbus import Delivery, EventBus, Topic
+from eventbus._keys import delayed_index, topic_keys
+from eventbus.errors import ConfigurationError
+
+from .helpers import control_client, wait_until
+
+ORDERS = Topic("orders", durable=True)
+PRICES = Topic("prices")
+
+
+def entry_ms(stream_id: str) -> int:
+    return int(stream_id.partition("-")[0])
+
+
+async def test_delay_holds_a_durable_event_until_due_by_the_server_clock(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    bus = bus_factory()
+    seen: list[tuple[dict[str, int], Delivery]] = []
+
+    @bus.on(ORDERS, group="g")
+    async def handle(event: dict[str, int], delivery: Delivery) -> None:
+        seen.append((event, delivery))
+
+    async with bus:
+        receipt = await bus.publish(ORDERS, {"n": 1}, delay=0.3, headers={"k": "v"})
+        assert receipt.due is not None
+        assert receipt.stream_id is None
+        assert receipt.due - receipt.published_at == pytest.approx(
+            timedelta(seconds=0.3), abs=timedelta(seconds=0.2)
+        )
+        ctl = control_client(bus._url)
+        try:
+            # Held in Redis, not in the stream.
+            keys = topic_keys(bus._prefix, ORDERS.name)
+            assert await ctl.zcard(keys.delayed) == 1
+            assert await ctl.xlen(keys.stream) == 0
+            await wait_until(lambda: len(seen) == 1, timeout=5)
+            event, delivery = seen[0]
+            assert event == {"n": 1}
+            assert delivery.id == receipt.id
+            assert delivery.headers == {"k": "v"}
+            assert delivery.due == receipt.due
+            # Not early by the server's clock: the entry was written at or after due.
+            assert entry_ms(delivery.stream_id) >= int(receipt.due.timestamp() * 1000)
+            # Nothing left behind in the schedule.
+            assert await ctl.zcard(keys.delayed) == 0
+            assert await ctl.hlen(keys.delayed_data) == 0
+            assert await ctl.zcard(delayed_index(bus._prefix)) == 0
+        finally:
+            await ctl.aclose()
+
+
+async def test_delay_on_a_live_topic_publishes_at_release(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    bus = bus_factory()
+    seen: list[Delivery] = []
+
+    @bus.on(PRICES)
+    async def watch(event: dict[str, int], delivery: Delivery) -> None:
+        seen.append(delivery)
+
+    async with bus:
+        receipt = await bus.publish(PRICES, {"p": 7}, delay=timedelta(milliseconds=200))
+        assert receipt.receivers == 0  # nobody was reached yet: it is held
+        await wait_until(lambda: len(seen) == 1, timeout=5)
+        assert seen[0].id == receipt.id
+        assert seen[0].due == receipt.due
+        assert seen[0].seq == 0  # released out of publish order: no sequence, no false gap
+        assert bus.handler_statistics(watch)[0].gaps == 0
+
+
+async def test_at_in_the_past_publishes_at_once(bus_factory: Callable[..., EventBus]) -> None:
+    bus = bus_factory(scheduler=False)  # nobody releases: it must not need to
+    async with bus:
+        at = datetime.now(timezone.utc) - timedelta(minutes=5)
+        receipt = await bus.publish(ORDERS, {"n": 1}, at=at)
+        assert receipt.stream_id is not None
+        assert receipt.due == datetime.fromtimestamp(
+            int(at.timestamp() * 1000) / 1000, timezone.utc
+        )
+        async with bus.subscribe(ORDERS, from_="earliest", until="latest") as replay:
+            got = [(e, d) async for e, d in replay.deliveries()]
+        assert [e for e, _ in got] == [{"n": 1}]
+        assert got[0][1].due == receipt.due
+
+
+async def test_bad_schedules_are_refused_before_redis(bus_factory: Callable[..., EventBus]) -> None:
+    local = Topic("here", local=True)
+    async with bus_factory() as bus:
+        naive = datetime.now() + timedelta(seconds=5)  # naive: the point of the test
+        cases: list[tuple[Any, dict[str, Any], str]] = [
+            (ORDERS, {"at": naive}, "timezone-aware"),
+            (ORDERS, {"delay": 1, "at": datetime.now(timezone.utc)}, "not both"),
+            (ORDERS, {"delay": -1}, "negative"),
+            (ORDERS, {"delay": "5"}, "seconds or a timedelta"),
+            (ORDERS, {"delay": float("inf")}, "zero or more"),
+            (local, {"delay": 1}, "local topic cannot be delayed"),
+        ]
+        for topic, kwargs, words in cases:
+            with pytest.raises(ConfigurationError, match=words):
+                await bus.publish(topic, {"n": 1}, **kwargs)
+            with pytest.raises(ConfigurationError, match=words):
+                await bus.publish_many(topic, [{"n": 1}], **kwargs)
+        ctl = control_client(bus._url)
+        try:
+            assert await ctl.keys(f"{bus._prefix}:*") == []
+        finally:
+            await ctl.aclose()
+
+
+async def test_cancel_removes_a_pending_event_and_says_whether_it_was(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    bus = bus_factory()
+    seen: list[int] = []
+
+    @bus.on(ORDERS, group="g")
+    async def handle(event: dict[str, int]) -> None:
+        seen.append(event["n"])
+
+    async with bus:
+        keep = await bus.publish(ORDERS, {"n": 1}, delay=0.3)
+        drop = await bus.publish(ORDERS, {"n": 2}, delay=0.3)
+        by_id = await bus.publish(ORDERS, {"n": 3}, delay=0.3)
+        by_topic = await bus.publish(PRICES, {"n": 4}, delay=0.3)
+        assert await bus.cancel(drop) is True
+        assert await bus.cancel(drop) is False  # no longer pending
+        assert await bus.cancel(by_id.id) is True  # found by searching the topics
+        assert await bus.cancel(by_topic.id, topic=PRICES) is True
+        assert await bus.cancel("no-such-event") is False
+        await wait_until(lambda: seen == [1], timeout=5)
+        assert await bus.cancel(keep) is False  # released: a cancel never takes it back
+        stats = bus.delayed_statistics()
+        assert stats.cancelled == 3
+        assert stats.scheduled == 4
+        ctl = control_client(bus._url)
+        try:
+            assert await ctl.zcard(delayed_index(bus._prefix)) == 0
+        finally:
+            await ctl.aclose()
+        with pytest.raises(ConfigurationError):
+            await bus.cancel("")
+
+
+async def test_publish_many_schedules_a_batch_in_one_round_trip(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    bus = bus_factory()
+    seen: list[int] = []
+
+    @bus.on(ORDERS, group="g")
+    async def handle(event: dict[str, int]) -> None:
+        seen.append(event["n"])
+
+    async with bus:
+        receipts = await bus.publish_many(ORDERS, [{"n": i} for i in range(100)], delay=0.3)
+        assert len({r.id for r in receipts}) == 100
+        assert len({r.due for r in receipts}) <= 2  # one due time (ms rounding aside)
+        await wait_until(lambda: sorted(seen) == list(range(100)), timeout=5)
+
+
+async def test_an_earlier_event_wakes_a_sleeping_scheduler(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    """The scheduler sleeps until the earliest due time; an earlier event scheduled
+    by another process wakes it (no tick): released on time, not at the next look."""
+    scheduler = bus_factory(scheduler=True)
+    publisher = bus_factory(scheduler=False)
+    consumer = bus_factory(scheduler=False)
+    seen: dict[int, float] = {}
+
+    @consumer.on(ORDERS, group="g")
+    async def handle(event: dict[str, int], delivery: Delivery) -> None:
+        assert delivery.due is not None
+        seen[event["n"]] = time.time() - delivery.due.timestamp()
+
+    async with scheduler, publisher, consumer:
+        await publisher.publish(ORDERS, {"n": 1}, delay=60)  # the scheduler sleeps for this
+        await anyio.sleep(0.2)  # a gap in time: the scheduler has gone to sleep
+        await publisher.publish(ORDERS, {"n": 2}, delay=0.2)
+        await wait_until(lambda: 2 in seen, timeout=3)
+        assert seen[2] < 0.5, f"released {seen[2]:.3f}s late"
+        assert 1 not in seen
+
+
+async def test_a_bus_that_schedules_releases_by_default(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    async with bus_factory() as bus:  # no handlers: the scheduler starts with the first delay
+        assert bus.delayed_statistics().scheduler_running is False
+        await bus.publish(ORDERS, {"n": 1}, delay=0.05)
+        assert bus.delayed_statistics().scheduler_running is True
+        await wait_until(lambda: bus.delayed_statistics().released == 1, timeout=5)
+
+
+async def test_a_bus_with_the_scheduler_off_never_releases(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    off = bus_factory(scheduler=False)
+
+    @off.on(ORDERS, group="g")
+    async def handle(event: Any) -> None:
+        raise AssertionError("released by a bus whose scheduler is off")
+
+    async with off:
+        receipt = await off.publish(ORDERS, {"n": 1}, delay=0.05)
+        assert off.delayed_statistics().scheduler_running is False
+        ctl = control_client(off._url)
+        try:
+            keys = topic_keys(off._prefix, ORDERS.name)
+            await anyio.sleep(0.5)  # well past due: still held
+            assert await ctl.zscore(keys.delayed, receipt.id) is not None
+        finally:
+            await ctl.aclose()
+        async with bus_factory(scheduler=True):  # another process's scheduler releases it
+            await wait_until(lambda: off.delayed_statistics().released == 0, timeout=1)
+            ctl = control_client(off._url)
+            try:
+                await wait_until(_released(ctl, keys.delayed), timeout=5)
+            finally:
+                await ctl.aclose()
+
+
+def _released(ctl: Any, key: str) -> Callable[[], Any]:
+    async def check() -> bool:
+        return int(await ctl.zcard(key)) == 0
+
+    return check
+
+
+async def test_a_key_of_the_wrong_type_keeps_the_event_scheduled(
+    redis_server_factory: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """RELIABILITY.md F19, second part: the stream key is a string. The release
+    fails, the event stays scheduled, the error is logged and counted; once the key
+    is fixed the event is delivered."""
+    server = redis_server_factory()
+    bus = EventBus(server.url, prefix="f19", scheduler=True)
+    seen: list[int] = []
+
+    @bus.on(ORDERS, group="g")
+    async def handle(event: dict[str, int]) -> None:
+        seen.append(event["n"])
+
+    async with bus:
+        keys = topic_keys("f19", ORDERS.name)
+        ctl = control_client(server.url)
+        try:
+            await bus.publish(ORDERS, {"n": 0}, delay=0.05)  # the group exists; now break it
+            await wait_until(lambda: seen == [0], timeout=5)
+            await ctl.delete(keys.stream)
+            await ctl.set(keys.stream, "not a stream")
+            receipt = await bus.publish(ORDERS, {"n": 1}, delay=0.05)
+            await wait_until(lambda: bus.delayed_statistics().release_errors >= 1, timeout=5)
+            assert await ctl.zscore(keys.delayed, receipt.id) is not None
+            assert await ctl.hexists(keys.delayed_data, receipt.id)
+            assert "could not be released" in caplog.text
+            await ctl.delete(keys.stream)
+            await ctl.xgroup_create(keys.stream, "g", id="0", mkstream=True)
+            await wait_until(lambda: seen == [0, 1], timeout=10)
+        finally:
+            await ctl.aclose()
