@@ -12,6 +12,7 @@ from . import errors, signals
 from ._bus import EventBus
 from ._codec import configure_converter, make_converter
 from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPolicy
+from ._delayed import DelayedStatistics, ScheduleInfo
 from ._envelope import Delivery, Receipt
 from ._handlers import Handler
 from ._hub import Gap
@@ -29,6 +30,7 @@ __all__ = [
     "ClaimPolicy",
     "ConsumerStatistics",
     "DeadLetter",
+    "DelayedStatistics",
     "Delivery",
     "EventBus",
     "Gap",
@@ -40,6 +42,7 @@ __all__ = [
     "Overflow",
     "Receipt",
     "RetryPolicy",
+    "ScheduleInfo",
     "StartPosition",
     "Subscription",
     "SubscriptionStatistics",

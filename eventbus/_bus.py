@@ -39,7 +39,9 @@ from ._config import (
     seconds,
 )
 from ._connection import ClientFactory, mask_url
-from ._delayed import DelayedFeature, DelayedStatistics, due_args
+from ._delayed import DelayedFeature, DelayedStatistics, ScheduleInfo, due_args
+from ._delayed._recurring import DEFAULT_MAX_CATCH_UP, CatchUp
+from ._delayed._recurring import build as build_recurrence
 from ._envelope import Receipt
 from ._feature import Feature, FeatureContext, Minter, Routes, Window
 from ._handlers import Handler, inspect_handler
@@ -827,6 +829,82 @@ class EventBus:
         if not isinstance(event_id, str) or not event_id:
             raise ConfigurationError(f"cancel() takes a Receipt or an event id, got {receipt!r}")
         return await self._delayed.cancel(event_id, t)
+
+    async def schedule(
+        self,
+        name: str,
+        topic: Topic[T] | str,
+        event: T,
+        *,
+        every: float | timedelta | None = None,
+        cron: str | None = None,
+        tz: str = "UTC",
+        catch_up: CatchUp = "once",
+        max_catch_up: int = DEFAULT_MAX_CATCH_UP,
+        headers: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Declare a recurring event: ``event`` published to ``topic`` on every
+        occurrence, by whichever scheduler gets to it, exactly once.
+
+        ``every`` (seconds or a ``timedelta``) fires at the multiples of that period
+        since the Unix epoch (``every=timedelta(minutes=5)``: at :00, :05, ... UTC);
+        ``cron`` (a cron expression, read by croniter in time zone ``tz``) fires at
+        its times. Declaring the same ``name`` again with the same arguments changes
+        nothing (returns False); with other arguments it replaces the definition and
+        its next occurrence (returns True). Each occurrence's event has its own id,
+        derived from ``name`` and the occurrence time (the same occurrence always
+        has the same id), and ``Delivery.due`` says which occurrence it is.
+
+        After downtime (no scheduler running while several occurrences fell due),
+        ``catch_up`` decides: ``"once"`` (the default) releases the latest of them
+        once, ``"skip"`` none (the next one comes on time), ``"all"`` each of them,
+        oldest first, up to the ``max_catch_up`` latest. A single occurrence
+        released late is released whatever the policy.
+
+        :raises eventbus.errors.ConfigurationError: both or neither of ``every`` and
+            ``cron``, a bad cron expression or time zone, a local topic, an unknown
+            ``catch_up``, bad headers.
+        :raises eventbus.errors.EncodeError: the event does not fit the topic's type.
+        :raises eventbus.errors.PayloadTooLarge: before any I/O.
+        """
+        t = _publishable(topic, self._limits)
+        if t.local:
+            raise ConfigurationError(
+                f"topic {t.name!r}: a local topic cannot carry a recurring event; use a"
+                " durable or live topic"
+            )
+        self._require_open("schedule")
+        hdrs = self._codec.check_headers(t.name, headers)
+        if t.type is not object:
+            self._codec.check_event(t.name, event, t.type)
+        content_type, data = self._codec.unstructure(t.name, event)
+        rec = build_recurrence(
+            name=name,
+            topic=t.name,
+            durable=t.durable,
+            maxlen=t.maxlen if t.trim == "hard" else None,
+            every=every,
+            cron=cron,
+            tz=tz,
+            catch_up=catch_up,
+            max_catch_up=max_catch_up,
+            content_type=content_type,
+            data=data,
+            headers=hdrs,
+        )
+        return await self._delayed.declare(rec)
+
+    async def unschedule(self, name: str) -> bool:
+        """Remove the recurring event ``name``; whether it existed. An occurrence
+        already released stays released."""
+        self._require_open("unschedule")
+        return await self._delayed.remove(name)
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """Every recurring event declared under this bus's prefix, by name, with its
+        next occurrence and the occurrence released last."""
+        self._require_open("schedules")
+        return await self._delayed.listing()
 
     def delayed_statistics(self) -> DelayedStatistics:
         """Counters of this bus's delayed events and its scheduler."""

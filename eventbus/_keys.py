@@ -20,6 +20,9 @@ Layout (``prefix`` defaults to ``eb``; a topic name never contains ``:``, ``{`` 
                                      passed), for 10 minutes: a retried call finds it
     {prefix}:delayed                 zset: topics with delayed events by earliest due
     {prefix}:delayed:wake            channel: an earlier due time was scheduled
+    {prefix}:recurring               hash: schedule name -> definition (JSON)
+    {prefix}:recurring:due           zset: schedule name by next occurrence (ms)
+    {prefix}:recurring:last          hash: schedule name -> occurrence released last (ms)
 
 The topic sits in a ``{hash tag}`` so every name of one topic maps to one Redis
 Cluster slot. ``docs/wire-format.md`` is written from this module.
@@ -34,6 +37,7 @@ from .errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "RecurringKeys",
     "TopicKeys",
     "channel_topic",
     "dedupe_prefix",
@@ -42,6 +46,7 @@ __all__ = [
     "live_channel",
     "live_pattern",
     "member_lease",
+    "recurring_keys",
     "topic_keys",
     "validate_prefix",
 ]
@@ -119,6 +124,20 @@ def topic_keys(prefix: str, topic: str) -> TopicKeys:
 def delayed_index(prefix: str) -> str:
     """Sorted set of the topics holding delayed events, scored by their earliest due time."""
     return f"{prefix}:delayed"
+
+
+class RecurringKeys(NamedTuple):
+    """The keys of a bus prefix's recurring events."""
+
+    definitions: str
+    due: str
+    last: str
+
+
+def recurring_keys(prefix: str) -> RecurringKeys:
+    """Where recurring events are declared, and when each fires next."""
+    base = f"{prefix}:recurring"
+    return RecurringKeys(definitions=base, due=f"{base}:due", last=f"{base}:last")
 
 
 def delayed_wake(prefix: str) -> str:

@@ -24,6 +24,8 @@ __all__ = [
     "DELAYED_SCHEDULE",
     "LEASE_RELEASE",
     "LEASE_RENEW",
+    "RECURRING_DECLARE",
+    "RECURRING_FIRE",
     "REPLAY_DEAD_LETTERS",
     "TRIM_ACKED",
 ]
@@ -410,4 +412,82 @@ else
   redis.call('ZADD', KEYS[3], nxt[2], ARGV[2])
 end
 return 1
+"""
+
+RECURRING_DECLARE: Final = """
+-- Declare a recurring event: the same definition again changes nothing; another
+-- one replaces it (and its next occurrence).
+-- KEYS[1] next occurrences (zset), KEYS[2] definitions (hash)
+-- ARGV[1] name, ARGV[2] definition (canonical JSON), ARGV[3] next occurrence (ms),
+-- ARGV[4] wake channel
+-- returns 1 if written, 0 if the same definition was already there
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('PUBLISH', ARGV[4], ARGV[3])
+return 1
+"""
+
+RECURRING_FIRE: Final = """
+-- Release the occurrences of a recurring event that a scheduler decided on, if no
+-- other scheduler did first: a compare-and-set on the next occurrence it read.
+-- KEYS[1] next occurrences (zset), KEYS[2] definitions (hash), KEYS[3] the
+-- topic's stream, KEYS[4] last releases (hash)
+-- ARGV[1] name, ARGV[2] the next occurrence read (ms), ARGV[3] sha1 of the
+-- definition read, ARGV[4] the next occurrence after these (ms), ARGV[5] live
+-- channel, then per occurrence: its time (ms) and the event (as DELAYED_SCHEDULE's)
+-- returns the number released, or -1 if another scheduler (or a new definition)
+-- came first: nothing written
+local function release_one(blob, channel, due)
+  local d = string.format('%d', due)
+  if string.sub(blob, 1, 1) == 'l' then
+    -- the envelope is a JSON object: its due time goes in before the closing brace
+    redis.call('PUBLISH', channel, string.sub(blob, 2, -2) .. ',"due":' .. d .. '}')
+    return
+  end
+  local items = {}
+  local pos = 2
+  local len = #blob
+  for _ = 1, 1 + 2 * 256 do -- MAXLEN, then at most 256 fields (Limits caps them lower)
+    if pos > len then
+      break
+    end
+    local colon = string.find(blob, ':', pos, true)
+    local n = tonumber(string.sub(blob, pos, colon - 1))
+    items[#items + 1] = string.sub(blob, colon + 1, colon + n)
+    pos = colon + n + 1
+  end
+  local maxlen = table.remove(items, 1)
+  items[#items + 1] = 't'
+  items[#items + 1] = d
+  if maxlen ~= '' then
+    return redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', unpack(items))
+  end
+  return redis.call('XADD', KEYS[3], '*', unpack(items))
+end
+local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not cur or tonumber(cur) ~= tonumber(ARGV[2]) then
+  return -1
+end
+local def = redis.call('HGET', KEYS[2], ARGV[1])
+if not def or redis.sha1hex(def) ~= ARGV[3] then
+  return -1
+end
+local kind = redis.call('TYPE', KEYS[3])['ok']
+if #ARGV > 5 and kind ~= 'none' and kind ~= 'stream' then
+  return redis.error_reply('WRONGTYPE eventbus: ' .. KEYS[3] .. ' is a ' .. kind
+    .. ', not a stream; the occurrence stays due')
+end
+local released = 0
+for i = 6, #ARGV - 1, 2 do
+  release_one(ARGV[i + 1], ARGV[5], tonumber(ARGV[i]))
+  released = released + 1
+end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+if released > 0 then
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[#ARGV - 1])
+end
+return released
 """

@@ -380,7 +380,9 @@ async def test_unclosed_subscription_warns(bus_factory) -> None:
     async with bus:
         sub = bus.subscribe(Topic("leak", local=True))
         await sub.__aenter__()
-        sub._subscribers.detach(sub._receiver, sub._topic_tuple())  # the bus on close, minus aclose()
+        sub._subscribers.detach(
+            sub._receiver, sub._topic_tuple()
+        )  # the bus on close, minus aclose()
         # The subscription sits in a reference cycle: an automatic collection
         # between `del` and the block would finalize it outside the block.
         gc.disable()

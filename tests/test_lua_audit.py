@@ -495,6 +495,8 @@ def test_s7_the_package_has_scripts_to_audit() -> None:
         "DELAYED_SCHEDULE",
         "LEASE_RELEASE",
         "LEASE_RENEW",
+        "RECURRING_DECLARE",
+        "RECURRING_FIRE",
         "REPLAY_DEAD_LETTERS",
         "TRIM_ACKED",
     }

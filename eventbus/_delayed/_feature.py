@@ -21,6 +21,7 @@ exactly once. A backlog drains in such calls, back to back.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -34,14 +35,21 @@ import anyio.lowlevel
 import attrs
 import redis.exceptions as rex
 
-from ._connection import translate
-from ._envelope import Receipt
-from ._feature import FeatureContext, receipt
-from ._hub import Receiver
-from ._keys import delayed_index, delayed_wake, live_channel, topic_keys
-from ._scripts import DELAYED_CANCEL, DELAYED_RELEASE, DELAYED_SCHEDULE
-from ._topic import Topic
-from .errors import ConfigurationError, EventBusError
+from .._connection import translate
+from .._envelope import Receipt
+from .._feature import FeatureContext, receipt
+from .._hub import Receiver
+from .._keys import delayed_index, delayed_wake, live_channel, recurring_keys, topic_keys
+from .._scripts import (
+    DELAYED_CANCEL,
+    DELAYED_RELEASE,
+    DELAYED_SCHEDULE,
+    RECURRING_DECLARE,
+    RECURRING_FIRE,
+)
+from .._topic import Topic
+from ..errors import ConfigurationError, EventBusError
+from ._recurring import Recurrence, ScheduleInfo, occurrence_id
 
 __all__ = ["DelayedFeature", "DelayedStatistics", "due_args"]
 
@@ -136,6 +144,8 @@ class DelayedFeature:
         self._scripts["schedule"] = self._client.register_script(DELAYED_SCHEDULE)
         self._scripts["release"] = self._client.register_script(DELAYED_RELEASE)
         self._scripts["cancel"] = self._client.register_script(DELAYED_CANCEL)
+        self._scripts["declare"] = self._client.register_script(RECURRING_DECLARE)
+        self._scripts["fire"] = self._client.register_script(RECURRING_FIRE)
         if self._mode is True or (self._mode is None and serves_handlers):
             self._start_scheduler()
 
@@ -373,6 +383,11 @@ class DelayedFeature:
                         seconds_, micros = await client.time()
                         self._note_server_time(int(seconds_) * 1000 + int(micros) // 1000)
                     next_due = await self._release_due(client)
+                    next_occurrence = await self._fire_recurring(client)
+                    if next_occurrence is not None:
+                        next_due = (
+                            next_occurrence if next_due is None else min(next_due, next_occurrence)
+                        )
                     retry = _RETRY_MIN
                 except (EventBusError, rex.RedisError, OSError, TimeoutError) as exc:
                     logger.warning("delayed-event scheduler: %s; retrying in %.1fs", exc, retry)
@@ -450,3 +465,122 @@ class DelayedFeature:
                     next_due = topic_next if next_due is None else min(next_due, topic_next)
             if not (more or backlog):
                 return next_due
+
+    # -- recurring events ---------------------------------------------------------------
+
+    async def _server_time(self) -> float:
+        """The Redis server's clock (ms): asked once, then advanced locally."""
+        if not self._server_at:
+            seconds_, micros = await self._client.time()
+            self._note_server_time(int(seconds_) * 1000 + int(micros) // 1000)
+        return self._server_now()
+
+    async def declare(self, rec: Recurrence) -> bool:
+        """Declare (or replace) a recurring event; whether anything changed."""
+        ctx = self._ctx
+        assert ctx is not None
+        keys = recurring_keys(ctx.prefix)
+        self._occurrence_blob(rec, 0)  # too large, or not encodable: refused before Redis
+        first = rec.next_after(int(await self._server_time()))
+        try:
+            changed = await self._scripts["declare"](
+                keys=[keys.due, keys.definitions],
+                args=[rec.name, rec.to_json(), first, delayed_wake(ctx.prefix)],
+            )
+        except rex.RedisError as exc:
+            raise translate(exc, topic=rec.topic, command="EVALSHA") from exc
+        if self._mode is None:
+            self._start_scheduler()  # a bus that declares releases too, by default
+        return bool(int(changed))
+
+    async def remove(self, name: str) -> bool:
+        """Remove a recurring event; whether it existed."""
+        ctx = self._ctx
+        assert ctx is not None
+        keys = recurring_keys(ctx.prefix)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hdel(keys.definitions, name)
+            pipe.zrem(keys.due, name)
+            pipe.hdel(keys.last, name)
+            removed, _, _ = await pipe.execute()
+        return bool(int(removed))
+
+    async def listing(self) -> list[ScheduleInfo]:
+        """Every recurring event of this prefix, by name."""
+        ctx = self._ctx
+        assert ctx is not None
+        keys = recurring_keys(ctx.prefix)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.definitions)
+            pipe.zrange(keys.due, 0, -1, withscores=True)
+            pipe.hgetall(keys.last)
+            definitions, due, last = await pipe.execute()
+        next_of = {_text(name): int(score) for name, score in due}
+        last_of = {_text(name): int(ms) for name, ms in last.items()}
+        infos = []
+        for raw in definitions.values():
+            rec = Recurrence.from_json(raw)
+            infos.append(ScheduleInfo.of(rec, next_of.get(rec.name), last_of.get(rec.name)))
+        return sorted(infos, key=lambda info: info.name)
+
+    def _occurrence_blob(self, rec: Recurrence, occurrence: int) -> bytes:
+        topic: Topic[Any] = Topic(
+            rec.topic,
+            durable=rec.durable,
+            maxlen=rec.maxlen,
+            trim="hard" if rec.maxlen else "acked",
+        )
+        return self._blob(topic, rec.event(), rec.headers, occurrence_id(rec.name, occurrence))
+
+    async def _fire_recurring(self, client: Any) -> float | None:
+        """Fire every recurring event due now; the next occurrence left (ms)."""
+        ctx = self._ctx
+        assert ctx is not None
+        keys = recurring_keys(ctx.prefix)
+        fire = self._scripts["fire"]
+        heads = await client.zrange(keys.due, 0, _INDEX_PEEK - 1, withscores=True)
+        now = self._server_now()
+        next_due: float | None = None
+        for raw_name, score in heads:
+            if score > now:
+                next_due = score if next_due is None else min(next_due, score)
+                break
+            name = _text(raw_name)
+            raw = await client.hget(keys.definitions, name)
+            if raw is None:
+                continue  # removed meanwhile
+            rec = Recurrence.from_json(raw)
+            occurrences, following = rec.to_fire(int(score), int(now))
+            args: list[Any] = [
+                name,
+                int(score),
+                hashlib.sha1(raw, usedforsecurity=False).hexdigest(),
+                following,
+                live_channel(ctx.prefix, rec.topic),
+            ]
+            for occurrence in occurrences:
+                args += (occurrence, self._occurrence_blob(rec, occurrence))
+            stream = topic_keys(ctx.prefix, rec.topic).stream
+            try:
+                released = int(
+                    await fire(
+                        keys=[keys.due, keys.definitions, stream, keys.last],
+                        args=args,
+                        client=client,
+                    )
+                )
+            except rex.ResponseError as exc:
+                self.release_errors += 1
+                logger.error("recurring event %r could not be released: %s", name, exc)
+                continue
+            if released > 0:
+                self.released += released
+            next_due = following if next_due is None else min(next_due, following)
+        else:
+            if len(heads) == _INDEX_PEEK:
+                return self._server_now()  # more due past these: go round again now
+        return next_due
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
