@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -452,7 +452,9 @@ async def publish_bullmq(url: str, items: list[tuple[int, int]]) -> list[float]:
         await queue.close()
 
 
-async def publish_eventbus(url: str, items: list[tuple[int, int]]) -> list[float]:
+@contextlib.asynccontextmanager
+async def eventbus_publisher(url: str) -> AsyncIterator[Callable[[int, int], Awaitable[Any]]]:
+    """``one(n, due)``: schedules an event on an open bus without a scheduler."""
     import inspect
 
     from eventbus import EventBus, Topic
@@ -472,6 +474,11 @@ async def publish_eventbus(url: str, items: list[tuple[int, int]]) -> list[float
                 delay = timedelta(seconds=due / 1000 - time.time())
                 await bus.publish(topic, {"n": n, "due_ms": due}, delay=delay)  # type: ignore[call-arg]
 
+        yield one
+
+
+async def publish_eventbus(url: str, items: list[tuple[int, int]]) -> list[float]:
+    async with eventbus_publisher(url) as one:
         return await in_chunks(items, one)
 
 
@@ -517,12 +524,13 @@ async def backlog_main(args: argparse.Namespace) -> None:
         last_due = 0
         step = 20_000
         deadline = time.monotonic() + args.time_limit
-        for i in range(0, n_all, step):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"scheduled only {i:,} of {n_all:,} in {args.time_limit}s")
-            due = round(time.time() * 1000) + 2000
-            await publish_eventbus(args.url, [(n, due) for n in range(i, min(n_all, i + step))])
-            last_due = due
+        async with eventbus_publisher(args.url) as one:
+            for i in range(0, n_all, step):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"scheduled only {i:,} of {n_all:,} in {args.time_limit}s")
+                due = round(time.time() * 1000) + 2000
+                await in_chunks([(n, due) for n in range(i, min(n_all, i + step))], one)
+                last_due = due
     scheduled_s = time.time() - began
     wait = last_due / 1000 - time.time() + 0.05
     if wait > 0:
