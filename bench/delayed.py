@@ -92,7 +92,6 @@ class Row:
 def rows(opts: argparse.Namespace) -> list[Row]:
     slow = opts.slow_lead
     if slow is None:  # they schedule about 2,000-2,500/s here: leave them room for it
-        # (not much more: bullmq received nothing in 30 s with a 17.7 s lead, see README)
         slow = max(opts.lead, 1.0 + opts.events / 1800)
     return [
         Row("raw", "raw", "main", 1, note="ZSET + Lua mover every 10 ms, XREADGROUP consumer"),
