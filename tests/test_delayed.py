@@ -279,3 +279,37 @@ async def test_a_key_of_the_wrong_type_keeps_the_event_scheduled(
             await wait_until(lambda: seen == [0, 1], timeout=10)
         finally:
             await ctl.aclose()
+
+
+async def test_another_client_can_schedule_as_the_wire_format_page_shows(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    """docs/wire-format.md, "Delayed and recurring events": HSET the event, ZADD its
+    due time, lower the index, PUBLISH the wake channel; a scheduler releases it."""
+    bus = bus_factory(scheduler=True)
+    seen: list[tuple[Any, Delivery]] = []
+
+    @bus.on(ORDERS, group="g")
+    async def handle(event: Any, delivery: Delivery) -> None:
+        seen.append((event, delivery))
+
+    async with bus:
+        ctl = control_client(bus._url)
+        try:
+            prefix = bus._prefix
+            seconds, micros = await ctl.time()
+            due = seconds * 1000 + micros // 1000 + 300
+            payload = '{"order_id":"o-9","amount":90}'
+            blob = f"d0:1:d{len(payload)}:{payload}"
+            await ctl.hset(f"{prefix}:{{orders}}:delayed-data", "ext-1", blob)
+            await ctl.zadd(f"{prefix}:{{orders}}:delayed", {"ext-1": due})
+            await ctl.zadd(f"{prefix}:delayed", {"orders": due}, lt=True)
+            await ctl.publish(f"{prefix}:delayed:wake", due)
+        finally:
+            await ctl.aclose()
+        await wait_until(lambda: len(seen) == 1, timeout=5)
+        event, delivery = seen[0]
+        assert event == {"order_id": "o-9", "amount": 90}
+        assert delivery.due is not None
+        assert int(delivery.due.timestamp() * 1000) == due
+        assert int(delivery.stream_id.partition("-")[0]) >= due

@@ -81,6 +81,7 @@ def _check(env: Envelope, expected: dict[str, Any]) -> None:
         "data": env.data,
         "cause": env.cause,
         "corr": env.corr,
+        "due_ms": env.due_ms,
     }
     want = {
         "id": expected["id"],
@@ -92,6 +93,7 @@ def _check(env: Envelope, expected: dict[str, Any]) -> None:
         "data": _expected_data(expected),
         "cause": expected.get("cause", ""),
         "corr": expected.get("corr", ""),
+        "due_ms": expected.get("due_ms"),
     }
     assert got == want
 
@@ -131,8 +133,8 @@ def test_eventbus_writes_exactly_the_page_example(vector: dict[str, str]) -> Non
 def test_every_field_of_the_tables_is_exercised_by_a_vector() -> None:
     """Each field the two tables list appears in at least one vector's example."""
     text = PAGE.read_text()
-    envelope = {"eventbus", "data", "id", "pub", "seq", "ts", "ct", "h"}
-    entry = {"i", "p", "s", "h", "c", "d", "b", "v"}
+    envelope = {"eventbus", "data", "id", "pub", "seq", "ts", "ct", "h", "due"}
+    entry = {"i", "p", "s", "h", "c", "d", "b", "v", "t"}
     examples = [v.values[0] for v in VECTORS]
     in_json = set()
     in_entries = set()
