@@ -156,8 +156,10 @@ class RetryPolicy:
     number is Redis's delivery count and survives a crash. After ``max_attempts``
     the event goes to the topic's dead-letter stream, atomically with its ack.
 
-    A retry waits at most half of the group's ``claim_idle``, so another consumer
-    does not claim an event that is only waiting for its retry.
+    A delay up to half of the group's ``claim_idle`` is waited out in the member;
+    a longer one is noted in Redis with the event, so a member that dies during
+    the backoff loses nothing and whoever claims the event waits for its retry
+    time instead of running it early.
 
     .. versionadded:: 0.2
     """

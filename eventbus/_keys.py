@@ -13,6 +13,9 @@ Layout (``prefix`` defaults to ``eb``; a topic name never contains ``:``, ``{`` 
                                      dedupe mark (``dedupe=`` groups), expires
     {prefix}:{<topic>}:lease:<len(group)>:<group>:<consumer>
                                      lease of a consumer name while its member runs
+    {prefix}:{<topic>}:retry-at:<group>
+                                     zset: entries of a group waiting out a long retry
+                                     backoff, by retry time (ms)
     {prefix}:{<topic>}:delayed       zset: the topic's delayed events by due time (ms)
     {prefix}:{<topic>}:delayed-data  hash: event id -> the delayed event to release
     {prefix}:{<topic>}:delayed-done:<event id>
@@ -97,6 +100,8 @@ class TopicKeys(NamedTuple):
     """Prefix of dedupe marks (build them with :func:`dedupe_prefix`)."""
     lease: str
     """Prefix of consumer-name leases (build them with :func:`member_lease`)."""
+    retry_at: str
+    """Prefix of a group's long-retry times (append the group name)."""
     delayed: str
     """Sorted set of the topic's delayed events (member event id, score due ms)."""
     delayed_data: str
@@ -115,6 +120,7 @@ def topic_keys(prefix: str, topic: str) -> TopicKeys:
         cursors=f"{base}:cursors",
         seen=f"{base}:seen:",
         lease=f"{base}:lease:",
+        retry_at=f"{base}:retry-at:",
         delayed=f"{base}:delayed",
         delayed_data=f"{base}:delayed-data",
         delayed_done=f"{base}:delayed-done:",

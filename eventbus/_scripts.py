@@ -27,6 +27,7 @@ __all__ = [
     "RECURRING_DECLARE",
     "RECURRING_FIRE",
     "REPLAY_DEAD_LETTERS",
+    "RETRY_DEFER",
     "TRIM_ACKED",
 ]
 
@@ -490,4 +491,16 @@ if released > 0 then
   redis.call('HSET', KEYS[4], ARGV[1], ARGV[#ARGV - 1])
 end
 return released
+"""
+
+RETRY_DEFER: Final = """
+-- Note in Redis when a group's pending entry is to be retried (a long backoff):
+-- a member that claims it before then waits instead of running it early.
+-- KEYS[1] the group's retry times (zset)
+-- ARGV[1] entry id, ARGV[2] backoff (ms)
+-- returns the retry time, epoch ms by the server's clock
+local t = redis.call('TIME')
+local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], at, ARGV[1])
+return at
 """

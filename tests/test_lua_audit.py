@@ -498,6 +498,7 @@ def test_s7_the_package_has_scripts_to_audit() -> None:
         "RECURRING_DECLARE",
         "RECURRING_FIRE",
         "REPLAY_DEAD_LETTERS",
+        "RETRY_DEFER",
         "TRIM_ACKED",
     }
     assert all(isinstance(source, str) and "redis.call" in source for source in scripts().values())

@@ -52,6 +52,12 @@ class ClaimHost(Protocol):
     def add_claimed(self, work: Work) -> None:
         """Take a claimed entry, to be handled before those read."""
 
+    async def retry_times(self, ids: list[str]) -> dict[str, float]:
+        """Seconds each of ``ids`` must still wait for a long retry noted in Redis."""
+
+    def add_deferred(self, work: Work, wait: float) -> None:
+        """Take a claimed entry that waits out a long retry: run it in ``wait`` seconds."""
+
     def count_trimmed(self, ids: list[str]) -> None:
         """Report pending entries that were trimmed before they were handled."""
 
@@ -161,13 +167,18 @@ class Claimer:
             ]
             if fresh:
                 counts = await self._counts([e for e, _ in fresh])
+                waits = await host.retry_times([e for e, f in fresh if f])
                 self._counters.claimed += len(fresh)
                 budget -= len(fresh)
                 for entry_id, fields in reversed(fresh):
                     if not fields:
                         host.count_trimmed([entry_id])
                         continue
-                    host.add_claimed(Work(entry_id, fields, counts.get(entry_id, 1)))
+                    work = Work(entry_id, fields, counts.get(entry_id, 1))
+                    if entry_id in waits:
+                        host.add_deferred(work, waits[entry_id])  # its member died mid-backoff
+                    else:
+                        host.add_claimed(work)
             if self._cursor == "0-0":
                 return
 

@@ -59,6 +59,7 @@ from .._connection import CONNECTION_ERRORS, is_busygroup, is_nogroup, is_unbloc
 from .._envelope import Envelope
 from .._handlers import HandlerSpec, invoke
 from .._keys import TopicKeys, member_lease
+from .._scripts import RETRY_DEFER
 from .._stats import ConsumerCounters, ConsumerStatistics
 from .._topic import Topic
 from ..errors import DecodeError
@@ -183,6 +184,11 @@ class GroupConsumer:
         self._held: dict[str, Work] = {}
         self._running: dict[str, Work] = {}
         self._retrying: dict[str, Work] = {}
+        self._deferred: set[str] = set()
+        """Those of ``_retrying`` waiting out a long backoff noted in Redis (see
+        :meth:`_schedule_retry`): kept alive by the heartbeat, unlike short ones."""
+        self._retry_key = keys.retry_at + options.group
+        self._defer_script = client.register_script(RETRY_DEFER)
         self._handed_back: list[tuple[Work, bool]] = []
         self._acks: list[str] = []
         self._marks: list[str] = []
@@ -296,6 +302,7 @@ class GroupConsumer:
         self._buffer.clear()
         retrying = list(self._retrying.values())
         self._retrying.clear()
+        self._deferred.clear()
         with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
             await self._release(unstarted, retrying)
         with anyio.move_on_after(max(deadline - anyio.current_time(), 0)):
@@ -390,6 +397,7 @@ class GroupConsumer:
             self._held.pop(work.id, None)
         self._unstarted = []
         self._retrying.clear()
+        self._deferred.clear()
 
     # -- reading ------------------------------------------------------------------------
 
@@ -561,6 +569,9 @@ class GroupConsumer:
             self.keys.stream, self.options.group, self.options.consumer, 0, ids
         )
         got = set()
+        waits = await self.retry_times(
+            [e.decode() for e, fields in claimed if e is not None and fields]
+        )
         for entry_id, fields in claimed:
             if entry_id is None:  # Redis 6.2: a deleted entry comes back as nil
                 continue
@@ -569,7 +580,11 @@ class GroupConsumer:
             if not fields:
                 self.count_trimmed([eid])
                 continue
-            self._add(Work(eid, fields, counts.get(eid, 0) + 1))
+            work = Work(eid, fields, counts.get(eid, 0) + 1)
+            if eid in waits:
+                self.add_deferred(work, waits[eid])  # taken back during a long backoff
+            else:
+                self._add(work)
         gone = [i for i in ids if i not in got]
         if gone:
             # Redis >= 7 drops deleted entries from the pending list on XCLAIM.
@@ -581,13 +596,37 @@ class GroupConsumer:
         return entry_id in self._held
 
     def heartbeat_ids(self) -> list[str]:
-        return [i for i in self._held if i not in self._retrying]
+        return [i for i in self._held if i not in self._retrying or i in self._deferred]
 
     def claim_space(self) -> int:
         return self._capacity - len(self._buffer)
 
     def add_claimed(self, work: Work) -> None:
         self._add(work, front=True)
+
+    async def retry_times(self, ids: list[str]) -> dict[str, float]:
+        """Seconds each of ``ids`` must still wait for a long retry noted in Redis
+        (only those whose retry time is still ahead, by the server's clock)."""
+        if not ids:
+            return {}
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zmscore(self._retry_key, ids)
+            (seconds, micros), scores = await pipe.execute()
+        now = int(seconds) * 1000 + int(micros) // 1000
+        return {
+            entry_id: (score - now) / 1000
+            for entry_id, score in zip(ids, scores, strict=True)
+            if score is not None and score > now
+        }
+
+    def add_deferred(self, work: Work, wait: float) -> None:
+        """Take an entry claimed (or taken back) while it waits out a long retry:
+        run it once its retry time comes, not before (the claim counted the attempt)."""
+        if work.id in self._held:
+            return
+        self._held[work.id] = work
+        self._schedule_retry(work, wait=wait, was_claimed=True)
 
     def _forget(self, entry_id: str) -> None:
         self._held.pop(entry_id, None)
@@ -791,16 +830,46 @@ class GroupConsumer:
             self._ack_waiting = False
             self._ack_ready.set()
 
-    def _schedule_retry(self, work: Work) -> None:
+    def _schedule_retry(
+        self, work: Work, *, wait: float | None = None, was_claimed: bool = False
+    ) -> None:
+        """Retry ``work`` after its backoff.
+
+        A short backoff (up to half of ``claim_idle``) is waited out here: the
+        entry's idle time grows meanwhile, and the retry's ``XCLAIM`` (min idle 80%
+        of the backoff) finds it still unclaimed. A longer one is noted in Redis
+        (``RETRY_DEFER``) and the heartbeat keeps the entry: if this member dies,
+        whoever claims the entry reads the retry time and waits for it, so the
+        event is neither lost nor retried early. ``wait``/``was_claimed``: an entry
+        claimed or taken back during its long backoff (its claim counted the
+        attempt: no ``XCLAIM`` again).
+        """
         attempt = work.count
-        delay = min(
-            self.options.retry.delay(attempt, self._rand.random()), self.options.claim.idle / 2
-        )
+        delay = self.options.retry.delay(attempt, self._rand.random()) if wait is None else wait
+        long = wait is not None or delay > self.options.claim.idle / 2
         self._retrying[work.id] = work
+        if long:
+            self._deferred.add(work.id)
 
         async def retry() -> None:
+            if long and wait is None:
+                try:
+                    await self._defer_script(
+                        keys=[self._retry_key], args=[work.id, int(delay * 1000)]
+                    )
+                except Exception as exc:  # it still waits here
+                    logger.warning(
+                        "group %r: could not note the retry time of %s in Redis (%s); it"
+                        " waits in this process",
+                        self.options.group,
+                        work.id,
+                        exc,
+                    )
             await anyio.sleep(delay)
             if self._stopping or work.id not in self._retrying:
+                return
+            if long:
+                await self._run_deferred(work, claimed=was_claimed)
                 return
             try:
                 claimed = await self._client.xclaim(
@@ -838,6 +907,41 @@ class GroupConsumer:
 
         assert self._retry_tg is not None
         self._retry_tg.start_soon(retry)
+
+    async def _run_deferred(self, work: Work, *, claimed: bool) -> None:
+        """The end of a long backoff: still this member's? Then retry it now."""
+        self._retrying.pop(work.id, None)
+        self._deferred.discard(work.id)
+        try:
+            if not claimed:
+                pending = await self._client.xpending_range(
+                    self.keys.stream, self.options.group, min=work.id, max=work.id, count=1
+                )
+                if not pending or pending[0]["consumer"].decode() != self.options.consumer:
+                    self._held.pop(work.id, None)  # acked, or claimed by another member
+                    return
+                got = await self._client.xclaim(
+                    self.keys.stream, self.options.group, self.options.consumer, 0, [work.id]
+                )
+                if not got or got[0][0] is None or not got[0][1]:
+                    self._held.pop(work.id, None)
+                    if got and got[0][0] is not None:
+                        self.count_trimmed([work.id])
+                    return
+                work.fields = got[0][1]
+                work.count += 1
+            await self._client.zrem(self._retry_key, work.id)
+        except Exception as exc:  # the entry stays pending for a claim
+            logger.warning(
+                "group %r: retry of %s failed (%s); another consumer claims it after claim_idle",
+                self.options.group,
+                work.id,
+                exc,
+            )
+            self._held.pop(work.id, None)
+            return
+        self._counters.retried += 1
+        self._add(work, front=True)
 
     async def _retries(self) -> None:
         """Owns the tasks waiting out a retry's backoff (cancelled together on stop)."""

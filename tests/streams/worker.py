@@ -33,9 +33,11 @@ import anyio.abc
 import attrs
 import orjson
 
-from eventbus import ClaimPolicy, Delivery, EventBus, Topic
+from eventbus import ClaimPolicy, Delivery, EventBus, RetryPolicy, Topic
 
 from .oracle import append_line, open_oracle, payload_ok
+
+DEFAULT_RETRY = RetryPolicy()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--log-starts", action="store_true", help="also log a 'start' line when a handler begins"
     )
+    p.add_argument("--fail-attempts", type=int, default=0, help="raise on attempts up to this")
+    p.add_argument("--retry-backoff", type=float, default=None, help="RetryPolicy.backoff")
     return p.parse_args(argv)
 
 
@@ -104,6 +108,14 @@ async def main(args: argparse.Namespace) -> int:
         ),
         batch=args.batch,
         block=args.block,
+        retry=RetryPolicy(
+            max_attempts=args.max_attempts,
+            backoff=args.retry_backoff,
+            backoff_max=max(args.retry_backoff, 30.0),
+            jitter=0.0,
+        )
+        if args.retry_backoff is not None
+        else DEFAULT_RETRY,
     )
     async def handle(event, d: Delivery) -> None:  # type: ignore[no-untyped-def]
         base = {
@@ -115,6 +127,9 @@ async def main(args: argparse.Namespace) -> int:
         }
         if args.log_starts:
             append_line(fd, {"kind": "start", **base, "t": time.time()})
+        if d.attempt <= args.fail_attempts:
+            append_line(fd, {"kind": "fail", **base, "t": time.time()})
+            raise RuntimeError(f"failing attempt {d.attempt} on purpose")
         delay = rng.uniform(args.sleep_min, args.sleep_max)
         if delay > 0:
             await anyio.sleep(delay)
