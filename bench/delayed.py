@@ -90,6 +90,8 @@ class Row:
 
 
 def rows(opts: argparse.Namespace) -> list[Row]:
+    if opts.lead is None:
+        opts.lead = max(2.0, 1.0 + opts.events / 4000)
     slow = opts.slow_lead
     if slow is None:  # they schedule about 2,000-2,500/s here: leave them room for it
         slow = max(opts.lead, 1.0 + opts.events / 1800)
@@ -417,7 +419,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--span", type=float, default=2.0, help="seconds the due times span")
-    parser.add_argument("--lead", type=float, default=2.0, help="scheduling start to first due")
+    parser.add_argument("--lead", type=float, help="scheduling start to first due (default: "
+                        "2 s, or 1 s + 1 s per 4,000 events when more: the scheduling of a "
+                        "loaded machine must not count as lateness)")  # fmt: skip
     parser.add_argument("--slow-lead", type=float, help="the lead of arq and bullmq, who "
                         "schedule slower (default: 1 s + 1 s per 1,800 events)")  # fmt: skip
     parser.add_argument("--grace", type=float, default=30.0,
