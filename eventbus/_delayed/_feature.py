@@ -63,6 +63,9 @@ _INDEX_PEEK: Final = 64
 _MAX_SLEEP: Final = 5.0
 """Longest sleep between two looks at the index. Wake messages make it rarely
 matter; it bounds the delay if one is lost while the push connection reconnects."""
+_YIELD: Final = 0.003
+"""Seconds a scheduler that lost the last race waits past a due time: the one that
+won looks first; if it died, this one releases 3 ms late."""
 _RETRY_MIN: Final = 0.1
 _RETRY_MAX: Final = 5.0
 
@@ -130,6 +133,10 @@ class DelayedFeature:
         self._server_at = 0.0
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         """Schedule calls waiting for the next round trip (see :meth:`_call_schedule`)."""
+        self._behind = False
+        """This scheduler's last release found its events taken by another: it
+        looks a little later next time, so racing schedulers do not all hit Redis
+        for every due time (the first one still releases on time)."""
         self._failing: dict[str, tuple[float, float]] = {}
         """Topic -> (retry at (monotonic), backoff): releases Redis refused."""
         self.scheduled = self.cancelled = self.released = self.release_errors = 0
@@ -397,6 +404,8 @@ class DelayedFeature:
                 wait = _MAX_SLEEP
                 if next_due is not None:
                     wait = min(max((next_due - self._server_now()) / 1000, 0.0), _MAX_SLEEP)
+                    if self._behind:
+                        wait += _YIELD  # another scheduler got there first last time
                 if wait > 0:
                     with anyio.move_on_after(wait):
                         if kick.take() is None:
@@ -451,6 +460,7 @@ class DelayedFeature:
                 self._failing.pop(name, None)
                 self._note_server_time(int(server_now))
                 self.released += int(released)
+                self._behind = int(released) == 0 and int(missing) == 0
                 if int(missing):
                     logger.error(
                         "%d delayed event(s) of topic %r had no data in %s and were dropped",
