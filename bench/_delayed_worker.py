@@ -224,15 +224,47 @@ async def consume_bullmq(
     async def process(job: Any, token: str) -> None:
         rec.add(job.data["n"], job.data["due_ms"], time.time())
 
-    opts: dict[str, Any] = {"connection": url}
+    opts: dict[str, Any] = {"connection": bullmq_connection(url)}
     if concurrency is not None:
         opts["concurrency"] = concurrency
     worker = Worker(QUEUE, process, opts)
+    # Worker() only schedules its run loop: ready once it runs and has asked for a job.
+    errors: list[str] = []
+    worker.on("error", lambda err, *_: errors.append(f"{type(err).__name__}: {err}"))
+    for _ in range(3000):  # at most 30 s; bullmq signals neither state
+        if worker.running and worker.drained:
+            break
+        await asyncio.sleep(0.01)
+    if not worker.running:
+        raise RuntimeError(f"bullmq Worker not running within 30s: {errors[-3:]}")
     try:
         await started()
         await asyncio.Event().wait()  # until cancelled
     finally:
+        for err in errors[-5:]:  # bullmq only emits them: on stderr for the record
+            print(f"bullmq worker error: {err}", file=sys.stderr)
         await worker.close()
+
+
+def bullmq_connection(url: str) -> dict[str, Any]:
+    """bullmq's connection options for ``url``, without redis-py 8's 5 s socket timeout.
+
+    redis-py 8 reads replies with ``socket_timeout=5`` by default (``None`` before).
+    The bullmq Worker blocks in BZPOPMIN for up to 10 s (``drainDelay`` 5 s when idle,
+    up to the next delayed job otherwise): the read times out, bullmq's redis-py
+    ``Retry`` (20 attempts, backoff up to 20 s) reissues the same BZPOPMIN, and the
+    worker, its marker consumed, sleeps through the due time of every delayed job.
+    ``socket_timeout=None`` is redis-py 7's default, which bullmq assumes.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 6379,
+        "db": int(parts.path.lstrip("/") or 0),
+        "socket_timeout": None,
+    }
 
 
 async def consume_eventbus(url: str, rec: Record, started: Callable[[], Awaitable[None]]) -> None:

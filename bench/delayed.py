@@ -17,7 +17,8 @@ Rows:
 * ``arq`` (defaults) and ``arq-poll50`` (``poll_delay=0.05``): ``enqueue_job`` with
   ``_defer_until``, an arq ``Worker`` process whose job records the receipt;
 * ``bullmq``: the Python ``bullmq`` package, ``Queue.add(..., {"delay": ms})``, a
-  ``Worker`` process (default options);
+  ``Worker`` process (default ``concurrency`` 1; its connection with ``socket_timeout=None``,
+  as redis-py 7 had: redis-py 8's 5 s read timeout wedges the Worker's BZPOPMIN);
 * ``eventbus-1``, ``eventbus-3``: ``bus.publish(topic, ..., at=...)`` on a durable
   topic from a bus without scheduler, 1 or 3 scheduler processes
   (``EventBus(scheduler=True)``), a consumer process (``@bus.on(topic, group=...)``).
@@ -106,7 +107,13 @@ def rows(opts: argparse.Namespace) -> list[Row]:
             lead=slow,
             note="arq, poll_delay=0.05",
         ),
-        Row("bullmq", "bullmq", "bullmq", lead=slow, note="bullmq Worker, default options"),
+        Row(
+            "bullmq",
+            "bullmq",
+            "bullmq",
+            lead=slow,
+            note="bullmq Worker, concurrency 1 (default), socket_timeout None",
+        ),
         Row("eventbus-1", "eventbus", "main", 1, note="1 scheduler process"),
         Row("eventbus-3", "eventbus", "main", 3, note="3 scheduler processes"),
     ]
