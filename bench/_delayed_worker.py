@@ -553,8 +553,9 @@ async def backlog_main(args: argparse.Namespace) -> None:
         await asyncio.wait_for(publish_raw(args.url, items), args.time_limit)
         last_due = due
     else:
-        # Each chunk is due 2 s after it is sent: scheduled, not published at once, and
-        # all of them due by the time the last chunk is due.
+        # Each chunk is due 10 s after it is sent (a chunk takes about 2 s to schedule
+        # on a loaded machine): scheduled, not published at once; all of them are due
+        # by the time the last chunk is due.
         last_due = 0
         step = 20_000
         deadline = time.monotonic() + args.time_limit
@@ -562,7 +563,7 @@ async def backlog_main(args: argparse.Namespace) -> None:
             for i in range(0, n_all, step):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"scheduled only {i:,} of {n_all:,} in {args.time_limit}s")
-                due = round(time.time() * 1000) + 2000
+                due = round(time.time() * 1000) + 10_000
                 await in_chunks([(n, due) for n in range(i, min(n_all, i + step))], one)
                 last_due = due
     scheduled_s = time.time() - began

@@ -64,8 +64,9 @@ _MAX_SLEEP: Final = 5.0
 """Longest sleep between two looks at the index. Wake messages make it rarely
 matter; it bounds the delay if one is lost while the push connection reconnects."""
 _YIELD: Final = 0.003
-"""Seconds a scheduler that lost the last race waits past a due time: the one that
-won looks first; if it died, this one releases 3 ms late."""
+"""A scheduler that lost the last race leaves the events due in the last 3 ms to
+the one that won, which releases them on time; if that one died, this one
+releases them 3 ms late."""
 _RETRY_MIN: Final = 0.1
 _RETRY_MAX: Final = 5.0
 
@@ -425,6 +426,9 @@ class DelayedFeature:
         while True:
             heads = await client.zrange(index, 0, _INDEX_PEEK - 1, withscores=True)
             now = self._server_now()
+            # Behind another scheduler: leave it what it is about to release, take
+            # only what it left overdue (it may have died).
+            horizon = now - _YIELD * 1000 if self._behind else now
             mono = time.monotonic()
             next_due: float | None = None
             more = len(heads) == _INDEX_PEEK  # more topics past these: look again
@@ -434,7 +438,7 @@ class DelayedFeature:
                 failing = self._failing.get(name)
                 if failing is not None and failing[0] > mono:
                     continue
-                if score > now:
+                if score > horizon:
                     next_due = score if next_due is None else min(next_due, score)
                     more = False
                     break
@@ -460,6 +464,8 @@ class DelayedFeature:
                 self._failing.pop(name, None)
                 self._note_server_time(int(server_now))
                 self.released += int(released)
+                # Released something: the one that did (if any) is gone or slow.
+                # Found nothing: another got there first; stay behind it.
                 self._behind = int(released) == 0 and int(missing) == 0
                 if int(missing):
                     logger.error(
