@@ -12,11 +12,18 @@ from . import errors, signals
 from ._bus import EventBus
 from ._codec import configure_converter, make_converter
 from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPolicy
-from ._delayed import DelayedStatistics, ScheduleInfo
+from ._delayed import ScheduleInfo
 from ._envelope import Delivery, Receipt
 from ._handlers import Handler
 from ._hub import Gap
-from ._stats import BusStats, ConsumerStatistics, GroupStats, SubscriptionStatistics, TopicStats
+from ._stats import (
+    BusStats,
+    ConsumerStatistics,
+    DelayedStatistics,
+    GroupStats,
+    SubscriptionStatistics,
+    TopicStats,
+)
 from ._streams._deadletter import DeadLetter
 from ._streams._iterator import GroupSubscription
 from ._streams._options import StartPosition

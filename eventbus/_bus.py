@@ -39,7 +39,7 @@ from ._config import (
     seconds,
 )
 from ._connection import ClientFactory, mask_url
-from ._delayed import DelayedFeature, DelayedStatistics, ScheduleInfo, due_args
+from ._delayed import DelayedFeature, ScheduleInfo, due_args
 from ._delayed._recurring import DEFAULT_MAX_CATCH_UP, CatchUp
 from ._delayed._recurring import build as build_recurrence
 from ._envelope import Receipt
@@ -49,7 +49,7 @@ from ._hub import Hub
 from ._keys import DEFAULT_PREFIX, validate_prefix
 from ._live._feature import LiveFeature
 from ._local import LocalFeature
-from ._stats import BusStats, ConsumerStatistics, SubscriptionStatistics
+from ._stats import BusStats, ConsumerStatistics, DelayedStatistics, SubscriptionStatistics
 from ._streams._deadletter import DeadLetter
 from ._streams._feature import DurableFeature
 from ._streams._iterator import GroupSubscription

@@ -15,6 +15,7 @@ __all__ = [
     "BusStats",
     "ConsumerCounters",
     "ConsumerStatistics",
+    "DelayedStatistics",
     "DurableStatistics",
     "GroupStats",
     "LiveStatistics",
@@ -214,3 +215,22 @@ class DurableStatistics:
     """Each running consumer-group member (handlers and iterators)."""
     trimmed: int
     """Entries removed by background trimming."""
+
+
+@attrs.frozen
+class DelayedStatistics:
+    """Counters of this bus's delayed events and scheduler.
+
+    .. versionadded:: 0.2
+    """
+
+    scheduled: int
+    """Events this bus scheduled (``delay=`` or ``at=`` in the future)."""
+    cancelled: int
+    """Events this bus cancelled while they were pending."""
+    released: int
+    """Events this bus's scheduler released (others may have released the rest)."""
+    release_errors: int
+    """Release calls Redis refused (a topic's key of the wrong type, OOM...)."""
+    scheduler_running: bool
+    """Whether this bus runs a scheduler."""

@@ -47,11 +47,12 @@ from .._scripts import (
     RECURRING_DECLARE,
     RECURRING_FIRE,
 )
+from .._stats import DelayedStatistics
 from .._topic import Topic
 from ..errors import ConfigurationError, EventBusError
 from ._recurring import Recurrence, ScheduleInfo, occurrence_id
 
-__all__ = ["DelayedFeature", "DelayedStatistics", "due_args"]
+__all__ = ["DelayedFeature", "due_args"]
 
 logger = logging.getLogger("eventbus")
 
@@ -72,25 +73,6 @@ _RETRY_MAX: Final = 5.0
 
 Wake = Callable[[str, Receiver], Awaitable[Callable[[], None]]]
 """Subscribe a receiver to one of the bus's own channels; returns its detach."""
-
-
-@attrs.frozen
-class DelayedStatistics:
-    """Counters of this bus's delayed events and scheduler.
-
-    .. versionadded:: 0.2
-    """
-
-    scheduled: int
-    """Events this bus scheduled (``delay=`` or ``at=`` in the future)."""
-    cancelled: int
-    """Events this bus cancelled while they were pending."""
-    released: int
-    """Events this bus's scheduler released (others may have released the rest)."""
-    release_errors: int
-    """Release calls Redis refused (a topic's key of the wrong type, OOM...)."""
-    scheduler_running: bool
-    """Whether this bus runs a scheduler."""
 
 
 def due_args(delay: float | None, at: datetime | None) -> tuple[str, int]:
@@ -129,7 +111,6 @@ class DelayedFeature:
         self._scheduler_client: Any = None
         self._scripts: dict[str, Any] = {}
         self._scope: anyio.CancelScope | None = None
-        self._kick: Receiver | None = None
         self._server_ms = 0.0
         self._server_at = 0.0
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
@@ -377,9 +358,7 @@ class DelayedFeature:
         ctx = self._ctx
         assert ctx is not None
         client = self._scheduler_client
-        self._kick = kick = Receiver(
-            label="eventbus.delayed.wake", capacity=1, overflow="drop_oldest"
-        )
+        kick = Receiver(label="eventbus.delayed.wake", capacity=1, overflow="drop_oldest")
         detach: Callable[[], None] | None = None
         retry = _RETRY_MIN
         try:
