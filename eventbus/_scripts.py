@@ -326,7 +326,9 @@ if added then
     redis.call('ZADD', KEYS[4], due, ARGV[3])
   end
   if #first == 0 or due < tonumber(first[2]) then
-    redis.call('PUBLISH', ARGV[5], due)
+    -- Only a hint to sleeping schedulers (they look anyway): an ACL that refuses
+    -- the channel must not refuse the event.
+    redis.pcall('PUBLISH', ARGV[5], due)
   end
 end
 return out
@@ -427,7 +429,7 @@ if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('PUBLISH', ARGV[4], ARGV[3])
+redis.pcall('PUBLISH', ARGV[4], ARGV[3]) -- a hint only, as in DELAYED_SCHEDULE
 return 1
 """
 

@@ -313,3 +313,28 @@ async def test_another_client_can_schedule_as_the_wire_format_page_shows(
         assert delivery.due is not None
         assert int(delivery.due.timestamp() * 1000) == due
         assert int(delivery.stream_id.partition("-")[0]) >= due
+
+
+async def test_a_scheduler_refused_the_wake_channel_still_releases(
+    redis_server_factory: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL that grants the keys but not the wake channel: the scheduler says so
+    once and looks for newly scheduled events every few seconds; nothing is lost."""
+    from .security_helpers import admin_client
+
+    server = redis_server_factory()
+    async with admin_client(server) as admin:
+        await admin.execute_command(
+            "ACL", "SETUSER", "app", "reset", "on", ">pw", "~dw:*", "&dw:{*}", "+@all"
+        )
+    seen: list[int] = []
+    bus = EventBus(f"redis://app:pw@127.0.0.1:{server.port}/0", prefix="dw", scheduler=True)
+
+    @bus.on(ORDERS, group="g")
+    async def handle(event: dict[str, int]) -> None:
+        seen.append(event["n"])
+
+    async with bus:
+        await bus.publish(ORDERS, {"n": 1}, delay=0.1)
+        await wait_until(lambda: seen == [1], timeout=8)
+    assert "cannot subscribe to dw:delayed:wake" in caplog.text

@@ -49,7 +49,7 @@ from .._scripts import (
 )
 from .._stats import DelayedStatistics
 from .._topic import Topic
-from ..errors import ConfigurationError, EventBusError
+from ..errors import ConfigurationError, EventBusError, PermissionDenied
 from ._recurring import Recurrence, ScheduleInfo, occurrence_id
 
 __all__ = ["DelayedFeature", "due_args"]
@@ -365,7 +365,23 @@ class DelayedFeature:
             while True:
                 try:
                     if detach is None:
-                        detach = await self._wake(delayed_wake(ctx.prefix), kick)
+                        try:
+                            detach = await self._wake(delayed_wake(ctx.prefix), kick)
+                        except PermissionDenied as exc:
+                            # Released all the same, looking every _MAX_SLEEP seconds
+                            # for what other processes schedule: later, never lost.
+                            logger.warning(
+                                "delayed-event scheduler: cannot subscribe to %s (%s); it"
+                                " looks for newly scheduled events every %.0fs instead",
+                                delayed_wake(ctx.prefix),
+                                exc,
+                                _MAX_SLEEP,
+                            )
+                            detach = _no_wake
+                            # The refused one was closed with the error: a quiet one.
+                            kick = Receiver(
+                                label="eventbus.delayed.wake", capacity=1, overflow="drop_oldest"
+                            )
                     if not self._server_at:
                         seconds_, micros = await client.time()
                         self._note_server_time(int(seconds_) * 1000 + int(micros) // 1000)
@@ -575,6 +591,10 @@ class DelayedFeature:
             if len(heads) == _INDEX_PEEK:
                 return self._server_now()  # more due past these: go round again now
         return next_due
+
+
+def _no_wake() -> None:
+    """The detach of a wake subscription that was refused."""
 
 
 def _text(value: bytes | str) -> str:
