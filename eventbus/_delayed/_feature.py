@@ -12,7 +12,7 @@ earliest due time of all topics (an index: ``{prefix}:delayed``, topics scored b
 their earliest due time), and is woken early through the bus's push connection
 when any process schedules an earlier event (``{prefix}:delayed:wake``). Each
 release is one script call per topic (``DELAYED_RELEASE``) moving at most
-``_BATCH`` due events: each written to the topic first (``XADD``, or ``PUBLISH``
+``_RELEASE_BATCH`` due events: each written to the topic first (``XADD``, or ``PUBLISH``
 for a live topic), then removed from the schedule, so a failure never loses one;
 and since a script runs alone, schedulers racing for the same events release each
 exactly once. A backlog drains in such calls, back to back.
@@ -56,9 +56,12 @@ __all__ = ["DelayedFeature", "due_args"]
 
 logger = logging.getLogger("eventbus")
 
-_BATCH: Final = 500
-"""Events one release call moves at most (RELIABILITY.md §3 item 8: Lua's unpack
-limit; and a call stays within a few milliseconds)."""
+_RELEASE_BATCH: Final = 100
+"""Due events one release call moves at most: about 2 ms of Redis time each
+(parse, XADD, HDEL, ZREM), so a backlog never holds Redis for long."""
+_SCHEDULE_BATCH: Final = 500
+"""Events one schedule call holds at most (HSET and ZADD each: a few milliseconds
+of Redis time); a larger batch is several calls in one pipeline."""
 _INDEX_PEEK: Final = 64
 """Topics read from the index per round, earliest due first."""
 _MAX_SLEEP: Final = 5.0
@@ -200,7 +203,7 @@ class DelayedFeature:
     ) -> list[Receipt]:
         """:meth:`schedule` for a batch, one due time for all: all encoded first (a
         bad event raises before anything is sent), then one script call per
-        ``_BATCH`` events."""
+        ``_SCHEDULE_BATCH`` events, all in one round trip."""
         ctx = self._ctx
         assert ctx is not None
         encoded = []
@@ -217,10 +220,17 @@ class DelayedFeature:
         keys = topic_keys(ctx.prefix, topic.name)
         head = [keys.delayed, keys.delayed_data, keys.stream, delayed_index(ctx.prefix)]
         mode, value = due
-        receipts: list[Receipt] = []
-        now_ms = time.time_ns() // 1_000_000
-        for start in range(0, len(encoded), _BATCH):
-            chunk = encoded[start : start + _BATCH]
+        if mode == "in" and len(encoded) > _SCHEDULE_BATCH:
+            # Several calls, one due time: fixed here, by the server's clock as last
+            # seen (asked once, then advanced by the monotonic clock), so that the
+            # calls go out together, in one round trip.
+            mode, value = "at", round(await self._server_time()) + value
+        chunks = [
+            encoded[start : start + _SCHEDULE_BATCH]
+            for start in range(0, len(encoded), _SCHEDULE_BATCH)
+        ]
+
+        async def call(chunk: list[tuple[str, bytes]]) -> Any:
             args: list[Any] = [
                 mode,
                 value,
@@ -230,15 +240,22 @@ class DelayedFeature:
             ]
             for event_id, blob in chunk:
                 args += (event_id, blob)
-            try:
-                reply = await self._call_schedule(
-                    head + [keys.delayed_done + event_id for event_id, _ in chunk], args
-                )
-            except rex.RedisError as exc:
-                raise translate(exc, topic=topic.name, command="EVALSHA") from exc
+            return await self._call_schedule(
+                head + [keys.delayed_done + event_id for event_id, _ in chunk], args
+            )
+
+        try:
+            if len(chunks) == 1:
+                replies = [await call(chunks[0])]
+            else:
+                replies = list(await asyncio.gather(*(call(chunk) for chunk in chunks)))
+        except rex.RedisError as exc:
+            raise translate(exc, topic=topic.name, command="EVALSHA") from exc
+        receipts: list[Receipt] = []
+        now_ms = time.time_ns() // 1_000_000
+        for chunk, reply in zip(chunks, replies, strict=True):
             due_ms, server_ms = int(reply[0]), int(reply[1])
             self._note_server_time(server_ms)
-            mode, value = "at", due_ms  # the rest of a batch: the same due time
             due_at = datetime.fromtimestamp(due_ms / 1000, tz=timezone.utc)
             for i, (event_id, _blob) in enumerate(chunk):
                 stream_id, scheduled = reply[2 + 2 * i], int(reply[3 + 2 * i])
@@ -441,7 +458,7 @@ class DelayedFeature:
                 try:
                     released, server_now, topic_next, missing = await release(
                         keys=[keys.delayed, keys.delayed_data, keys.stream, index],
-                        args=[name, live_channel(ctx.prefix, name), _BATCH],
+                        args=[name, live_channel(ctx.prefix, name), _RELEASE_BATCH],
                         client=client,
                     )
                 except rex.ResponseError as exc:
@@ -469,7 +486,7 @@ class DelayedFeature:
                         name,
                         keys.delayed_data,
                     )
-                if int(released) + int(missing) >= _BATCH:
+                if int(released) + int(missing) >= _RELEASE_BATCH:
                     backlog = True  # go round again at once
                 elif int(topic_next) >= 0:
                     topic_next = float(topic_next)
