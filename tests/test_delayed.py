@@ -326,7 +326,16 @@ async def test_a_scheduler_refused_the_wake_channel_still_releases(
     server = redis_server_factory()
     async with admin_client(server) as admin:
         await admin.execute_command(
-            "ACL", "SETUSER", "app", "reset", "on", ">pw", "~dw:*", "&dw:{*}", "+@all"
+            "ACL",
+            "SETUSER",
+            "app",
+            "reset",
+            "on",
+            ">pw",
+            "~dw:*",
+            "resetchannels",
+            "&dw:{*}",
+            "+@all",
         )
     seen: list[int] = []
     bus = EventBus(f"redis://app:pw@127.0.0.1:{server.port}/0", prefix="dw", scheduler=True)
