@@ -16,6 +16,12 @@ release is one script call per topic (``DELAYED_RELEASE``) moving at most
 for a live topic), then removed from the schedule, so a failure never loses one;
 and since a script runs alone, schedulers racing for the same events release each
 exactly once. A backlog drains in such calls, back to back.
+
+Why one module past 600 lines: it is one scheduler, one concept. Scheduling,
+cancelling, declaring recurring events and the release loop share the same
+state (the server clock as last seen, the scripts, the queue of schedule calls,
+the topics backed off), and the loop releases both kinds of event in each round;
+what stands alone (the occurrences of a recurring event) is in ``_recurring``.
 """
 
 from __future__ import annotations
