@@ -405,9 +405,7 @@ class DelayedFeature:
                             kick = Receiver(
                                 label="eventbus.delayed.wake", capacity=1, overflow="drop_oldest"
                             )
-                    if not self._server_at:
-                        seconds_, micros = await client.time()
-                        self._note_server_time(int(seconds_) * 1000 + int(micros) // 1000)
+                    await self._server_time()  # the clock the release loop sleeps by
                     next_due = await self._release_due(client)
                     next_occurrence = await self._fire_recurring(client)
                     if next_occurrence is not None:
