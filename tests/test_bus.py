@@ -92,8 +92,13 @@ async def test_exit_closes_every_connection(bus_factory, redis_url) -> None:
             assert [c["flags"] for c in await mine()] == ["P"]
             await bus.publish(prices, Tick("A", 1))
             assert len(await mine()) == 2  # plus the command connection, once publishing
-        after = {c["id"] for c in await ctl.client_list()}
-        assert after - before == set()
+
+        # The server reaps a closed connection a moment after the client closed it:
+        # wait (bounded) for that, never for a connection still open.
+        async def all_closed() -> bool:
+            return {c["id"] for c in await ctl.client_list()} - before == set()
+
+        await wait_until(all_closed, timeout=5)
 
 
 async def test_hundred_subscribers_share_one_subscribe(bus_factory, redis_url) -> None:
