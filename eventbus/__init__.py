@@ -16,13 +16,16 @@ from ._delayed import ScheduleInfo
 from ._envelope import Delivery, Receipt
 from ._handlers import Handler
 from ._hub import Gap
+from ._queues import Job, JobDeadLetter, JobSubscription, Queue
 from ._stats import (
     BusStats,
     ConsumerStatistics,
     DelayedStatistics,
     GroupStats,
+    QueueStats,
     SubscriptionStatistics,
     TopicStats,
+    WorkerStatistics,
 )
 from ._streams._deadletter import DeadLetter
 from ._streams._iterator import GroupSubscription
@@ -44,9 +47,14 @@ __all__ = [
     "GroupStats",
     "GroupSubscription",
     "Handler",
+    "Job",
+    "JobDeadLetter",
+    "JobSubscription",
     "Limits",
     "LivePolicy",
     "Overflow",
+    "Queue",
+    "QueueStats",
     "Receipt",
     "RetryPolicy",
     "ScheduleInfo",
@@ -55,6 +63,7 @@ __all__ = [
     "SubscriptionStatistics",
     "Topic",
     "TopicStats",
+    "WorkerStatistics",
     "__version__",
     "configure_converter",
     "errors",

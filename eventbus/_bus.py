@@ -49,7 +49,14 @@ from ._hub import Hub
 from ._keys import DEFAULT_PREFIX, validate_prefix
 from ._live._feature import LiveFeature
 from ._local import LocalFeature
-from ._stats import BusStats, ConsumerStatistics, DelayedStatistics, SubscriptionStatistics
+from ._queues import JobDeadLetter, JobSubscription, Queue, QueueFeature, WorkerOptions
+from ._stats import (
+    BusStats,
+    ConsumerStatistics,
+    DelayedStatistics,
+    SubscriptionStatistics,
+    WorkerStatistics,
+)
 from ._streams._deadletter import DeadLetter
 from ._streams._feature import DurableFeature
 from ._streams._iterator import GroupSubscription
@@ -265,6 +272,7 @@ class EventBus:
         self._features: tuple[Feature, ...] = (self._local, self._live, self._durable)
         self._routes = Routes(self._local, self._live, self._durable)
         self._delayed = DelayedFeature(scheduler=scheduler, wake=self._live.attach_channel)
+        self._queues = QueueFeature(on_schedule=self._delayed.note_scheduled)
         self._serves_handlers = False
         self._subscribers = Subscribers(
             self._routes, self._codec, self, lambda: self._require_open("subscribe")
@@ -366,6 +374,7 @@ class EventBus:
                     for feature in self._features:  # each once it confirmed what it serves
                         await tg.start(feature.start, ctx)
                     self._delayed.start(ctx, serves_handlers=self._serves_handlers)
+                    await tg.start(self._queues.start, ctx)
                     self._subscribers.start(tg)
                 except BaseException as exc:
                     body_error = exc
@@ -388,6 +397,7 @@ class EventBus:
             with anyio.CancelScope(shield=True):
                 for feature in self._features:
                     await feature.aclose()
+                await self._queues.aclose()
                 await self._delayed.aclose()
                 if self._server is not None:
                     await anyio.to_thread.run_sync(self._server.close)
@@ -397,11 +407,13 @@ class EventBus:
         finishes or hands back its in-flight work, handlers finish what is buffered."""
         deadline = anyio.current_time() + self._shutdown_grace
         self._delayed.begin_drain()
+        self._queues.begin_drain()
         for feature in self._features:
             feature.begin_drain()
         async with anyio.create_task_group() as drains:
             for feature in self._features:
                 drains.start_soon(feature.drain, deadline)
+            drains.start_soon(self._queues.drain, deadline)
         if not await self._subscribers.drain(deadline):
             logger.warning(
                 "handlers did not drain within %.1fs; cancelling them", self._shutdown_grace
@@ -910,48 +922,352 @@ class EventBus:
         """Counters of this bus's delayed events and its scheduler."""
         return self._delayed.statistics()
 
+    # -- work queues ------------------------------------------------------------------
+
+    def _queue(self, queue: Queue[Any]) -> Queue[Any]:
+        if not isinstance(queue, Queue):
+            raise ConfigurationError(f"expected a Queue, got {queue!r}")
+        if len(queue.name) > self._limits.max_topic_len:
+            within_limits(Topic(queue.name), self._limits)
+        return queue
+
+    def _job_args(
+        self,
+        queue: Queue[Any],
+        priority: int,
+        delay: float | timedelta | None,
+        at: datetime | None,
+    ) -> tuple[str, int] | None:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ConfigurationError(f"priority must be an int, got {priority!r}")
+        if not 0 <= priority < queue.priorities:
+            raise ConfigurationError(
+                f"queue {queue.name!r}: priority must be from 0 to {queue.priorities - 1}"
+                f" (Queue(..., priorities={queue.priorities})), got {priority}"
+            )
+        if delay is None and at is None:
+            return None
+        if delay is not None and not isinstance(delay, int | float | timedelta):
+            raise ConfigurationError(f"delay must be seconds or a timedelta, got {delay!r}")
+        return due_args(None if delay is None else seconds(delay, name="delay"), at)
+
+    @staticmethod
+    def _job_id(queue: Queue[Any], job_id: object) -> str | None:
+        if job_id is None:
+            return None
+        if not isinstance(job_id, str) or not job_id or len(job_id) > 256:
+            raise ConfigurationError(
+                f"queue {queue.name!r}: job_id must be a str of 1 to 256 characters, got {job_id!r}"
+            )
+        return job_id
+
+    async def enqueue(
+        self,
+        queue: Queue[T],
+        job: T,
+        *,
+        priority: int = 0,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        job_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Receipt:
+        """Put ``job`` on ``queue``: one worker will run it, at least once.
+
+        The job travels in the same envelope as an event (id, headers, enqueue
+        time). ``priority``: its level, ``0`` (the default, least urgent) to
+        ``queue.priorities - 1``; a worker always takes the most urgent level
+        first, and jobs of one level in the order they were enqueued. ``delay``
+        (seconds or a ``timedelta``) or ``at`` (a timezone-aware ``datetime``): the
+        job is held in Redis and enqueued once due, by the Redis server's clock.
+
+        ``job_id``: the job's id (default: a random one). A job whose id is
+        already waiting, scheduled or running is not enqueued again: the receipt's
+        ``duplicate`` is ``True``. Without ``job_id`` the call is one ``LPUSH``
+        (concurrent calls share a pipeline); a connection lost before the reply
+        is retried, and may enqueue the job twice: give a ``job_id`` where that
+        matters.
+
+        Returns once Redis holds the job. Cancellation: if cancelled while the
+        command is in flight, the job may or may not have been enqueued.
+
+        :raises eventbus.errors.ConfigurationError: not a ``Queue``, a priority out
+            of range, a bad ``job_id``, bad headers, both ``delay`` and ``at``, a naive ``at``.
+        :raises eventbus.errors.EncodeError: the job does not fit the queue's type.
+        :raises eventbus.errors.PayloadTooLarge: over ``Limits.max_payload_bytes``, before any I/O.
+        :raises eventbus.errors.BusStateError: the bus is not open.
+        :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded retries.
+
+        .. versionadded:: 0.3
+        """
+        q = self._queue(queue)
+        due = self._job_args(q, priority, delay, at)
+        jid = self._job_id(q, job_id)
+        self._require_open("enqueue")
+        hdrs = self._codec.check_headers(q.name, headers)
+        if q.type is not object:
+            self._codec.check_event(q.name, job, q.type)
+        receipts = await self._queues.enqueue_many(
+            q,
+            [job],
+            headers=hdrs,
+            priority=priority,
+            due=due,
+            job_ids=None if jid is None else [jid],
+        )
+        return receipts[0]
+
+    async def enqueue_many(
+        self,
+        queue: Queue[T],
+        jobs: Iterable[T],
+        *,
+        priority: int = 0,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        job_ids: Sequence[str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> list[Receipt]:
+        """Enqueue ``jobs`` in order, in one round trip; their receipts.
+
+        Every job is checked and encoded first: a bad one raises before anything
+        is sent. ``job_ids``, if given, one per job (see :meth:`enqueue`).
+        ``priority``, ``delay``, ``at`` and ``headers`` apply to every job.
+
+        :raises: as :meth:`enqueue`.
+
+        .. versionadded:: 0.3
+        """
+        q = self._queue(queue)
+        due = self._job_args(q, priority, delay, at)
+        items = list(jobs)
+        ids: list[str | None] | None = None
+        if job_ids is not None:
+            ids = [self._job_id(q, jid) for jid in job_ids]
+            if len(ids) != len(items):
+                raise ConfigurationError(
+                    f"job_ids has {len(ids)} ids for {len(items)} jobs: give one per job"
+                )
+        self._require_open("enqueue")
+        hdrs = self._codec.check_headers(q.name, headers)
+        if q.type is not object:
+            for job in items:
+                self._codec.check_event(q.name, job, q.type)
+        if not items:
+            return []
+        return await self._queues.enqueue_many(
+            q, items, headers=hdrs, priority=priority, due=due, job_ids=ids
+        )
+
+    def _worker_options(
+        self,
+        concurrency: int,
+        max_attempts: int | None,
+        timeout: float | timedelta | None,
+        retry: RetryPolicy,
+        heartbeat: float | timedelta,
+        block: float | timedelta,
+    ) -> WorkerOptions:
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be a positive int, got {concurrency!r}")
+        if not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        attempts = retry.max_attempts if max_attempts is None else max_attempts
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+            raise ConfigurationError(f"max_attempts must be a positive int, got {max_attempts!r}")
+        limit = None if timeout is None else seconds(timeout, name="timeout")
+        if limit is not None and limit <= 0:
+            raise ConfigurationError(f"timeout must be positive, got {timeout!r}")
+        beat = seconds(heartbeat, name="heartbeat")
+        if beat < 0.3:
+            raise ConfigurationError(f"heartbeat must be at least 0.3 s, got {heartbeat!r}")
+        wait = seconds(block, name="block")
+        if not 0 < wait <= 60:
+            raise ConfigurationError(f"block must be within (0, 60] seconds, got {block!r}")
+        return WorkerOptions(
+            concurrency=concurrency,
+            max_attempts=attempts,
+            timeout=limit,
+            retry=retry,
+            heartbeat=beat,
+            block=wait,
+        )
+
+    def worker(
+        self,
+        queue: Queue[Any],
+        *,
+        concurrency: int = 10,
+        max_attempts: int | None = None,
+        timeout: float | timedelta | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        heartbeat: float | timedelta = 15.0,
+        block: float | timedelta = 2.0,
+        in_thread: bool = True,
+    ) -> Callable[[F], F]:
+        """Run the decorated function for each job of ``queue``, ``concurrency`` at a
+        time (per bus), each job by exactly one worker of all processes, **at least
+        once**::
+
+            @bus.worker(thumbnails, concurrency=8, max_attempts=5, timeout=60)
+            async def resize(job: Resize, delivery: Delivery) -> None: ...
+
+        The first parameter's annotation selects the job type (else the queue's);
+        a second parameter receives the :class:`Delivery` (``attempt`` counts from 1).
+        Sync functions run in worker threads (``in_thread``, as :meth:`on`).
+
+        Each job is moved into this worker's processing list in Redis as it is
+        taken. It leaves it when the function returns (acked, in batches), or when
+        it raises or runs past ``timeout`` seconds (then it is cancelled): a failed
+        attempt is retried after ``retry``'s backoff, through Redis, until
+        ``max_attempts`` (default ``retry.max_attempts``, 5) attempts failed; then
+        the job goes to the queue's dead letters with its error. A job that cannot
+        be decoded or structured goes there at once, with the reason.
+
+        Every ``heartbeat / 3`` seconds the worker renews its heartbeat in Redis; a
+        worker whose heartbeat is ``heartbeat`` seconds (default 15) old is dead,
+        and a live worker puts its jobs back at the front of the queue: a job held
+        by a process that died runs again within ``heartbeat * 4/3`` seconds (plus
+        its wait for a free worker). A job that workers died holding
+        ``max_attempts`` times is dead-lettered (``reason="worker_lost"``).
+        ``block``: how long an idle worker waits on Redis per call.
+
+        Shutdown (leaving ``async with bus``): the worker takes nothing more,
+        running jobs get ``shutdown_grace`` to finish, then are cancelled; every
+        job not finished goes back to the front of the queue. Starts with the bus,
+        or at once on an open bus.
+
+        .. versionadded:: 0.3
+        """
+        q = self._queue(queue)
+        options = self._worker_options(concurrency, max_attempts, timeout, retry, heartbeat, block)
+
+        def decorator(fn: F) -> F:
+            spec = inspect_handler(fn, q.type, self._threads if in_thread else None)
+            self._check_not_closed()
+            self._queues.declare_worker(q, spec, options)
+            self._serves_handlers = True  # retries are released by a scheduler
+            if self._state is BusState.OPEN:
+                self._delayed.note_scheduled()
+            return fn
+
+        return decorator
+
+    def jobs(
+        self,
+        queue: Queue[T],
+        *,
+        concurrency: int = 10,
+        max_attempts: int | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        heartbeat: float | timedelta = 15.0,
+        block: float | timedelta = 2.0,
+    ) -> JobSubscription[T]:
+        """Take jobs of ``queue`` as an async iterator; settle each explicitly::
+
+            async with bus.jobs(thumbnails, concurrency=4) as jobs:
+                async for job in jobs:
+                    try:
+                        await resize(job.value)
+                    except Exception as exc:
+                        await job.nack(error=exc)   # retried, or dead-lettered
+                    else:
+                        await job.ack()
+
+        At most ``concurrency`` jobs are held at once (taken, not yet settled). A job
+        held is in this worker's processing list in Redis, protected by its
+        heartbeat, as with :meth:`worker`; leaving the block puts back every job
+        not settled (at least once). ``nack(requeue=True)`` retries (after the
+        backoff, while attempts remain), ``nack(requeue=False)`` dead-letters.
+
+        .. versionadded:: 0.3
+        """
+        q = self._queue(queue)
+        options = self._worker_options(concurrency, max_attempts, None, retry, heartbeat, block)
+        self._require_open("take jobs")
+        self._delayed.note_scheduled()
+        return self._queues.subscription(q, options, lambda: self._require_open("take jobs"))
+
+    def worker_statistics(self, handler: Handler) -> list[WorkerStatistics]:
+        """Counters of each queue worker running ``handler`` in this bus.
+
+        .. versionadded:: 0.3
+        """
+        return self._queues.worker_statistics(handler)
+
     # -- durable topics: inspection ---------------------------------------------------
 
-    async def stats(self, *topics: Topic[Any] | str) -> BusStats:
-        """Statistics of durable topics, read from Redis (frozen records).
+    async def stats(self, *items: Topic[Any] | Queue[Any] | str) -> BusStats:
+        """Statistics of durable topics and work queues, read from Redis (frozen records).
 
         Per topic: stream length, first and last ids, dead letters; per consumer
         group: members, pending, lag, age of the oldest pending event, dead letters.
-        Without arguments: every durable topic this bus has published to,
-        subscribed to, or declared a handler for.
+        Per queue: jobs waiting per priority level, scheduled, in processing,
+        workers alive, dead letters, age of the oldest waiting job, and started,
+        finished and failed counts and rates. Without arguments: every durable
+        topic and queue this bus has used or declared a handler or worker for.
 
         :raises eventbus.errors.ConfigurationError: a topic that is not durable.
+
+        .. versionchanged:: 0.3 queues.
         """
         self._require_open("read stats")
-        return await self._durable.stats(
-            [_durable_only(t, (), "stats", self._limits) for t in topics]
-        )
+        queues = [self._queue(q) for q in items if isinstance(q, Queue)]
+        topics = [
+            _durable_only(t, (), "stats", self._limits) for t in items if not isinstance(t, Queue)
+        ]
+        base = await self._durable.stats(topics) if topics or not items else BusStats(topics=())
+        queue_stats = await self._queues.stats(queues if items else self._queues.known())
+        return BusStats(topics=base.topics, queues=tuple(queue_stats))
 
+    @overload
     async def dead_letters(
-        self, topic: Topic[Any] | str, *, count: int = 100, after: str | None = None
-    ) -> list[DeadLetter]:
-        """Up to ``count`` dead letters of ``topic``, oldest first (after id ``after``)."""
+        self, topic: Queue[Any], *, count: int = ..., after: str | None = ...
+    ) -> list[JobDeadLetter]: ...
+    @overload
+    async def dead_letters(
+        self, topic: Topic[Any] | str, *, count: int = ..., after: str | None = ...
+    ) -> list[DeadLetter]: ...
+    async def dead_letters(
+        self, topic: Topic[Any] | Queue[Any] | str, *, count: int = 100, after: str | None = None
+    ) -> list[DeadLetter] | list[JobDeadLetter]:
+        """Up to ``count`` dead letters of a durable topic or a queue, oldest first
+        (after dead-letter id ``after``)."""
         self._require_open("read dead letters")
+        if isinstance(topic, Queue):
+            return await self._queues.dead_letters(self._queue(topic), count=count, after=after)
         t = _durable_only(topic, (), "dead_letters", self._limits)
         return await self._durable.dead_letters(t, count=count, after=after)
 
     async def replay_dead_letters(
-        self, topic: Topic[Any] | str, ids: Sequence[str] | None = None
+        self, topic: Topic[Any] | Queue[Any] | str, ids: Sequence[str] | None = None
     ) -> int:
-        """Publish dead letters back into ``topic`` and remove them from the dead-letter
-        stream, atomically per entry. Each keeps its event id (consumers that dedupe
-        still recognise it) and gains a ``redriven_from`` field. ``ids``: dead-letter
-        ids (``DeadLetter.id``); ``None``: all. Undecodable dead letters carry no
-        envelope and are skipped. Returns how many were replayed."""
+        """Put dead letters back and remove them from the dead letters, atomically
+        per entry. ``ids``: dead-letter ids (``DeadLetter.id``); ``None``: all.
+        Returns how many were replayed.
+
+        A durable topic: each is published back into the topic, keeps its event id
+        (consumers that dedupe still recognise it) and gains a ``redriven_from``
+        field; undecodable dead letters carry no envelope and are skipped. A queue:
+        each job goes back to the end of its priority level with its attempts reset
+        (its ``job_id`` registered again), exactly as it was enqueued otherwise.
+
+        .. versionchanged:: 0.3 queues.
+        """
         self._require_open("replay dead letters")
+        if isinstance(topic, Queue):
+            return await self._queues.replay_dead_letters(self._queue(topic), ids)
         t = _durable_only(topic, (), "replay_dead_letters", self._limits)
         return await self._durable.replay_dead_letters(t, ids)
 
     async def purge_dead_letters(
-        self, topic: Topic[Any] | str, ids: Sequence[str] | None = None
+        self, topic: Topic[Any] | Queue[Any] | str, ids: Sequence[str] | None = None
     ) -> int:
-        """Delete dead letters of ``topic`` (``ids``, or all); returns how many."""
+        """Delete dead letters of a durable topic or a queue (``ids``, or all);
+        returns how many."""
         self._require_open("purge dead letters")
+        if isinstance(topic, Queue):
+            return await self._queues.purge_dead_letters(self._queue(topic), ids)
         t = _durable_only(topic, (), "purge_dead_letters", self._limits)
         return await self._durable.purge_dead_letters(t, ids)
 

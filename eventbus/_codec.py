@@ -113,6 +113,7 @@ class _WireV1(msgspec.Struct, gc=False):
     cause: str = ""
     corr: str = ""
     due: int | None = None
+    att: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 _decode_wire: Final = msgspec.json.Decoder(_WireV1).decode
@@ -416,6 +417,7 @@ class Codec:
             w.cause,
             w.corr or w.cause,
             w.due,
+            w.att,
         )
 
     def _from_doc(self, topic: str, doc: dict[str, Any]) -> Envelope:
@@ -438,6 +440,7 @@ class Codec:
         cause = doc.get("cause", "")
         corr = doc.get("corr", "")
         due = doc.get("due")
+        att = doc.get("att", 0)
         # Exact types: orjson makes exactly these (and a bool is not a sequence number).
         wrong = [
             name
@@ -455,6 +458,8 @@ class Codec:
             wrong.append("ts")
         if due is not None and type(due) is not int:
             wrong.append("due")
+        if type(att) is not int or att < 0:
+            wrong.append("att")
         if type(headers) is dict and not all(type(v) is str for v in headers.values()):
             wrong.append("h")
         if type(seq) is int and seq < 0:
@@ -476,6 +481,7 @@ class Codec:
             cause,
             corr or cause,
             due,
+            att,
         )
 
     @staticmethod

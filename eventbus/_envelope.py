@@ -85,6 +85,12 @@ class Receipt:
 
     .. versionadded:: 0.2
     """
+    duplicate: bool = False
+    """A queue job enqueued with a ``job_id`` that was already waiting, scheduled or
+    running: nothing was enqueued (``id`` is that job's).
+
+    .. versionadded:: 0.3
+    """
 
 
 @attrs.define(slots=True, eq=False)
@@ -108,6 +114,8 @@ class Envelope:
     cause: str = ""
     corr: str = ""
     due_ms: int | None = None
+    att: int = 0
+    """A queue job: its attempts that failed before this one (the ``att`` field)."""
     _delivery: Delivery | None = None
 
     @classmethod
@@ -131,8 +139,9 @@ class Envelope:
             d = self._delivery = self._new_delivery(None, 1)
         return d
 
-    def group_delivery(self, group: str, attempt: int) -> Delivery:
-        """The delivery context of this entry handed to a consumer group member."""
+    def group_delivery(self, group: str | None, attempt: int) -> Delivery:
+        """The delivery context of this entry handed to a consumer group member (or,
+        with no group, of this job handed to a queue worker)."""
         return self._new_delivery(group, attempt)
 
     def _new_delivery(self, group: str | None, attempt: int) -> Delivery:

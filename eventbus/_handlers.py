@@ -124,7 +124,10 @@ def invoke(
         if threads is not None:
             return _in_thread(spec.fn, threads, payload)
         return spec.fn(payload)
-    delivery = env.delivery() if group is None else env.group_delivery(group, attempt)
+    if group is None and attempt == 1:
+        delivery = env.delivery()
+    else:  # a group member's, or a queue job's (which knows its attempt)
+        delivery = env.group_delivery(group, attempt)
     if threads is not None:
         return _in_thread(spec.fn, threads, payload, delivery)
     return spec.fn(payload, delivery)

@@ -26,6 +26,22 @@ Layout (``prefix`` defaults to ``eb``; a topic name never contains ``:``, ``{`` 
     {prefix}:recurring               hash: schedule name -> definition (JSON)
     {prefix}:recurring:due           zset: schedule name by next occurrence (ms)
     {prefix}:recurring:last          hash: schedule name -> occurrence released last (ms)
+    {prefix}:{<queue>}:q             list: a work queue's jobs of priority 0 (LPUSH in,
+                                     taken from the right)
+    {prefix}:{<queue>}:q:<level>     list: its jobs of priority ``level`` (1 and up)
+    {prefix}:{<queue>}:q-active:<worker>
+                                     list: the jobs one worker took and has not settled
+    {prefix}:{<queue>}:q-workers     zset: worker id -> alive until (ms, server clock)
+    {prefix}:{<queue>}:q-info        hash: worker id -> its recent rates (JSON)
+    {prefix}:{<queue>}:q-ids         hash: job id -> 1, while the job waits or runs
+    {prefix}:{<queue>}:q-stalled     hash: sha1 of a job -> times a dead worker held it
+    {prefix}:{<queue>}:q-dead        stream: the queue's dead letters
+    {prefix}:{<queue>}:q-rate        zset: start times of the rate limit's window
+    {prefix}:{<queue>}:q-counts      hash: started, finished, failed, dead (totals)
+    {prefix}:{<queue>}:q-delayed:<level>, ...:q-delayed-data:<level>
+                                     the schedule of the level's delayed jobs (as a
+                                     topic's), in the index as ``<queue>:q:<level>``
+    {prefix}:queues                  hash: queue name -> its settings (JSON)
 
 The topic sits in a ``{hash tag}`` so every name of one topic maps to one Redis
 Cluster slot. ``docs/wire-format.md`` is written from this module.
@@ -40,7 +56,10 @@ from .errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "NUDGE",
+    "QueueKeys",
     "RecurringKeys",
+    "ScheduleTarget",
     "TopicKeys",
     "channel_topic",
     "dedupe_prefix",
@@ -49,12 +68,21 @@ __all__ = [
     "live_channel",
     "live_pattern",
     "member_lease",
+    "queue_keys",
+    "queue_registry",
     "recurring_keys",
+    "schedule_member",
+    "schedule_target",
     "topic_keys",
     "validate_prefix",
 ]
 
 DEFAULT_PREFIX: Final = "eb"
+NUDGE: Final = "\x00eventbus:nudge"
+"""Not a job: pushed onto a queue's level-0 list, where idle workers block, when a
+job arrives on a more urgent level (no blocking command waits on several lists and
+moves what it takes). Not JSON, so no producer's job can be mistaken for it; a
+worker that takes it drops it."""
 _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -166,3 +194,93 @@ def member_lease(keys: TopicKeys, group: str, consumer: str) -> str:
     Group and consumer names may contain ``:``; the group's length in front keeps
     the key one-to-one with the pair (``a:b``/``c`` and ``a``/``b:c`` differ)."""
     return f"{keys.lease}{len(group)}:{group}:{consumer}"
+
+
+class QueueKeys:
+    """The keys of one work queue; all share the queue's hash tag (one Cluster slot).
+
+    A queue and a topic of the same name share the tag, never a key: every queue
+    key ends in ``q`` or starts its suffix with ``q-``, which no topic key does."""
+
+    __slots__ = (
+        "base",
+        "counts",
+        "dead",
+        "ids",
+        "info",
+        "levels",
+        "name",
+        "rate",
+        "stalled",
+        "workers",
+    )
+
+    def __init__(self, prefix: str, name: str, priorities: int) -> None:
+        base = f"{prefix}:{{{name}}}"
+        self.name = name
+        self.base = base
+        self.levels: tuple[str, ...] = (
+            f"{base}:q",
+            *(f"{base}:q:{level}" for level in range(1, priorities)),
+        )
+        """The list of each priority level, level 0 (the default, least urgent) first."""
+        self.workers = f"{base}:q-workers"
+        self.info = f"{base}:q-info"
+        self.ids = f"{base}:q-ids"
+        self.stalled = f"{base}:q-stalled"
+        self.dead = f"{base}:q-dead"
+        self.rate = f"{base}:q-rate"
+        self.counts = f"{base}:q-counts"
+
+    def processing(self, worker: str) -> str:
+        """The processing list of worker ``worker``."""
+        return f"{self.base}:q-active:{worker}"
+
+    def delayed(self, level: int) -> tuple[str, str]:
+        """The schedule (zset, data hash) of the level's delayed jobs."""
+        return f"{self.base}:q-delayed:{level}", f"{self.base}:q-delayed-data:{level}"
+
+
+def queue_keys(prefix: str, name: str, priorities: int) -> QueueKeys:
+    """The Redis keys of work queue ``name`` with ``priorities`` levels."""
+    return QueueKeys(prefix, name, priorities)
+
+
+def queue_registry(prefix: str) -> str:
+    """Hash of the queues known under ``prefix``: name -> settings (JSON)."""
+    return f"{prefix}:queues"
+
+
+def schedule_member(queue: str, level: int) -> str:
+    """A queue level's member in the delayed index (a topic's member is its name;
+    a topic name never holds ``:``)."""
+    return f"{queue}:q:{level}"
+
+
+class ScheduleTarget(NamedTuple):
+    """Where one member of the delayed index releases its events."""
+
+    delayed: str
+    delayed_data: str
+    destination: str
+    """A topic's stream, or a queue level's list."""
+    kind: str
+    """``stream`` or ``list``: the type ``destination`` must have."""
+    name: str
+    """The topic or queue name."""
+    nudge: str
+    """A queue: its level-0 list (where idle workers block); a topic: ``destination``."""
+
+
+def schedule_target(prefix: str, member: str) -> ScheduleTarget:
+    """The keys of delayed-index member ``member`` (a topic, or a queue level)."""
+    name, sep, level = member.partition(":q:")
+    if not sep:
+        keys = topic_keys(prefix, member)
+        return ScheduleTarget(
+            keys.delayed, keys.delayed_data, keys.stream, "stream", member, keys.stream
+        )
+    n = int(level)
+    qkeys = QueueKeys(prefix, name, n + 1)
+    delayed, data = qkeys.delayed(n)
+    return ScheduleTarget(delayed, data, qkeys.levels[n], "list", name, qkeys.levels[0])

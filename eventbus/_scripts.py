@@ -24,6 +24,17 @@ __all__ = [
     "DELAYED_SCHEDULE",
     "LEASE_RELEASE",
     "LEASE_RENEW",
+    "QUEUE_ACK",
+    "QUEUE_ADMIT",
+    "QUEUE_DEAD",
+    "QUEUE_ENQUEUE",
+    "QUEUE_GIVE_BACK",
+    "QUEUE_HEARTBEAT",
+    "QUEUE_REAP",
+    "QUEUE_REQUEUE_DEAD",
+    "QUEUE_RETRY",
+    "QUEUE_SCHEDULE",
+    "QUEUE_TAKE",
     "RECURRING_DECLARE",
     "RECURRING_FIRE",
     "REPLAY_DEAD_LETTERS",
@@ -335,17 +346,26 @@ return out
 """
 
 DELAYED_RELEASE: Final = """
--- Release a topic's due events, at most ARGV[3] of them: each written to its topic
--- first, then removed from the schedule (a failure never loses one).
--- KEYS[1] schedule (zset), KEYS[2] schedule data (hash), KEYS[3] stream,
--- KEYS[4] index (zset of topics)
--- ARGV[1] topic, ARGV[2] live channel, ARGV[3] batch limit
+-- Release a topic's (or a queue level's) due events, at most ARGV[3] of them: each
+-- written to its topic or queue first, then removed from the schedule (a failure
+-- never loses one).
+-- KEYS[1] schedule (zset), KEYS[2] schedule data (hash), KEYS[3] stream (or the
+-- queue level's list), KEYS[4] index (zset of topics), KEYS[5] a queue's level-0
+-- list (a topic: KEYS[3] again)
+-- ARGV[1] index member, ARGV[2] live channel, ARGV[3] batch limit, ARGV[4] the type
+-- KEYS[3] must have ('stream' or 'list'), ARGV[5] a queue's nudge marker
 -- returns {released, server now ms, next due ms or -1, missing data}
 local function release_one(blob, channel, due)
   local d = string.format('%d', due)
-  if string.sub(blob, 1, 1) == 'l' then
+  local kind = string.sub(blob, 1, 1)
+  if kind == 'l' or kind == 'q' then
     -- the envelope is a JSON object: its due time goes in before the closing brace
-    redis.call('PUBLISH', channel, string.sub(blob, 2, -2) .. ',"due":' .. d .. '}')
+    local env = string.sub(blob, 2, -2) .. ',"due":' .. d .. '}'
+    if kind == 'l' then
+      redis.call('PUBLISH', channel, env)
+    else
+      redis.call('LPUSH', KEYS[3], env)
+    end
     return
   end
   local items = {}
@@ -373,9 +393,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ready = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0,
   tonumber(ARGV[3]))
 local kind = redis.call('TYPE', KEYS[3])['ok']
-if #ready > 0 and kind ~= 'none' and kind ~= 'stream' then
+if #ready > 0 and kind ~= 'none' and kind ~= ARGV[4] then
   return redis.error_reply('WRONGTYPE eventbus: ' .. KEYS[3] .. ' is a ' .. kind
-    .. ', not a stream; the due events stay scheduled')
+    .. ', not a ' .. ARGV[4] .. '; the due events stay scheduled')
 end
 local released, missing = 0, 0
 for i = 1, #ready, 2 do
@@ -389,6 +409,10 @@ for i = 1, #ready, 2 do
   end
   redis.call('HDEL', KEYS[2], id)
   redis.call('ZREM', KEYS[1], id)
+end
+if released > 0 and KEYS[5] ~= KEYS[3] and redis.call('LLEN', KEYS[5]) == 0 then
+  -- urgent jobs released while idle workers block on level 0: wake one
+  redis.call('LPUSH', KEYS[5], ARGV[5])
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #nxt == 0 then
@@ -505,4 +529,416 @@ local t = redis.call('TIME')
 local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], at, ARGV[1])
 return at
+"""
+
+# -- work queues ------------------------------------------------------------------------
+# A queue's jobs wait in one list per priority level (LPUSH in, taken from the right:
+# FIFO per level). A worker moves each job it takes into its own processing list in
+# the same step (LMOVE, BLMOVE), and removes it when the job is settled: a worker
+# that dies leaves its jobs there, and a live one puts them back (QUEUE_REAP).
+
+QUEUE_ENQUEUE: Final = """
+-- Enqueue jobs on one priority level of a work queue. A job whose id is already
+-- registered (waiting, scheduled or running) is not enqueued again.
+-- KEYS[1] job ids (hash), KEYS[2] the level's list, KEYS[3] the level-0 list
+-- ARGV[1] nudge marker, then per job: its id ('' for a job that is not
+-- deduplicated) and the job
+-- returns per job 1 (enqueued) or 0 (its id was already there)
+local out = {}
+local pushed = 0
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i]
+  if id == '' or redis.call('HSETNX', KEYS[1], id, 1) == 1 then
+    redis.call('LPUSH', KEYS[2], ARGV[i + 1])
+    out[#out + 1] = 1
+    pushed = pushed + 1
+  else
+    out[#out + 1] = 0
+  end
+end
+if pushed > 0 and KEYS[2] ~= KEYS[3] and redis.call('LLEN', KEYS[3]) == 0 then
+  -- Idle workers block on the level-0 list only: wake one for the urgent job.
+  redis.call('LPUSH', KEYS[3], ARGV[1])
+end
+return out
+"""
+
+QUEUE_TAKE: Final = """
+-- Take up to ARGV[1] jobs for one worker, the most urgent level first, FIFO within
+-- a level, each moved into the worker's processing list as it is taken; within
+-- the queue's rate limit, if it has one (a sliding window of start times).
+-- KEYS[1] processing list, KEYS[2] rate log (zset), KEYS[3] stalled counts (hash),
+-- KEYS[4] counters (hash), KEYS[5] the level-0 list, KEYS[6..] the lists of levels
+-- 1 and up
+-- ARGV[1] most jobs to take, ARGV[2] rate limit ('' for none), ARGV[3] rate window
+-- (ms), ARGV[4] prefix unique to this call (rate-log members), ARGV[5] nudge
+-- marker, ARGV[6] '1' to first drop one nudge from the processing list
+-- returns {ms until the rate limit lets one more start (0: not limited), then per
+-- job taken: the job, its level, how many times a dead worker had held it}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[6] == '1' then
+  redis.call('LREM', KEYS[1], 1, ARGV[5])
+end
+local want = tonumber(ARGV[1])
+local limited = ARGV[2] ~= ''
+local window = tonumber(ARGV[3])
+if limited then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+  local room = tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[2])
+  if room < want then
+    want = room
+  end
+end
+local out = {0}
+local taken = 0
+local stalled = redis.call('EXISTS', KEYS[3]) == 1
+for level = #KEYS - 4, 1, -1 do
+  local list = KEYS[4 + level]
+  for _ = 1, tonumber(ARGV[1]) + 1 do
+    if taken >= want then
+      break
+    end
+    local job = redis.call('LMOVE', list, KEYS[1], 'RIGHT', 'LEFT')
+    if not job then
+      break
+    end
+    if job == ARGV[5] then
+      redis.call('LPOP', KEYS[1]) -- a nudge, not a job
+    else
+      taken = taken + 1
+      out[#out + 1] = job
+      out[#out + 1] = level - 1
+      local held = 0
+      if stalled then
+        held = tonumber(redis.call('HGET', KEYS[3], redis.sha1hex(job)) or '0')
+      end
+      out[#out + 1] = held
+    end
+  end
+end
+if taken > 0 then
+  redis.call('HINCRBY', KEYS[4], 'started', taken)
+end
+if limited then
+  for i = 1, tonumber(ARGV[1]) do
+    if i > taken then
+      break
+    end
+    redis.call('ZADD', KEYS[2], now, ARGV[4] .. ':' .. i)
+  end
+  if taken > 0 then
+    redis.call('PEXPIRE', KEYS[2], window)
+  end
+  if taken < tonumber(ARGV[1]) then
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    if #oldest > 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
+      out[1] = math.max(tonumber(oldest[2]) + window - now, 1)
+    end
+  end
+end
+if #KEYS > 5 and redis.call('LLEN', KEYS[5]) == 0 then
+  -- Jobs left on an urgent level and nothing on level 0, where idle workers
+  -- block: wake one of them.
+  for level = 2, #KEYS - 4 do
+    if redis.call('LLEN', KEYS[4 + level]) > 0 then
+      redis.call('LPUSH', KEYS[5], ARGV[5])
+      break
+    end
+  end
+end
+return out
+"""
+
+QUEUE_ADMIT: Final = """
+-- A job a worker took by blocking (BLMOVE from the level-0 list): count its start
+-- against the queue's rate limit, or put it back in front if the limit is reached.
+-- KEYS[1] processing list, KEYS[2] rate log (zset), KEYS[3] stalled counts (hash),
+-- KEYS[4] counters (hash), KEYS[5] level-0 list
+-- ARGV[1] the job, ARGV[2] rate limit ('' for none), ARGV[3] rate window (ms),
+-- ARGV[4] rate-log member unique to this call
+-- returns {ms to wait (0: admitted; else the job is back at the queue's front),
+-- how many times a dead worker had held it}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[2] ~= '' then
+  local window = tonumber(ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
+    if redis.call('LREM', KEYS[1], 1, ARGV[1]) > 0 then
+      redis.call('RPUSH', KEYS[5], ARGV[1])
+    end
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return {math.max(tonumber(oldest[2]) + window - now, 1), 0}
+  end
+  redis.call('ZADD', KEYS[2], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], window)
+end
+redis.call('HINCRBY', KEYS[4], 'started', 1)
+local held = 0
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  held = tonumber(redis.call('HGET', KEYS[3], redis.sha1hex(ARGV[1])) or '0')
+end
+return {0, held}
+"""
+
+QUEUE_ACK: Final = """
+-- Settle jobs a worker finished: remove each from its processing list, release its
+-- id, forget its stalled count.
+-- KEYS[1] processing list, KEYS[2] job ids (hash), KEYS[3] stalled counts (hash),
+-- KEYS[4] counters (hash)
+-- ARGV[1] counter to add to ('finished'), then per job: its id ('' for none) and the job
+-- returns how many of the jobs were still in the processing list (the others were
+-- put back by a reaper meanwhile and may run again)
+local stalled = redis.call('EXISTS', KEYS[3]) == 1
+local removed = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('LREM', KEYS[1], -1, ARGV[i + 1]) > 0 then
+    removed = removed + 1
+    if ARGV[i] ~= '' then
+      redis.call('HDEL', KEYS[2], ARGV[i])
+    end
+    if stalled then
+      redis.call('HDEL', KEYS[3], redis.sha1hex(ARGV[i + 1]))
+    end
+  end
+end
+if removed > 0 then
+  redis.call('HINCRBY', KEYS[4], ARGV[1], removed)
+end
+return removed
+"""
+
+QUEUE_DEAD: Final = """
+-- Move a job from a worker's processing list to the queue's dead letters.
+-- KEYS[1] processing list, KEYS[2] dead letters (stream), KEYS[3] job ids (hash),
+-- KEYS[4] stalled counts (hash), KEYS[5] counters (hash)
+-- ARGV[1] the job, ARGV[2] its id ('' for none), ARGV[3] dead-letter MAXLEN
+-- (approximate), ARGV[4..] field, value pairs of the dead letter (the job is added)
+-- returns the dead letter's entry id, or false if the job was no longer in the
+-- processing list (a reaper put it back: it will be retried, not dead-lettered)
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then
+  return false
+end
+local fields = {}
+for i = 4, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+end
+fields[#fields + 1] = 'job'
+fields[#fields + 1] = ARGV[1]
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+redis.call('LREM', KEYS[1], -1, ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('HDEL', KEYS[3], ARGV[2])
+end
+redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[1]))
+redis.call('HINCRBY', KEYS[5], 'failed', 1)
+redis.call('HINCRBY', KEYS[5], 'dead', 1)
+return id
+"""
+
+QUEUE_HEARTBEAT: Final = """
+-- A worker says it is alive until ARGV[2] ms from now; lists workers whose
+-- heartbeat lapsed (their jobs are to be put back, see QUEUE_REAP).
+-- KEYS[1] workers (zset: worker id -> alive until, ms), KEYS[2] worker info (hash)
+-- ARGV[1] worker id, ARGV[2] ttl (ms), ARGV[3] most lapsed workers to list,
+-- ARGV[4] the worker's info (its recent rates, JSON)
+-- returns {1 if this worker was registered already else 0, lapsed worker ids...}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local added = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+local out = {1 - added}
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(lapsed) do
+  out[#out + 1] = id
+end
+return out
+"""
+
+QUEUE_GIVE_BACK: Final = """
+-- Put one job from a worker's processing list back at the front of the most
+-- urgent level (a job the worker never received: its reply was lost).
+-- KEYS[1] processing list, KEYS[2] the most urgent level's list
+-- ARGV[1] the job, ARGV[2] nudge marker (dropped, not put back)
+-- returns 1 if it was there (and is now back), else 0
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then
+  return 0
+end
+if ARGV[1] ~= ARGV[2] then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+QUEUE_REAP: Final = """
+-- Put back the jobs of a worker whose heartbeat lapsed (or, with ARGV[4] = '1', of
+-- the calling worker itself as it stops), each at the front of the most urgent
+-- level. A job that workers died holding ARGV[2] times is left where it is and
+-- returned instead, for the caller to dead-letter (QUEUE_DEAD).
+-- KEYS[1] workers (zset), KEYS[2] the worker's processing list, KEYS[3] the most
+-- urgent level's list, KEYS[4] stalled counts (hash)
+-- ARGV[1] worker id, ARGV[2] most times a job may be held by a worker that died,
+-- ARGV[3] most jobs to move in this call, ARGV[4] '1' for the caller's own list,
+-- ARGV[5] nudge marker
+-- returns {jobs put back, 1 if the list is now empty else 0, the job to
+-- dead-letter or ''}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[4] ~= '1' then
+  local alive = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  if alive and tonumber(alive) > now then
+    return {0, 0, ''} -- it came back
+  end
+end
+local back = 0
+for _ = 1, tonumber(ARGV[3]) do
+  local job = redis.call('LINDEX', KEYS[2], -1)
+  if not job then
+    break
+  end
+  if job == ARGV[5] then
+    redis.call('RPOP', KEYS[2]) -- a nudge, not a job
+  else
+    if ARGV[4] ~= '1' then
+      -- the stopping worker's own jobs were never run: no stalled count for them
+      local sha = redis.sha1hex(job)
+      local held = tonumber(redis.call('HGET', KEYS[4], sha) or '0') + 1
+      if held >= tonumber(ARGV[2]) then
+        return {back, 0, job}
+      end
+      redis.call('HINCRBY', KEYS[4], sha, 1)
+    end
+    redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'RIGHT')
+    back = back + 1
+  end
+end
+if redis.call('LLEN', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return {back, 1, ''}
+end
+return {back, 0, ''}
+"""
+
+QUEUE_RETRY: Final = """
+-- Put a failed job back for another attempt: at once on its level, or after a
+-- backoff through the level's schedule (released like a delayed event).
+-- KEYS[1] processing list, KEYS[2] the level's list, KEYS[3] level-0 list,
+-- KEYS[4] the level's schedule (zset), KEYS[5] its data (hash), KEYS[6] index
+-- (zset), KEYS[7] stalled counts (hash), KEYS[8] counters (hash)
+-- ARGV[1] the job as taken, ARGV[2] the job of its next attempt, ARGV[3] its id
+-- (the schedule's member), ARGV[4] backoff (ms), ARGV[5] index member, ARGV[6] wake
+-- channel, ARGV[7] nudge marker
+-- returns 1, or 0 if the job was no longer in the processing list (a reaper put it
+-- back meanwhile: it runs again from there)
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then
+  return 0
+end
+local backoff = tonumber(ARGV[4])
+if backoff <= 0 then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  if KEYS[2] ~= KEYS[3] and redis.call('LLEN', KEYS[3]) == 0 then
+    redis.call('LPUSH', KEYS[3], ARGV[7])
+  end
+else
+  local t = redis.call('TIME')
+  local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + backoff
+  local first = redis.call('ZRANGE', KEYS[6], 0, 0, 'WITHSCORES')
+  redis.call('HSET', KEYS[5], ARGV[3], 'q' .. ARGV[2])
+  redis.call('ZADD', KEYS[4], due, ARGV[3])
+  local cur = redis.call('ZSCORE', KEYS[6], ARGV[5])
+  if not cur or due < tonumber(cur) then
+    redis.call('ZADD', KEYS[6], due, ARGV[5])
+  end
+  if #first == 0 or due < tonumber(first[2]) then
+    redis.pcall('PUBLISH', ARGV[6], due) -- a hint to sleeping schedulers
+  end
+end
+redis.call('LREM', KEYS[1], -1, ARGV[1])
+redis.call('HDEL', KEYS[7], redis.sha1hex(ARGV[1]))
+redis.call('HINCRBY', KEYS[8], 'failed', 1)
+return 1
+"""
+
+QUEUE_SCHEDULE: Final = """
+-- Hold jobs of one priority level until a due time (enqueue(..., delay=) or at=),
+-- or enqueue them at once if it is already past. A job whose id is already
+-- registered (waiting, scheduled or running) is not scheduled again.
+-- KEYS[1] job ids (hash), KEYS[2] the level's schedule (zset), KEYS[3] its data
+-- (hash), KEYS[4] index (zset), KEYS[5] the level's list, KEYS[6] level-0 list
+-- ARGV[1] 'in' (ARGV[2] ms from now) or 'at' (ARGV[2] epoch ms), ARGV[3] index
+-- member, ARGV[4] wake channel, ARGV[5] nudge marker, then per job: its id, '1' if
+-- it is deduplicated by id else '0', and the job
+-- returns {due ms, then per job 1 (scheduled or enqueued) or 0 (a duplicate)}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due
+if ARGV[1] == 'in' then
+  due = now + tonumber(ARGV[2])
+else
+  due = tonumber(ARGV[2])
+end
+local out = {due}
+local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+local scheduled, pushed = 0, 0
+for i = 6, #ARGV, 3 do
+  local id = ARGV[i]
+  if ARGV[i + 1] == '1' and redis.call('HSETNX', KEYS[1], id, 1) == 0 then
+    out[#out + 1] = 0
+  elseif due <= now then
+    redis.call('LPUSH', KEYS[5], ARGV[i + 2])
+    pushed = pushed + 1
+    out[#out + 1] = 1
+  else
+    redis.call('HSET', KEYS[3], id, 'q' .. ARGV[i + 2])
+    redis.call('ZADD', KEYS[2], due, id)
+    scheduled = scheduled + 1
+    out[#out + 1] = 1
+  end
+end
+if pushed > 0 and KEYS[5] ~= KEYS[6] and redis.call('LLEN', KEYS[6]) == 0 then
+  redis.call('LPUSH', KEYS[6], ARGV[5])
+end
+if scheduled > 0 then
+  local cur = redis.call('ZSCORE', KEYS[4], ARGV[3])
+  if not cur or due < tonumber(cur) then
+    redis.call('ZADD', KEYS[4], due, ARGV[3])
+  end
+  if #first == 0 or due < tonumber(first[2]) then
+    redis.pcall('PUBLISH', ARGV[4], due) -- a hint to sleeping schedulers
+  end
+end
+return out
+"""
+
+QUEUE_REQUEUE_DEAD: Final = """
+-- Put dead letters back on their queue, each at the back of its level (and its id
+-- registered again), and remove them from the dead letters, one by one.
+-- KEYS[1] dead letters (stream), KEYS[2] job ids (hash), KEYS[3] the level-0 list,
+-- KEYS[4..] the lists of levels 1 and up
+-- ARGV[1] nudge marker, then per entry: its entry id, its level, its job id ('' for
+-- none) and the job to enqueue
+-- returns how many were put back (an entry no longer there is skipped)
+local done = 0
+local urgent = false
+for i = 2, #ARGV, 4 do
+  local found = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #found > 0 then
+    local level = tonumber(ARGV[i + 1])
+    local list = KEYS[3 + level]
+    redis.call('LPUSH', list, ARGV[i + 3])
+    if ARGV[i + 2] ~= '' then
+      redis.call('HSET', KEYS[2], ARGV[i + 2], 1)
+    end
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    done = done + 1
+    if level > 0 then
+      urgent = true
+    end
+  end
+end
+if urgent and redis.call('LLEN', KEYS[3]) == 0 then
+  redis.call('LPUSH', KEYS[3], ARGV[1])
+end
+return done
 """

@@ -20,8 +20,11 @@ __all__ = [
     "GroupStats",
     "LiveStatistics",
     "LocalStatistics",
+    "QueueStatistics",
+    "QueueStats",
     "SubscriptionStatistics",
     "TopicStats",
+    "WorkerStatistics",
 ]
 
 
@@ -164,20 +167,72 @@ class TopicStats:
 
 
 @attrs.frozen
+class QueueStats:
+    """A work queue, read from Redis.
+
+    .. versionadded:: 0.3
+    """
+
+    name: str
+    """The queue name."""
+    waiting: tuple[int, ...]
+    """Jobs waiting, per priority level (level 0 first)."""
+    scheduled: int
+    """Jobs held for later (``delay=``, ``at=``, retries waiting out their backoff)."""
+    processing: int
+    """Jobs taken by a worker and not yet settled (in the workers' processing lists)."""
+    workers: int
+    """Workers whose heartbeat is current."""
+    dead_letters: int
+    """Entries in the queue's dead-letter stream."""
+    oldest_waiting_age: float | None
+    """Seconds since the job next in line of the oldest level was enqueued (Redis
+    clock against the enqueuing host's; ``None``: nothing waits, or a raw job with
+    no time)."""
+    started: int
+    """Jobs started, in total (every attempt counts)."""
+    finished: int
+    """Jobs that finished (acked), in total."""
+    failed: int
+    """Attempts that failed (retried or dead-lettered), in total."""
+    started_per_s: float
+    """Jobs started per second by the live workers, over their last minute."""
+    finished_per_s: float
+    """Jobs finished per second by the live workers, over their last minute."""
+    failed_per_s: float
+    """Failed attempts per second of the live workers, over their last minute."""
+
+    @property
+    def length(self) -> int:
+        """Jobs waiting, all levels."""
+        return sum(self.waiting)
+
+
+@attrs.frozen
 class BusStats:
     """What :meth:`EventBus.stats` returns.
 
     .. versionadded:: 0.2
+    .. versionchanged:: 0.3 ``queues``.
     """
 
     topics: tuple[TopicStats, ...]
     """Each durable topic this bus knows, by name."""
+    queues: tuple[QueueStats, ...] = ()
+    """Each work queue this bus knows, by name."""
 
     def topic(self, name: str) -> TopicStats:
         """The stats of topic ``name`` (``KeyError`` if absent)."""
         for topic in self.topics:
             if topic.name == name:
                 return topic
+        raise KeyError(name)
+
+    def queue(self, name: str) -> QueueStats:
+        """The stats of queue ``name`` (``KeyError`` if absent)."""
+        for queue in self.queues:
+            if queue.name == name:
+                return queue
         raise KeyError(name)
 
 
@@ -234,3 +289,40 @@ class DelayedStatistics:
     """Release calls Redis refused (a topic's key of the wrong type, OOM...)."""
     scheduler_running: bool
     """Whether this bus runs a scheduler."""
+
+
+@attrs.frozen
+class WorkerStatistics:
+    """Counters of one queue worker of this bus.
+
+    .. versionadded:: 0.3
+    """
+
+    queue: str
+    worker: str
+    """The worker id (its processing list's suffix)."""
+    concurrency: int
+    running: int
+    """Jobs taken and not yet settled."""
+    started: int
+    finished: int
+    failed: int
+    """Attempts that failed (raised, timed out, nacked)."""
+    retried: int
+    dead_lettered: int
+    reaped: int
+    """Jobs of dead workers this worker put back."""
+    orphans: int
+    """Jobs found in this worker's processing list that it did not hold (a reply lost
+    with its connection), put back."""
+    lost_ownership: int
+    """Jobs settled after a reaper had put them back (they may run twice)."""
+
+
+@attrs.frozen
+class QueueStatistics:
+    """Counters of the queue feature."""
+
+    workers: tuple[WorkerStatistics, ...]
+    enqueued: int
+    duplicates: int

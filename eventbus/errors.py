@@ -11,6 +11,7 @@ The tree::
     │   └── DecodeError                          bytes that are not an event of the expected type
     ├── BusStateError (also RuntimeError)        publish on a closed bus, entering a bus twice, ...
     ├── SubscriberOverflow                       an ``overflow="error"`` subscriber fell behind
+    ├── JobTimeout (also TimeoutError)           a queue job ran past its worker's ``timeout``
     └── BackendError                             Redis said no, or could not be reached
         ├── RedisUnavailable                     connection refused, reset or timed out
         │   └── TLSError                         the TLS handshake or certificate check failed
@@ -46,6 +47,7 @@ __all__ = [
     "EncodeError",
     "EventBusError",
     "InvalidTopic",
+    "JobTimeout",
     "PayloadError",
     "PayloadTooLarge",
     "PermissionDenied",
@@ -126,6 +128,19 @@ class DecodeError(PayloadError):
     ) -> None:
         self.reason = reason
         super().__init__(message, topic=topic, event_id=event_id)
+
+
+class JobTimeout(EventBusError, TimeoutError):
+    """A queue job ran past its worker's ``timeout`` and was cancelled: a failed
+    attempt, retried or dead-lettered like any other.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, message: str, *, queue: str, job_id: str) -> None:
+        self.queue = queue
+        self.job_id = job_id
+        super().__init__(message)
 
 
 class BusStateError(EventBusError, RuntimeError):

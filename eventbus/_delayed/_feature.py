@@ -45,7 +45,15 @@ from .._connection import translate
 from .._envelope import Receipt
 from .._feature import FeatureContext, receipt
 from .._hub import Receiver
-from .._keys import delayed_index, delayed_wake, live_channel, recurring_keys, topic_keys
+from .._keys import (
+    NUDGE,
+    delayed_index,
+    delayed_wake,
+    live_channel,
+    recurring_keys,
+    schedule_target,
+    topic_keys,
+)
 from .._scripts import (
     DELAYED_CANCEL,
     DELAYED_RELEASE,
@@ -145,6 +153,12 @@ class DelayedFeature:
         self._scripts["declare"] = self._client.register_script(RECURRING_DECLARE)
         self._scripts["fire"] = self._client.register_script(RECURRING_FIRE)
         if self._mode is True or (self._mode is None and serves_handlers):
+            self._start_scheduler()
+
+    def note_scheduled(self) -> None:
+        """Another feature scheduled something (a delayed queue job): release it
+        from this bus too, if the scheduler is on by default."""
+        if self._mode is None and self._ctx is not None:
             self._start_scheduler()
 
     def begin_drain(self) -> None:
@@ -336,15 +350,15 @@ class DelayedFeature:
                 return False
             async with self._client.pipeline(transaction=False) as pipe:
                 for n in names:
-                    pipe.zscore(topic_keys(ctx.prefix, n).delayed, event_id)
+                    pipe.zscore(schedule_target(ctx.prefix, n).delayed, event_id)
                 scores = await pipe.execute()
             found = [n for n, score in zip(names, scores, strict=True) if score is not None]
             if not found:
                 return False
             name = found[0]
-        keys = topic_keys(ctx.prefix, name)
+        target = schedule_target(ctx.prefix, name)
         removed = await self._scripts["cancel"](
-            keys=[keys.delayed, keys.delayed_data, index], args=[event_id, name]
+            keys=[target.delayed, target.delayed_data, index], args=[event_id, name]
         )
         if int(removed):
             self.cancelled += 1
@@ -458,11 +472,23 @@ class DelayedFeature:
                     next_due = score if next_due is None else min(next_due, score)
                     more = False
                     break
-                keys = topic_keys(ctx.prefix, name)
+                target = schedule_target(ctx.prefix, name)
                 try:
                     released, server_now, topic_next, missing = await release(
-                        keys=[keys.delayed, keys.delayed_data, keys.stream, index],
-                        args=[name, live_channel(ctx.prefix, name), _RELEASE_BATCH],
+                        keys=[
+                            target.delayed,
+                            target.delayed_data,
+                            target.destination,
+                            index,
+                            target.nudge,
+                        ],
+                        args=[
+                            name,
+                            live_channel(ctx.prefix, target.name),
+                            _RELEASE_BATCH,
+                            target.kind,
+                            NUDGE,
+                        ],
                         client=client,
                     )
                 except rex.ResponseError as exc:
@@ -488,7 +514,7 @@ class DelayedFeature:
                         "%d delayed event(s) of topic %r had no data in %s and were dropped",
                         int(missing),
                         name,
-                        keys.delayed_data,
+                        target.delayed_data,
                     )
                 if int(released) + int(missing) >= _RELEASE_BATCH:
                     backlog = True  # go round again at once

@@ -1,0 +1,8 @@
+"""Work queues: each job to exactly one worker, at least once (see ``_feature``)."""
+
+from ._feature import JobDeadLetter, QueueFeature
+from ._job import Job, JobSubscription
+from ._queue import Queue
+from ._worker import WorkerOptions
+
+__all__ = ["Job", "JobDeadLetter", "JobSubscription", "Queue", "QueueFeature", "WorkerOptions"]
