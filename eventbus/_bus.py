@@ -817,13 +817,15 @@ class EventBus:
         return await self._routes.feature(t).publish_many(t, events, hdrs)
 
     async def cancel(
-        self, receipt: Receipt | str, *, topic: Topic[Any] | str | None = None
+        self, receipt: Receipt | str, *, topic: Topic[Any] | Queue[Any] | str | None = None
     ) -> bool:
-        """Cancel a delayed event that is still pending; returns whether it was.
+        """Cancel a delayed event (or delayed queue job) that is still pending;
+        returns whether it was.
 
-        ``receipt``: the :class:`Receipt` of ``publish(..., delay=)`` (or ``at=``), or
-        the event id. With a bare id and no ``topic``, the topics holding delayed
-        events are searched in one round trip. False means it was released already,
+        ``receipt``: the :class:`Receipt` of ``publish(..., delay=)`` or
+        ``enqueue(..., delay=)`` (or ``at=``), or the event or job id. With a bare
+        id and no ``topic``, every schedule is searched in one round trip. A
+        cancelled job's ``job_id`` is free again. False means it was released already,
         cancelled before, or never scheduled: a cancel never takes back an event
         that reached its topic. Cancellation of this call: the event may or may not
         have been cancelled.
@@ -832,15 +834,20 @@ class EventBus:
         :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded retries.
         """
         self._require_open("cancel")
+        name: str | None
         if isinstance(receipt, Receipt):
             event_id, name = receipt.id, receipt.topic
-            t: Topic[Any] | None = Topic(name)
         else:
             event_id = receipt
-            t = None if topic is None else within_limits(as_topic(topic), self._limits)
+            if topic is None:
+                name = None
+            elif isinstance(topic, Queue):
+                name = self._queue(topic).name
+            else:
+                name = within_limits(as_topic(topic), self._limits).name
         if not isinstance(event_id, str) or not event_id:
             raise ConfigurationError(f"cancel() takes a Receipt or an event id, got {receipt!r}")
-        return await self._delayed.cancel(event_id, t)
+        return await self._delayed.cancel(event_id, name)
 
     async def schedule(
         self,

@@ -424,14 +424,18 @@ return {released, now, tonumber(nxt[2]), missing}
 """
 
 DELAYED_CANCEL: Final = """
--- Remove one scheduled event if it is still pending.
--- KEYS[1] schedule (zset), KEYS[2] schedule data (hash), KEYS[3] index (zset)
--- ARGV[1] event id, ARGV[2] topic
+-- Remove one scheduled event (or queue job) if it is still pending.
+-- KEYS[1] schedule (zset), KEYS[2] schedule data (hash), KEYS[3] index (zset),
+-- KEYS[4] a queue's job ids (hash; absent for a topic)
+-- ARGV[1] event id, ARGV[2] index member (topic, or queue level)
 -- returns 1 if it was pending (and is now removed), else 0
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
+if #KEYS > 3 then
+  redis.call('HDEL', KEYS[4], ARGV[1])
+end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #nxt == 0 then
   redis.call('ZREM', KEYS[3], ARGV[2])

@@ -50,6 +50,7 @@ from .._keys import (
     delayed_index,
     delayed_wake,
     live_channel,
+    queue_keys,
     recurring_keys,
     schedule_target,
     topic_keys,
@@ -333,33 +334,33 @@ class DelayedFeature:
             else:
                 fut.set_result(reply)
 
-    async def cancel(self, event_id: str, topic: Topic[Any] | None) -> bool:
-        """Remove a pending delayed event; whether it was still pending. Without a
-        topic, the topics holding delayed events are searched (one round trip)."""
+    async def cancel(self, event_id: str, name: str | None) -> bool:
+        """Remove a pending delayed event (or queue job); whether it was still
+        pending. ``name``: its topic or queue, else every schedule is searched (one
+        round trip either way)."""
         ctx = self._ctx
         assert ctx is not None
         index = delayed_index(ctx.prefix)
-        if topic is not None:
-            name = topic.name
-        else:
-            names = [
-                n.decode() if isinstance(n, bytes) else str(n)
-                for n in await self._client.zrange(index, 0, -1)
-            ]
-            if not names:
-                return False
-            async with self._client.pipeline(transaction=False) as pipe:
-                for n in names:
-                    pipe.zscore(schedule_target(ctx.prefix, n).delayed, event_id)
-                scores = await pipe.execute()
-            found = [n for n, score in zip(names, scores, strict=True) if score is not None]
-            if not found:
-                return False
-            name = found[0]
-        target = schedule_target(ctx.prefix, name)
-        removed = await self._scripts["cancel"](
-            keys=[target.delayed, target.delayed_data, index], args=[event_id, name]
-        )
+        members = [
+            n.decode() if isinstance(n, bytes) else str(n)
+            for n in await self._client.zrange(index, 0, -1)
+        ]
+        if name is not None:
+            members = [n for n in members if schedule_target(ctx.prefix, n).name == name]
+        if not members:
+            return False
+        async with self._client.pipeline(transaction=False) as pipe:
+            for n in members:
+                pipe.zscore(schedule_target(ctx.prefix, n).delayed, event_id)
+            scores = await pipe.execute()
+        found = [n for n, score in zip(members, scores, strict=True) if score is not None]
+        if not found:
+            return False
+        target = schedule_target(ctx.prefix, found[0])
+        keys = [target.delayed, target.delayed_data, index]
+        if target.kind == "list":  # a queue job: its id is free again
+            keys.append(queue_keys(ctx.prefix, target.name, 1).ids)
+        removed = await self._scripts["cancel"](keys=keys, args=[event_id, found[0]])
         if int(removed):
             self.cancelled += 1
             return True

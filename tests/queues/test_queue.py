@@ -531,3 +531,50 @@ async def test_stats_report_age_processing_workers_and_rates(
             return s.finished == 6 and s.finished_per_s > 0 and s.started_per_s > 0
 
         await wait_until(rates_seen, timeout=5)
+
+
+async def test_cancel_a_delayed_job_frees_its_id(bus_factory: Callable[..., EventBus]) -> None:
+    queue = Queue("cancel", priorities=2)
+    bus = bus_factory()
+    async with bus:
+        receipt = await bus.enqueue(queue, 1, delay=60, priority=1, job_id="c-1")
+        other = await bus.enqueue(queue, 2, delay=60)
+        assert await bus.cancel(receipt) is True
+        assert await bus.cancel(receipt) is False
+        assert await bus.cancel(other.id, topic=queue) is True
+        stats = (await bus.stats(queue)).queue("cancel")
+        assert stats.scheduled == 0
+        assert not (await bus.enqueue(queue, 3, job_id="c-1")).duplicate
+
+
+# -- rate limits ---------------------------------------------------------------------------
+
+
+async def test_a_rate_limit_caps_starts_per_window_without_spinning(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    queue = Queue("limited", rate=(5, 0.5))
+    bus = bus_factory()
+    starts: list[float] = []
+
+    @bus.worker(queue, concurrency=10)
+    async def handle(job: int) -> None:
+        starts.append(time.monotonic())
+
+    ctl = control_client(redis_url)
+    async with bus:
+        await bus.enqueue_many(queue, list(range(20)))
+        calls_before = await command_calls(ctl, "evalsha")
+        begin = time.monotonic()
+        await wait_until(lambda: len(starts) == 20, timeout=10)
+        elapsed = time.monotonic() - begin
+        calls = await command_calls(ctl, "evalsha") - calls_before
+    await ctl.aclose()
+    # 20 jobs at 5 per 0.5 s: four windows, so at least ~1.5 s, and not much more
+    assert 1.4 <= elapsed <= 4.0, elapsed
+    starts.sort()
+    for i in range(len(starts) - 5):
+        # any 6 consecutive starts span about a window at least (the limit is by the
+        # Redis clock at take time; a start may run a little after its take)
+        assert starts[i + 5] - starts[i] >= 0.5 - 0.1, (i, starts)
+    assert calls < 100, calls  # slept between windows rather than polled
