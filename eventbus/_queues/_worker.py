@@ -23,6 +23,7 @@ Recovery:
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import os
@@ -144,7 +145,9 @@ class QueueWorker:
         self._idle = anyio.Event()
         self._stopping = False
         self._take_scope = anyio.CancelScope()
-        self._jobs: anyio.abc.TaskGroup | None = None
+        self._ready: collections.deque[tuple[bytes, int, int]] = collections.deque()
+        """Jobs taken, waiting for a slot (never more than the free slots)."""
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._jobs_done = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._calls = 0
@@ -166,11 +169,26 @@ class QueueWorker:
             task_status.started()
 
     async def _host_jobs(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """The slots: ``concurrency`` long-lived tasks taking jobs from ``_ready``
+        (a task per job cost more than the rest of a no-op job's handling)."""
+        slots = self.options.concurrency if self._deliver is None else 1
         async with anyio.create_task_group() as jobs:
-            self._jobs = jobs
+            for _ in range(slots):
+                jobs.start_soon(self._slot)
             task_status.started()
             await self._jobs_done.wait()
             jobs.cancel_scope.cancel()
+
+    async def _slot(self) -> None:
+        ready = self._ready
+        loop = asyncio.get_running_loop()
+        while True:
+            while not ready:
+                waiter = loop.create_future()
+                self._waiters.append(waiter)
+                await waiter
+            raw, level, held = ready.popleft()
+            await self._start_job(raw, level, held)
 
     def begin_stop(self) -> None:
         """Take nothing more (a blocked take is abandoned: what it moved, if
@@ -328,8 +346,13 @@ class QueueWorker:
         self._outstanding += 1
         self._held[raw] += 1
         self.started += 1
-        assert self._jobs is not None
-        self._jobs.start_soon(self._start_job, raw, level, held)
+        self._ready.append((raw, level, held))
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def _start_job(self, raw: bytes, level: int, held: int) -> None:
         try:
