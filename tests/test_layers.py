@@ -21,7 +21,13 @@ import eventbus
 PACKAGE: Final = Path(eventbus.__file__).parent
 
 FACADE: Final = frozenset({"eventbus._bus", "eventbus._subscribers"})
-FEATURES: Final = ("eventbus._local", "eventbus._live", "eventbus._streams", "eventbus._delayed")
+FEATURES: Final = (
+    "eventbus._local",
+    "eventbus._live",
+    "eventbus._streams",
+    "eventbus._delayed",
+    "eventbus._queues",
+)
 """Each a module or a package: everything under it is that feature."""
 TOP: Final = frozenset({"eventbus", "eventbus.__main__"})
 

@@ -578,3 +578,46 @@ async def test_a_rate_limit_caps_starts_per_window_without_spinning(
         # Redis clock at take time; a start may run a little after its take)
         assert starts[i + 5] - starts[i] >= 0.5 - 0.1, (i, starts)
     assert calls < 100, calls  # slept between windows rather than polled
+
+
+async def test_the_wire_format_page_examples_enqueue_jobs(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    """docs/wire-format.md, "Work queues": the redis-cli lines, run as written (with
+    this test's prefix), produce the jobs the page says."""
+    import shlex
+    from pathlib import Path
+
+    page = (Path(__file__).parents[2] / "docs" / "wire-format.md").read_text()
+    section = page.split("## Work queues", 1)[1].split("# What waits", 1)[0]
+    lines = [line for line in section.splitlines() if "redis-cli" in line and "LPUSH" in line]
+    assert len(lines) == 4
+    queue = Queue("thumbs", Resize, priorities=3)
+    bus = bus_factory()
+    seen: list[tuple[Resize, Delivery]] = []
+    ctl = control_client(redis_url)
+    async with bus:
+        for line in lines:
+            if line.startswith("printf"):
+                argv = shlex.split(line.split("|", 1)[1])
+                assert argv[:3] == ["redis-cli", "-x", "LPUSH"]
+                value = shlex.split(line.split("|", 1)[0])[1].replace("\\000", "\x00")
+                await ctl.lpush(argv[3].replace("eb:", f"{bus.prefix}:", 1), value)
+            else:
+                argv = shlex.split(line)
+                assert argv[:2] == ["redis-cli", "LPUSH"]
+                await ctl.lpush(argv[2].replace("eb:", f"{bus.prefix}:", 1), argv[3])
+
+        @bus.worker(queue, concurrency=1)
+        async def handle(job: Resize, delivery: Delivery) -> None:
+            seen.append((job, delivery))
+
+        await wait_until(lambda: len(seen) == 3, timeout=5)
+    await ctl.aclose()
+    assert seen[0][0] == Resize("c.png", 10)  # the urgent one first
+    assert seen[1][0] == Resize("a.png", 100)
+    job, delivery = seen[2]
+    assert job == Resize("b.png", 50)
+    assert delivery.id == "img-42"
+    assert delivery.headers == {"tenant": "t1"}
+    assert delivery.published_at == datetime(2026, 1, 1, tzinfo=timezone.utc)
