@@ -46,7 +46,7 @@ from .._envelope import CONTENT_BYTES, CONTENT_JSON, WIRE_VERSION, Envelope
 from .._handlers import HandlerSpec, invoke
 from .._keys import NUDGE, QueueKeys, delayed_index, delayed_wake, schedule_member
 from .._stats import WorkerStatistics
-from ..errors import DecodeError, JobTimeout, PayloadError, PayloadTooLarge
+from ..errors import BusStateError, DecodeError, JobTimeout, PayloadError, PayloadTooLarge
 from ..signals import emit
 
 if TYPE_CHECKING:
@@ -141,6 +141,9 @@ class QueueWorker:
         self._suspects: dict[bytes, int] = {}
         self._acks: list[tuple[str, bytes]] = []
         self._ack_wake = anyio.Event()
+        self._ack_lock = anyio.Lock()
+        self._settled_all = False
+        """Stopped and put back: a job settled from now on would be settled twice."""
         self._space = anyio.Event()
         self._idle = anyio.Event()
         self._stopping = False
@@ -208,6 +211,7 @@ class QueueWorker:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(max(deadline - anyio.current_time(), 0.0) + 5.0):
                 await self._flush_acks()
+            self._settled_all = True
             with anyio.move_on_after(5.0):
                 try:
                     await self._give_back_all()
@@ -408,6 +412,7 @@ class QueueWorker:
     def ack(self, env: Envelope, raw: bytes) -> None:
         """The job is done: its slot is free now; it leaves the processing list with
         the next batch of acks."""
+        self._check_open()
         self.finished += 1
         self._acks.append((env.id, raw))
         self._ack_wake.set()
@@ -428,6 +433,7 @@ class QueueWorker:
     ) -> None:
         """A failed attempt: retried after the retry policy's backoff (or ``delay``)
         while attempts remain and ``requeue``, else dead-lettered."""
+        self._check_open()
         self.failed += 1
         _log_failure(self.queue.name, env.id, attempt, error, self.failed)
         if signals.failed.receivers:
@@ -565,6 +571,13 @@ class QueueWorker:
                     reason=reason,
                 )
 
+    def _check_open(self) -> None:
+        if self._settled_all:
+            raise BusStateError(
+                f"queue {self.queue.name!r}: the worker stopped and put its unsettled jobs"
+                " back; this one runs again"
+            )
+
     def _forget(self, raw: bytes) -> None:
         """A settling script for ``raw`` returned: it is no longer this worker's."""
         self._held[raw] -= 1
@@ -597,6 +610,10 @@ class QueueWorker:
                 self._ack_wake.set()
 
     async def _flush_acks(self) -> None:
+        async with self._ack_lock:  # stop() waits for an ack in flight before putting back
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
         while self._acks:
             batch, self._acks = self._acks[:_ACK_BATCH], self._acks[_ACK_BATCH:]
             args: list[Any] = ["finished"]
