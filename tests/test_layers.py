@@ -23,7 +23,7 @@ PACKAGE: Final = Path(eventbus.__file__).parent
 FACADE: Final = frozenset({"eventbus._bus", "eventbus._subscribers"})
 FEATURES: Final = ("eventbus._local", "eventbus._live", "eventbus._streams", "eventbus._delayed")
 """Each a module or a package: everything under it is that feature."""
-TOP: Final = frozenset({"eventbus", "eventbus.__main__"})
+TOP: Final = frozenset({"eventbus", "eventbus.__main__", "eventbus._runner", "eventbus.sync"})
 
 
 def module_name(path: Path) -> str:
