@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -123,11 +124,27 @@ def _setup_logging() -> None:
 
 def _serve_here(target: str, grace: float | None) -> int:
     os.environ.setdefault(SLOT_ENV, "0")  # before the import: names are chosen there
+    # A signal before serve() listens (while importing, connecting) ends the process
+    # quietly: nothing was read yet, so there is nothing to drain.
+    early: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: early.append(signum))
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
     _watch_parent()
-    bus = load(target)
+    try:
+        bus = load(target)
+    finally:
+        if early:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    if early:
+        logger.info("eventbus: %s before serving; exiting", signal.Signals(early[0]).name)
+        return 0
 
     async def main() -> None:
-        await bus.serve(grace=grace)
+        if not early:
+            await bus.serve(grace=grace)
 
     anyio.run(main)
     return 0
@@ -178,12 +195,17 @@ def _reload(target: str, grace: float | None) -> int:
         ) from None
     os.environ.setdefault(SLOT_ENV, "0")
     _check_importable(target)
+    # Its own notes on SIGTERM speak of KeyboardInterrupt; the restarts are logged below.
+    logging.getLogger("watchfiles.main").setLevel(logging.ERROR)
     watchfiles.run_process(
         os.getcwd(),
-        target=" ".join(_worker_argv(target, grace)),
+        target=shlex.join(_worker_argv(target, grace)),
         target_type="command",
         watch_filter=watchfiles.PythonFilter(),
         sigint_timeout=int(grace or 10.0) + 5,
+        callback=lambda changes: logger.info(
+            "eventbus: %d file(s) changed; restarting the worker", len(changes)
+        ),
     )
     return 0
 
@@ -206,16 +228,22 @@ class _Supervisor:
         self._signals: list[int] = []
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Forward the signal as SIGTERM (the first drains, a second stops at once): a
+        worker still starting up, before it listens, then ends quietly, where SIGINT
+        would raise ``KeyboardInterrupt`` in the middle of an import."""
         self._signals.append(signum)
         for worker in self._workers:
             if worker.process is not None and worker.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    worker.process.send_signal(signum)
+                    worker.process.send_signal(signal.SIGTERM)
 
     def _start(self, worker: _Worker) -> None:
         env = dict(os.environ, **{SLOT_ENV: str(worker.slot), _PARENT_ENV: str(os.getpid())})
         worker.process = subprocess.Popen(self._argv, env=env, start_new_session=True)
         worker.started = time.monotonic()
+        if self._signals:  # arrived while it was being started: it must drain too
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGTERM)
         logger.info("eventbus: worker %d started (pid %d)", worker.slot, worker.process.pid)
 
     def run(self) -> int:
@@ -225,7 +253,8 @@ class _Supervisor:
         }
         try:
             for worker in self._workers:
-                self._start(worker)
+                if not self._signals:
+                    self._start(worker)
             while not self._signals:
                 self._tend()
                 time.sleep(0.1)
@@ -265,7 +294,8 @@ class _Supervisor:
 
     def _wait_all(self) -> int:
         """After the first signal: wait for every worker (they drain), return 0 if
-        each exited 0."""
+        each exited 0, or was ended by the SIGTERM itself (a worker so young that it
+        did not listen yet: it had read nothing)."""
         status = 0
         for worker in self._workers:
             if worker.process is None:
@@ -276,7 +306,7 @@ class _Supervisor:
                     break
                 except InterruptedError:  # pragma: no cover (PEP 475 retries)
                     continue
-            if code != 0:
+            if code not in (0, -signal.SIGTERM):
                 logger.error("eventbus: worker %d exited with status %s", worker.slot, code)
                 status = 1
         logger.info("eventbus: all workers stopped")

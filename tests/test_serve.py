@@ -145,7 +145,7 @@ async def test_sigterm_drains_exits_zero_and_the_restart_reuses_the_name(
     await publish(redis_url, service.prefix, 6)
     await wait_until(lambda: len(lines(service.oracle, "start")) >= 2, timeout=10)
     first.signal(signal.SIGTERM)
-    assert await first.exit_code(timeout=20) == 0
+    assert await first.exit_code(timeout=20) == 0, first.stderr()
     assert_quiet(first.stderr())
     started, done = lines(service.oracle, "start"), lines(service.oracle, "done")
     assert sorted(started) == sorted(done)  # every handler that began finished
@@ -159,7 +159,7 @@ async def test_sigterm_drains_exits_zero_and_the_restart_reuses_the_name(
     await wait_until(lambda: _nothing_pending(client, stream), timeout=10)
     assert list(await consumers(client, stream)) == [name]  # the same name, no new one
     second.signal(signal.SIGINT)
-    assert await second.exit_code(timeout=20) == 0
+    assert await second.exit_code(timeout=20) == 0, second.stderr()
     assert_quiet(second.stderr())
     # Left cleanly with nothing pending: no consumer is left in the group.
     assert await consumers(client, stream) == {}
@@ -189,7 +189,7 @@ async def test_a_second_signal_exits_at_once_and_loses_nothing(
     second = service("--grace", "10", delay=0.05)
     await wait_until(lambda: set(lines(service.oracle, "done")) == set(range(6)), timeout=20)
     second.signal(signal.SIGTERM)
-    assert await second.exit_code(timeout=20) == 0
+    assert await second.exit_code(timeout=20) == 0, second.stderr()
     assert await consumers(client, stream) == {}
     await client.aclose()
 
@@ -218,11 +218,23 @@ async def test_workers_run_one_process_per_slot_and_a_killed_one_is_restarted(
     await wait_until(lambda: _nothing_pending(client, stream), timeout=10)
     assert set(await consumers(client, stream)) <= names  # no name beyond the two slots
     runner.signal(signal.SIGTERM)
-    assert await runner.exit_code(timeout=30) == 0
+    assert await runner.exit_code(timeout=30) == 0, runner.stderr()
     assert_quiet(runner.stderr())
     assert all(not psutil.pid_exists(c.pid) or _zombie(c) for c in children[1:])
     assert await consumers(client, stream) == {}
     await client.aclose()
+
+
+async def test_a_signal_while_the_workers_start_up_still_exits_zero(
+    service: Any, redis_url: str
+) -> None:
+    runner = service("--workers", "2", "--grace", "10", delay=0.05)
+    await wait_until(
+        lambda: len(psutil.Process(runner.proc.pid).children()) == 2, timeout=20, interval=0.01
+    )
+    runner.signal(signal.SIGINT)  # the workers are still importing, or connecting
+    assert await runner.exit_code(timeout=30) == 0, runner.stderr()
+    assert_quiet(runner.stderr())
 
 
 def _zombie(process: psutil.Process) -> bool:
@@ -379,3 +391,47 @@ def test_a_bad_target_is_refused_with_status_2() -> None:
     assert out.returncode == 2
     assert "no module named 'no_such_module_x'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+async def test_reload_restarts_the_worker_on_a_change_and_stops_on_sigterm(
+    tmp_path: Path, redis_url: str
+) -> None:
+    app = tmp_path / "reload_app.py"
+    app.write_text(
+        "import os\n"
+        "from eventbus import EventBus, Topic\n"
+        "bus = EventBus(os.environ['SERVE_URL'], prefix=os.environ['SERVE_PREFIX'])\n"
+        "@bus.on(Topic('orders', durable=True), group='billing', block=0.2)\n"
+        "async def handle(event: object) -> None: ...\n"
+    )
+    env = dict(os.environ, SERVE_URL=redis_url, SERVE_PREFIX=f"t{uuid.uuid4().hex[:8]}")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.pop("EVENTBUS_SLOT", None)
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("wb") as err:
+        proc = _spawn(["reload_app:bus", "--reload"], tmp_path, env, err)
+        try:
+            await wait_until(lambda: stderr.read_text().count("serving") == 1, timeout=20)
+            app.write_text(app.read_text() + "# changed\n")
+            await wait_until(lambda: stderr.read_text().count("serving") == 2, timeout=20)
+            proc.send_signal(signal.SIGTERM)
+            await wait_until(lambda: proc.poll() is not None, timeout=20)
+            assert proc.returncode == 0
+            assert "Traceback" not in stderr.read_text()
+            assert "changed; restarting" in stderr.read_text()
+        finally:
+            if proc.poll() is None:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    child.kill()
+                proc.kill()
+                proc.wait(10)
+
+
+def _spawn(argv: list[str], cwd: Path, env: dict[str, str], err: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "eventbus", "run", *argv],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
