@@ -438,7 +438,7 @@ class EventBus:
         waits for the first signal; the drain is the ``async with`` block's exit.
         Signals can only be received in the main thread. Under FastAPI (or any
         server that handles signals itself) do not call it: enter the bus in the
-        app's lifespan (see docs/guarantees.md, "Shutdown").
+        app's lifespan (docs/guarantees.md, "Running as a service").
 
         :raises eventbus.errors.BusStateError: the bus is closing or closed.
         :raises eventbus.errors.ConfigurationError: a negative ``grace``.

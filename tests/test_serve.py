@@ -9,6 +9,7 @@ group's consumers (``XINFO CONSUMERS``).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psutil
 import pytest
 import redis.asyncio as aioredis
@@ -28,7 +30,7 @@ from eventbus import ClaimPolicy, EventBus, RetryPolicy, Topic
 from eventbus._keys import member_lease, topic_keys
 from eventbus._runner import load, parse_run_args
 from eventbus._streams._options import group_options
-from eventbus.errors import ConfigurationError
+from eventbus.errors import BusStateError, ConfigurationError
 
 from .helpers import control_client, wait_until
 
@@ -351,6 +353,35 @@ async def test_live_members_remove_stale_consumers_with_nothing_pending(
 
 async def _names_are(client: aioredis.Redis, stream: str, names: set[str]) -> bool:
     return set(await consumers(client, stream)) == names
+
+
+# -- serve() in this process ---------------------------------------------------------------
+
+
+async def test_serve_on_an_open_bus_returns_on_sigterm_and_leaves_the_bus_open(
+    bus_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="eventbus")
+    bus = bus_factory()
+    async with bus:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(bus.serve)
+                # Logged once its signal receiver is open: the signal is caught.
+                await wait_until(lambda: "serving" in caplog.text, timeout=5)
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert "SIGTERM received, draining" in caplog.text
+        await bus.publish("still-open", {"n": 1})  # the block's exit is the drain
+
+
+async def test_serve_refuses_a_negative_grace_and_a_closed_bus(bus_factory: Any) -> None:
+    bus = bus_factory()
+    with pytest.raises(ConfigurationError, match="grace"):
+        await bus.serve(grace=-1)
+    async with bus:
+        pass
+    with pytest.raises(BusStateError):
+        await bus.serve()
 
 
 # -- the runner's pieces ---------------------------------------------------------------------
