@@ -39,7 +39,7 @@ import os
 import threading
 import typing
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
@@ -182,7 +182,7 @@ class SyncBus:
         async def call() -> Receipt:
             return await bus.publish(topic, event, headers=headers, delay=delay, at=at)
 
-        return portal.call(call)
+        return _call(portal, call)
 
     def publish_many(
         self,
@@ -202,10 +202,24 @@ class SyncBus:
         async def call() -> list[Receipt]:
             return await bus.publish_many(topic, batch, headers=headers, delay=delay, at=at)
 
-        return portal.call(call)
+        return _call(portal, call)
 
     # Work queues: ``def enqueue(self, queue, job, **kw)`` forwards to the bus's
     # ``enqueue`` exactly as ``publish`` does above.
+
+
+_R = TypeVar("_R")
+
+
+def _call(portal: anyio.from_thread.BlockingPortal, fn: Callable[[], Awaitable[_R]]) -> _R:
+    """``portal.call(fn)``, with a portal stopped by a concurrent :meth:`SyncBus.close`
+    reported as the closed bus it is."""
+    try:
+        return portal.call(fn)
+    except RuntimeError as exc:
+        if "not running" in str(exc):
+            raise errors.BusStateError("cannot publish on a closed SyncBus") from None
+        raise
 
 
 # -- the process-wide default -----------------------------------------------------------
