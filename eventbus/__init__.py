@@ -1,6 +1,7 @@
 """eventbus: one publish reaches every interested party, over Redis.
 
-The names here are the public API; ``eventbus.errors``, ``eventbus.signals`` and
+The names here are the public API; ``eventbus.errors``, ``eventbus.signals``,
+``eventbus.sync`` (blocking publish for code without an event loop) and
 ``eventbus.testing`` are public submodules.
 """
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta
@@ -281,6 +282,9 @@ class EventBus:
         self._stack: AsyncExitStack | None = None
         self._server: RedisServer | None = None
         self._strong_receivers: list[tuple[Signal, Callable[..., Any]]] = []
+        self._hurry: anyio.CancelScope | None = None
+        """The drain's waiting, cut short by :meth:`serve` on a second signal."""
+        self._hurried = False
 
     @classmethod
     def embedded(cls, **kwargs: Any) -> EventBus:
@@ -410,14 +414,85 @@ class EventBus:
         self._queues.begin_drain()
         for feature in self._features:
             feature.begin_drain()
-        async with anyio.create_task_group() as drains:
-            for feature in self._features:
-                drains.start_soon(feature.drain, deadline)
-            drains.start_soon(self._queues.drain, deadline)
-        if not await self._subscribers.drain(deadline):
-            logger.warning(
-                "handlers did not drain within %.1fs; cancelling them", self._shutdown_grace
+        # Cut short by serve()'s second signal: what was prefetched is handed back
+        # first (shielded, in each member's stop), only the waiting is cut.
+        self._hurry = anyio.CancelScope()
+        if self._hurried:
+            self._hurry.cancel()
+        with self._hurry:
+            async with anyio.create_task_group() as drains:
+                for feature in self._features:
+                    drains.start_soon(feature.drain, deadline)
+                drains.start_soon(self._queues.drain, deadline)
+            if not await self._subscribers.drain(deadline):
+                logger.warning(
+                    "handlers did not drain within %.1fs; cancelling them", self._shutdown_grace
+                )
+
+    async def serve(self, *, grace: float | timedelta | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then drain and return normally.
+
+        For a process that owns its main: ``anyio.run(bus.serve)`` (or ``await
+        bus.serve()``) enters the bus unless it is open already, runs its handlers
+        until the first SIGTERM or SIGINT, then leaves it: no new reads, prefetched
+        events handed back to their groups at once, running handlers given ``grace``
+        seconds (default: the bus's ``shutdown_grace``) to finish and ack, then
+        cancelled (their events stay pending under this consumer's name, and are
+        delivered again: at least once). It returns (no ``KeyboardInterrupt``), so
+        the process exits 0.
+
+        A second signal while draining exits at once: running handlers are
+        cancelled, nothing is lost (prefetched events were handed back first;
+        what was running or not yet acked is delivered again, after a restart under
+        the same consumer name at once, else after ``claim_idle``).
+
+        On a bus already entered (``async with bus: await bus.serve()``) it only
+        waits for the first signal; the drain is the ``async with`` block's exit.
+        Signals can only be received in the main thread. Under FastAPI (or any
+        server that handles signals itself) do not call it: enter the bus in the
+        app's lifespan (docs/guarantees.md, "Running as a service").
+
+        :raises eventbus.errors.BusStateError: the bus is closing or closed.
+        :raises eventbus.errors.ConfigurationError: a negative ``grace``.
+        """
+        if grace is not None:
+            grace = seconds(grace, name="grace")
+            if grace < 0:
+                raise ConfigurationError(f"grace must be zero or more seconds, got {grace!r}")
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+            if self._state is not BusState.UNOPENED:
+                self._require_open("serve")
+                await self._first_signal(received, grace)
+                return
+            async with anyio.create_task_group() as watch:
+                async with self:
+                    await self._first_signal(received, grace)
+                    watch.start_soon(self._second_signal, received)
+                watch.cancel_scope.cancel()
+
+    async def _first_signal(self, received: AsyncIterator[int], grace: float | None) -> None:
+        logger.info("eventbus: serving (%s); SIGTERM or SIGINT drains and stops", self.url)
+        async for signum in received:
+            if grace is not None:
+                self._shutdown_grace = grace
+            logger.info(
+                "eventbus: %s received, draining (up to %.1fs; again to stop at once)",
+                signal.Signals(signum).name,
+                self._shutdown_grace,
             )
+            return
+
+    async def _second_signal(self, received: AsyncIterator[int]) -> None:
+        async for signum in received:
+            logger.warning(
+                "eventbus: second %s, stopping at once: running handlers are cancelled,"
+                " their events delivered again",
+                signal.Signals(signum).name,
+            )
+            self._hurried = True
+            if self._hurry is not None:
+                self._hurry.cancel()
+            return
 
     def _require_open(self, action: str) -> None:
         if self._state is BusState.OPEN:

@@ -18,6 +18,7 @@ from typing import Final
 
 __all__ = [
     "ACK_PUBLISH",
+    "CONSUMER_REMOVE",
     "DEAD_LETTER",
     "DELAYED_CANCEL",
     "DELAYED_RELEASE",
@@ -242,6 +243,26 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+
+CONSUMER_REMOVE: Final = """
+-- Remove a consumer from a group, only if nothing is pending under its name and
+-- no member holds its name's lease (a member leaving cleanly, after it released
+-- its lease; or a stale consumer that a live member removes). XGROUP DELCONSUMER
+-- drops the consumer's pending entries: the XPENDING check before it, in the same
+-- script, is what makes the removal lose nothing.
+-- KEYS[1] stream, KEYS[2] the lease key of the consumer's name
+-- ARGV[1] group, ARGV[2] consumer
+-- returns 1 if removed, 0 if it has pending entries or a lease (left alone)
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending > 0 then
+  return 0
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
 """
 
 

@@ -9,7 +9,13 @@ import pytest
 
 import eventbus
 
-PUBLIC_MODULES = ["eventbus", "eventbus.errors", "eventbus.signals", "eventbus.testing"]
+PUBLIC_MODULES = [
+    "eventbus",
+    "eventbus.errors",
+    "eventbus.signals",
+    "eventbus.sync",
+    "eventbus.testing",
+]
 
 
 @pytest.mark.parametrize("name", PUBLIC_MODULES)

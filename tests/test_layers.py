@@ -29,7 +29,7 @@ FEATURES: Final = (
     "eventbus._queues",
 )
 """Each a module or a package: everything under it is that feature."""
-TOP: Final = frozenset({"eventbus", "eventbus.__main__"})
+TOP: Final = frozenset({"eventbus", "eventbus.__main__", "eventbus._runner", "eventbus.sync"})
 
 
 def module_name(path: Path) -> str:

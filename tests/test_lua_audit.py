@@ -501,6 +501,7 @@ SCRIPT_PARAMS: Final = [pytest.param(source, id=name) for name, source in script
 def test_s7_the_package_has_scripts_to_audit() -> None:
     assert set(scripts()) == {
         "ACK_PUBLISH",
+        "CONSUMER_REMOVE",
         "DEAD_LETTER",
         "DELAYED_CANCEL",
         "DELAYED_RELEASE",

@@ -6,7 +6,11 @@ Every ``claim.interval``, a member's :class:`Claimer`:
   ... JUSTID`` to itself), so a live member's slow handler or long prefetch queue
   is never taken by others; only a crashed or hung member stops doing this;
 * claims: follows the ``XAUTOCLAIM`` cursor over entries idle past ``claim.idle``
-  (those of crashed or hung members), and hands them to the member, first in line.
+  (those of crashed or hung members), and hands them to the member, first in line;
+* sweeps, at most every ``claim.idle``: removes from the group the consumers idle
+  past ten times ``claim.idle`` with nothing pending and no lease on their name
+  (members that crashed, or ran under a name that is never used again), so
+  ``XINFO CONSUMERS`` does not grow with every restart.
 
 Delivery counts come from Redis (``XPENDING``), never from memory: they survive
 crashes. The claimer knows the member only through :class:`ClaimHost`.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 import anyio
@@ -34,6 +39,11 @@ logger = logging.getLogger("eventbus")
 
 _CLAIM_CALLS_PER_TICK: Final = 10
 _HEARTBEAT_CHUNK: Final = 500
+STALE_FACTOR: Final = 10
+"""A consumer idle past this many times ``claim.idle``, with nothing pending and no
+lease, is stale: a live member removes it from the group."""
+_SWEEP_MAX: Final = 100
+"""Stale consumers removed per sweep at most (the next sweep takes the rest)."""
 
 
 class ClaimHost(Protocol):
@@ -76,6 +86,7 @@ class Claimer:
         batch: int,
         host: ClaimHost,
         counters: ConsumerCounters,
+        remove: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -89,6 +100,8 @@ class Claimer:
         self._stopping = False
         self._last_heartbeat = time.monotonic()
         self._cursor = "0-0"
+        self._remove = remove
+        self._last_sweep = time.monotonic()
 
     def stop(self) -> None:
         """End :meth:`run` (at once, even mid-call: a claim pass is safe to cut)."""
@@ -103,6 +116,7 @@ class Claimer:
                 try:
                     await self._heartbeat()
                     await self._claim_pass()
+                    await self._sweep()
                 except rex.ResponseError as exc:
                     # NOGROUP: the member's reader recreates the group.
                     if not is_nogroup(exc):
@@ -180,6 +194,36 @@ class Claimer:
                     else:
                         host.add_claimed(work)
             if self._cursor == "0-0":
+                return
+
+    async def _sweep(self) -> None:
+        """Remove stale consumers of the group (see the module doc), at most every
+        ``policy.idle``. The idle time comes from ``XINFO CONSUMERS``; the removal
+        itself (``CONSUMER_REMOVE``) checks again, atomically, that nothing is pending
+        and that no member holds the name, so a live member is never removed."""
+        if self._remove is None:
+            return
+        now = time.monotonic()
+        if now - self._last_sweep < self._policy.idle:
+            return
+        self._last_sweep = now
+        stale_ms = self._policy.idle * 1000 * STALE_FACTOR
+        rows = await self._client.xinfo_consumers(self._keys.stream, self._group)
+        removed = 0
+        for row in rows:
+            name = row["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if name == self._consumer or int(row["pending"]) or int(row["idle"]) < stale_ms:
+                continue
+            if await self._remove(name):
+                removed += 1
+                logger.info(
+                    "group %r: removed stale consumer %r (idle %.0fs, nothing pending)",
+                    self._group,
+                    name,
+                    int(row["idle"]) / 1000,
+                )
+            if removed >= _SWEEP_MAX:
                 return
 
     async def _counts(self, ids: list[str], *, slack: int = 100) -> dict[str, int]:

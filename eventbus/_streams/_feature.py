@@ -36,7 +36,7 @@ from ._deadletter import (
 )
 from ._ids import stream_ms
 from ._iterator import GroupSubscription
-from ._options import GroupOptions
+from ._options import GroupOptions, release_name, reserve_name
 from ._publisher import StreamWriter, Trimmer
 
 if TYPE_CHECKING:  # group members, stream readers, stats: loaded by their first use
@@ -199,11 +199,15 @@ class DurableFeature:
         assert ctx is not None
         assert tg is not None
         target = options.publish_to
+        keys = self.keys(topic)
+        if options.stable_name:  # the runner slot's name: the first free one of it here
+            name = reserve_name(keys.stream, options.group, options.consumer)
+            options = attrs.evolve(options, consumer=name)
         # The member's own connection for blocking reads; it closes it when it stops.
         blocking = ctx.clients.unretried_client(socket_timeout=options.block + 10)
         consumer = GroupConsumer(
             topic=topic,
-            keys=self.keys(topic),
+            keys=keys,
             options=options,
             spec=spec,
             codec=ctx.codec,
@@ -216,8 +220,16 @@ class DurableFeature:
             note_output=self._note_output,
             sender=ctx.sender,
         )
+
+        async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            try:
+                await consumer.run(task_status=task_status)
+            finally:
+                if options.stable_name:
+                    release_name(keys.stream, options.group, options.consumer)
+
         with map_exceptions(topic=topic.name, command="XGROUP"):
-            await tg.start(consumer.run)
+            await tg.start(run)
         return consumer
 
     def subscription(

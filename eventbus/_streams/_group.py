@@ -59,7 +59,7 @@ from .._connection import CONNECTION_ERRORS, is_busygroup, is_nogroup, is_unbloc
 from .._envelope import Envelope
 from .._handlers import HandlerSpec, invoke
 from .._keys import TopicKeys, member_lease
-from .._scripts import RETRY_DEFER
+from .._scripts import CONSUMER_REMOVE, RETRY_DEFER
 from .._stats import ConsumerCounters, ConsumerStatistics
 from .._topic import Topic
 from ..errors import DecodeError
@@ -161,7 +161,9 @@ class GroupConsumer:
             batch=options.batch,
             host=self,
             counters=self._counters,
+            remove=self._remove_consumer,
         )
+        self._remove_script = client.register_script(CONSUMER_REMOVE)
         self._chainer = (
             None
             if options.publish_to is None
@@ -342,6 +344,23 @@ class GroupConsumer:
         self._lease.stop()
         with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
             await self._lease.release()
+            if not self._name_lost:
+                # Leaving cleanly: with nothing pending under the name (what was
+                # handed back stays pending here, claimable at once), leave the
+                # group too, so restarts under new names do not pile up consumers.
+                try:
+                    await self._remove_consumer(self.options.consumer)
+                except (rex.ResponseError, *CONNECTION_ERRORS) as exc:
+                    logger.debug("group %r: leaving the group: %s", self.options.group, exc)
+
+    async def _remove_consumer(self, name: str) -> bool:
+        """``XGROUP DELCONSUMER`` ``name``, only if nothing is pending under it and no
+        member holds its lease (``CONSUMER_REMOVE``: checked and done atomically)."""
+        removed = await self._remove_script(
+            keys=[self.keys.stream, member_lease(self.keys, self.options.group, name)],
+            args=[self.options.group, name],
+        )
+        return bool(removed)
 
     async def _release(self, unstarted: list[Work], retrying: list[Work]) -> None:
         """Hand entries back to the group, claimable by others at once, without

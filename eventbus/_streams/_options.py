@@ -15,7 +15,18 @@ from .._config import ClaimPolicy, RetryPolicy, seconds
 from .._topic import Topic, as_topic
 from ..errors import ConfigurationError
 
-__all__ = ["GroupOptions", "StartPosition", "group_options"]
+__all__ = [
+    "SLOT_ENV",
+    "GroupOptions",
+    "StartPosition",
+    "group_options",
+    "release_name",
+    "reserve_name",
+]
+
+SLOT_ENV: Final = "EVENTBUS_SLOT"
+"""The environment variable in which the runner (``eventbus run``) gives each worker
+process its slot number: the stable part of its default consumer names."""
 
 _NAME_MAX: Final = 200
 _ADAPTIVE_FIRST_BATCH: Final = 100
@@ -44,6 +55,9 @@ class GroupOptions:
     start: StartPosition
     publish_to: Topic[Any] | None
     dedupe: float | None
+    stable_name: bool = False
+    """``consumer`` is the runner slot's default (``<host>:<slot>``): the member takes
+    the first free one of it, ``<host>:<slot>.1``, ... (see :func:`reserve_name`)."""
 
 
 def _check_name(kind: str, name: object) -> str:
@@ -56,8 +70,41 @@ def _check_name(kind: str, name: object) -> str:
     return name
 
 
-def _default_consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+def _default_consumer_name() -> tuple[str, bool]:
+    """The default consumer name, and whether it is the stable one of a runner slot.
+
+    Under the runner (``$EVENTBUS_SLOT`` set) it is ``<host>:<slot>``: a worker that
+    restarts in the same slot takes back its own pending entries at once. Anywhere
+    else it is unique per process start (two processes on one host must not share a
+    name, and nothing says which is which): pass ``consumer=`` for a stable one."""
+    slot = os.environ.get(SLOT_ENV, "").strip()
+    if slot:
+        return f"{socket.gethostname()}:{slot}", True
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}", False
+
+
+_RESERVED: set[tuple[str, str, str]] = set()
+"""(stream, group, consumer) of the stable default names members of this process run
+under (a process may have several members of one group: each needs its own name)."""
+
+
+def reserve_name(stream: str, group: str, base: str) -> str:
+    """The first of ``base``, ``base.1``, ``base.2``, ... that no member of this process
+    runs under in ``group`` of ``stream``; reserved until :func:`release_name`.
+
+    Members start in the order they were declared, so a restarted worker gets the same
+    names for the same handlers."""
+    n = 0
+    name = base
+    while (stream, group, name) in _RESERVED:
+        n += 1
+        name = f"{base}.{n}"
+    _RESERVED.add((stream, group, name))
+    return name
+
+
+def release_name(stream: str, group: str, name: str) -> None:
+    _RESERVED.discard((stream, group, name))
 
 
 def group_options(
@@ -85,7 +132,10 @@ def group_options(
     :raises eventbus.errors.ConfigurationError: a bad name, count, start or target.
     """
     _check_name("group", group)
-    name = _check_name("consumer", consumer or _default_consumer_name())
+    stable = False
+    if consumer is None:
+        consumer, stable = _default_consumer_name()
+    name = _check_name("consumer", consumer)
     if batch is None:
         batch, max_batch = _ADAPTIVE_FIRST_BATCH, _ADAPTIVE_MAX_BATCH
     else:
@@ -116,4 +166,5 @@ def group_options(
         start=start,
         publish_to=target,
         dedupe=None if dedupe is None else seconds(dedupe, name="dedupe"),
+        stable_name=stable,
     )
