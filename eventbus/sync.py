@@ -27,8 +27,9 @@ prefork pool) the child must not use the parent's loop thread, which did not sur
 the fork: :func:`default` builds a new one per process; a :class:`SyncBus` built
 before a fork raises :class:`~eventbus.errors.BusStateError` in the child.
 
-Work queues will add ``enqueue`` here: one more method that forwards to the bus's
-own, as :meth:`SyncBus.publish` does.
+Work queues: :meth:`SyncBus.enqueue` and :meth:`SyncBus.enqueue_many` (and the
+module-level :func:`enqueue`, :func:`enqueue_many`) forward to the bus's own, as
+:meth:`SyncBus.publish` does.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import os
 import threading
 import typing
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
@@ -53,9 +54,18 @@ from . import _bus, errors
 if typing.TYPE_CHECKING:
     from ._bus import EventBus
     from ._envelope import Receipt
+    from ._queues import Queue
     from ._topic import Topic
 
-__all__ = ["SyncBus", "close", "default", "publish", "publish_many"]
+__all__ = [
+    "SyncBus",
+    "close",
+    "default",
+    "enqueue",
+    "enqueue_many",
+    "publish",
+    "publish_many",
+]
 
 _T = TypeVar("_T")
 
@@ -204,8 +214,67 @@ class SyncBus:
 
         return _call(portal, call)
 
-    # Work queues: ``def enqueue(self, queue, job, **kw)`` forwards to the bus's
-    # ``enqueue`` exactly as ``publish`` does above.
+    # -- work queues -----------------------------------------------------------------
+
+    def enqueue(
+        self,
+        queue: Queue[_T],
+        job: _T,
+        *,
+        priority: int = 0,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        job_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Receipt:
+        """:meth:`EventBus.enqueue <eventbus.EventBus.enqueue>`, blocking: returns once
+        Redis holds the job (``Receipt.duplicate`` if its ``job_id`` was taken)."""
+        portal = self._start()
+        assert self._bus is not None
+        bus = self._bus
+
+        async def call() -> Receipt:
+            return await bus.enqueue(
+                queue,
+                job,
+                priority=priority,
+                delay=delay,
+                at=at,
+                job_id=job_id,
+                headers=headers,
+            )
+
+        return _call(portal, call)
+
+    def enqueue_many(
+        self,
+        queue: Queue[_T],
+        jobs: Iterable[_T],
+        *,
+        priority: int = 0,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        job_ids: Sequence[str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> list[Receipt]:
+        """:meth:`EventBus.enqueue_many <eventbus.EventBus.enqueue_many>`, blocking."""
+        portal = self._start()
+        assert self._bus is not None
+        bus = self._bus
+        batch = list(jobs)
+
+        async def call() -> list[Receipt]:
+            return await bus.enqueue_many(
+                queue,
+                batch,
+                priority=priority,
+                delay=delay,
+                at=at,
+                job_ids=job_ids,
+                headers=headers,
+            )
+
+        return _call(portal, call)
 
 
 _R = TypeVar("_R")
@@ -249,6 +318,16 @@ def publish(topic: Topic[_T] | str, event: _T, **kwargs: Any) -> Receipt:
 def publish_many(topic: Topic[_T] | str, events: Iterable[_T], **kwargs: Any) -> list[Receipt]:
     """:meth:`SyncBus.publish_many` on :func:`default`."""
     return default().publish_many(topic, events, **kwargs)
+
+
+def enqueue(queue: Queue[_T], job: _T, **kwargs: Any) -> Receipt:
+    """:meth:`SyncBus.enqueue` on :func:`default`."""
+    return default().enqueue(queue, job, **kwargs)
+
+
+def enqueue_many(queue: Queue[_T], jobs: Iterable[_T], **kwargs: Any) -> list[Receipt]:
+    """:meth:`SyncBus.enqueue_many` on :func:`default`."""
+    return default().enqueue_many(queue, jobs, **kwargs)
 
 
 def close() -> None:

@@ -87,3 +87,42 @@ def test_the_module_level_default_uses_eventbus_url(
         assert eventbus.sync.default().bus.url == redis_url
     finally:
         eventbus.sync.close()
+
+
+async def test_threads_enqueue_jobs_that_an_async_worker_runs_once_each(
+    bus_factory: Any,
+) -> None:
+    from eventbus import Queue
+
+    jobs: Queue[int] = Queue("sync-jobs", int, priorities=2)
+    bus: EventBus = bus_factory()
+    seen: Counter[str] = Counter()
+
+    @bus.worker(jobs, concurrency=8)
+    async def handle(job: int, d: Delivery) -> None:
+        seen[d.id] += 1
+
+    async with bus:
+        producer = SyncBus(bus._url, prefix=bus.prefix)
+        ids: list[str] = []
+
+        def work(t: int) -> None:
+            ids.extend(producer.enqueue(jobs, t * 100 + i, priority=i % 2).id for i in range(25))
+
+        def produce() -> list[str]:
+            import threading
+
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            ids.extend(r.id for r in producer.enqueue_many(jobs, list(range(10))))
+            assert producer.enqueue(jobs, 7, job_id="once").duplicate is False
+            producer.close()
+            return ids
+
+        produced = await anyio.to_thread.run_sync(produce)
+        assert len(set(produced)) == 110
+        await wait_until(lambda: set(produced) <= set(seen), timeout=20)
+        assert all(seen[i] == 1 for i in produced)
