@@ -341,7 +341,14 @@ async def drain_arq(
         for t in task:
             t.cancel()
         await asyncio.gather(*task, return_exceptions=True)
-        await worker.close()
+        try:
+            # close() cancels the jobs in flight, then gathers them: CancelledError
+            # when any was (a drain stopped by its time limit).
+            await worker.close()
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and getattr(me, "cancelling", lambda: 0)():
+                raise  # this task itself is being cancelled
 
     return start, stop, pool.aclose
 
@@ -454,7 +461,11 @@ async def drain_main(args: argparse.Namespace) -> None:
             emit(event="progress", handled=rec.handled)
             await asyncio.wait({stopped}, timeout=0.05)
         t_stop = time.time()
-        await asyncio.wait_for(stop(), 30)
+        stop_error = ""
+        try:
+            await asyncio.wait_for(stop(), 30)
+        except Exception as exc:  # the counts are worth reporting all the same
+            stop_error = f"{type(exc).__name__}: {exc}"
         emit(
             event="result",
             index=args.index,
@@ -465,6 +476,7 @@ async def drain_main(args: argparse.Namespace) -> None:
             t_first=rec.t_first,
             t_last=rec.t_last,
             t_stop=t_stop,
+            stop_error=stop_error,
             counts=base64.b64encode(bytes(rec.counts)).decode(),
             versions=versions(args.contender),
         )

@@ -355,6 +355,7 @@ def drain(
         "startup_ms": (min(r["t_first"] for r in results if r["t_first"]) - t_go) * 1000
         if any(r["t_first"] for r in results)
         else None,
+        "stop_errors": [r["stop_error"] for r in results if r.get("stop_error")],
         "versions": results[0]["versions"],
     }
 
@@ -468,6 +469,9 @@ def print_tables(
                 left = [r["left_after"] for r in runs]
                 by = sorted({r["end_by"] for r in runs})
                 start = [r["startup_ms"] for r in runs if r["startup_ms"] is not None]
+                stop_errors = [e for r in runs for e in r["stop_errors"]]
+                if stop_errors:
+                    notes.append(f"worker stop failed: {stop_errors[0][:150]}")
                 if m.workers > 1:
                     notes.append("per worker " + "/".join(f"{x:,}" for x in runs[0]["per_worker"]))
                 line = (
