@@ -64,6 +64,7 @@ from ._streams._iterator import GroupSubscription
 from ._streams._options import StartPosition, group_options
 from ._subscribers import Subscribers
 from ._subscription import Subscription
+from ._telemetry import Kind, Telemetry
 from ._topic import Topic, as_topic, within_limits
 from .errors import BusStateError, ConfigurationError
 
@@ -147,6 +148,13 @@ def _publishable(topic: Topic[Any] | str, limits: Limits) -> Topic[Any]:
     return t
 
 
+def _kind(topic: Topic[Any]) -> Kind:
+    """How ``topic`` carries events (a telemetry attribute)."""
+    if topic.durable:
+        return "durable"
+    return "local" if topic.local else "live"
+
+
 def _due(
     topic: Topic[Any], delay: float | timedelta | None, at: datetime | None
 ) -> tuple[str, int]:
@@ -207,6 +215,10 @@ class EventBus:
         (default) once it has scheduled one, or from the start when it serves
         consumer-group handlers. Any number of buses may run it; each due event is
         released exactly once.
+    :param telemetry: traces and metrics, e.g. ``eventbus.otel.Telemetry()`` (the
+        ``otel`` extra): a producer span around every publish and enqueue, its
+        context carried in the events' headers, a consumer span around every handler.
+        ``None`` (the default): no hook runs anywhere.
 
     .. versionadded:: 0.1
     """
@@ -231,6 +243,7 @@ class EventBus:
         credential_provider: Any = None,
         handler_threads: int = 40,
         scheduler: bool | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if url is None:
             url = os.environ.get("EVENTBUS_URL") or DEFAULT_URL
@@ -282,6 +295,9 @@ class EventBus:
         self._stack: AsyncExitStack | None = None
         self._server: RedisServer | None = None
         self._strong_receivers: list[tuple[Signal, Callable[..., Any]]] = []
+        self._telemetry = telemetry
+        if telemetry is not None:
+            telemetry.bind(self)
         self._hurry: anyio.CancelScope | None = None
         """The drain's waiting, cut short by :meth:`serve` on a second signal."""
         self._hurried = False
@@ -370,6 +386,7 @@ class EventBus:
                     shutdown_grace=self._shutdown_grace,
                     publish=self.publish,
                     task_group=tg,
+                    telemetry=self._telemetry,
                 )
                 # Errors raised in this task (startup refusals, the user's own
                 # exception from the body) are re-raised below, outside the task
@@ -750,6 +767,8 @@ class EventBus:
 
             def group_decorator(fn: F) -> F:
                 spec = inspect_handler(fn, t.type, self._threads if in_thread else None)
+                if self._telemetry is not None:
+                    spec = self._telemetry.wrap(spec, t.name, "durable", group)
                 self._check_not_closed()
                 self._durable.add_member(spec, t, options)
                 self._serves_handlers = True
@@ -764,6 +783,10 @@ class EventBus:
 
         def decorator(fn: F) -> F:
             spec = inspect_handler(fn, topics[0].type, self._threads if in_thread else None)
+            if self._telemetry is not None:
+                spec = self._telemetry.wrap(
+                    spec, " ".join(t.name for t in topics), _kind(topics[0]), None
+                )
             self._check_not_closed()
             self._subscribers.add_handler(spec, topics, buffer, overflow, window)
             return fn
@@ -851,6 +874,14 @@ class EventBus:
         hdrs = self._codec.check_headers(t.name, headers)
         if t.type is not object:
             self._codec.check_event(t.name, event, t.type)
+        if self._telemetry is not None:
+            with self._telemetry.sending(t.name, _kind(t), hdrs, 1) as traced:
+                return await self._publish(t, event, traced, due)
+        return await self._publish(t, event, hdrs, due)
+
+    async def _publish(
+        self, t: Topic[Any], event: Any, hdrs: dict[str, str], due: tuple[str, int] | None
+    ) -> Receipt:
         if due is not None:
             return await self._delayed.schedule(t, event, hdrs, due)
         return await self._routes.feature(t).publish(t, event, hdrs)
@@ -887,6 +918,19 @@ class EventBus:
             events = list(events)
             for event in events:  # the whole batch, before any I/O
                 self._codec.check_event(t.name, event, t.type)
+        if self._telemetry is not None:
+            events = list(events)
+            with self._telemetry.sending(t.name, _kind(t), hdrs, len(events)) as traced:
+                return await self._publish_many(t, events, traced, due)
+        return await self._publish_many(t, events, hdrs, due)
+
+    async def _publish_many(
+        self,
+        t: Topic[Any],
+        events: Iterable[Any],
+        hdrs: dict[str, str],
+        due: tuple[str, int] | None,
+    ) -> list[Receipt]:
         if due is not None:
             return await self._delayed.schedule_many(t, events, hdrs, due)
         return await self._routes.feature(t).publish_many(t, events, hdrs)
@@ -1089,14 +1133,16 @@ class EventBus:
         hdrs = self._codec.check_headers(q.name, headers)
         if q.type is not object:
             self._codec.check_event(q.name, job, q.type)
-        receipts = await self._queues.enqueue_many(
-            q,
-            [job],
-            headers=hdrs,
-            priority=priority,
-            due=due,
-            job_ids=None if jid is None else [jid],
-        )
+        ids = None if jid is None else [jid]
+        if self._telemetry is not None:
+            with self._telemetry.sending(q.name, "queue", hdrs, 1) as traced:
+                receipts = await self._queues.enqueue_many(
+                    q, [job], headers=traced, priority=priority, due=due, job_ids=ids
+                )
+        else:
+            receipts = await self._queues.enqueue_many(
+                q, [job], headers=hdrs, priority=priority, due=due, job_ids=ids
+            )
         return receipts[0]
 
     async def enqueue_many(
@@ -1137,6 +1183,11 @@ class EventBus:
                 self._codec.check_event(q.name, job, q.type)
         if not items:
             return []
+        if self._telemetry is not None:
+            with self._telemetry.sending(q.name, "queue", hdrs, len(items)) as traced:
+                return await self._queues.enqueue_many(
+                    q, items, headers=traced, priority=priority, due=due, job_ids=ids
+                )
         return await self._queues.enqueue_many(
             q, items, headers=hdrs, priority=priority, due=due, job_ids=ids
         )
@@ -1226,6 +1277,8 @@ class EventBus:
 
         def decorator(fn: F) -> F:
             spec = inspect_handler(fn, q.type, self._threads if in_thread else None)
+            if self._telemetry is not None:
+                spec = self._telemetry.wrap(spec, q.name, "queue", None)
             self._check_not_closed()
             self._queues.declare_worker(q, spec, options)
             self._serves_handlers = True  # retries are released by a scheduler

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ._config import Limits, LivePolicy
     from ._connection import ClientFactory
     from ._hub import Hub, Receiver
+    from ._telemetry import Telemetry
     from ._topic import Topic
 
 __all__ = [
@@ -142,6 +143,8 @@ class FeatureContext:
     task_group: anyio.abc.TaskGroup
     """The bus's root task group: where features run their background tasks
     (so that a feature with nothing to do holds no task)."""
+    telemetry: Telemetry | None = None
+    """Traces and metrics (``EventBus(telemetry=)``), else ``None``: no hook runs."""
 
     def encode(
         self,

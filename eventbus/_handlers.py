@@ -44,6 +44,17 @@ class HandlerSpec:
     threads: anyio.CapacityLimiter | None = None
     """A sync handler that runs in worker threads: the bus's limit of them.
     ``None``: the handler runs on the event loop (async, or ``in_thread=False``)."""
+    origin: Handler | None = None
+    """The user's function when ``fn`` wraps it (telemetry), else ``None``."""
+
+    @property
+    def user_fn(self) -> Handler:
+        """The user's function (what signals name as the subscription)."""
+        return self.fn if self.origin is None else self.origin
+
+    def runs(self, fn: object) -> bool:
+        """Whether this spec runs the user's function ``fn`` (wrapped or not)."""
+        return self.fn is fn or (self.origin is not None and self.origin is fn)
 
     @property
     def awaits(self) -> bool:

@@ -123,7 +123,7 @@ class Subscribers:
         start; afterwards it is attached in the background (a failure is logged and
         sent as ``signals.failed``, and the handler dropped)."""
         receiver = self.receiver(topics, buffer, overflow)
-        receiver.owner = spec.fn
+        receiver.owner = spec.user_fn
         handler = _Handler(spec=spec, topics=topics, receiver=receiver, window=window)
         self._handlers.append(handler)
         if self._tg is None:
@@ -158,7 +158,7 @@ class Subscribers:
                     self._sender,
                     topic=handler.topics[0].name,
                     event_id=None,
-                    subscription=handler.spec.fn,
+                    subscription=handler.spec.user_fn,
                     error=exc,
                 )
             return
@@ -171,7 +171,7 @@ class Subscribers:
 
     def remove(self, fn: Handler) -> None:
         """Unsubscribe every handler registration of ``fn``; what is buffered is discarded."""
-        for handler in [h for h in self._handlers if h.spec.fn is fn]:
+        for handler in [h for h in self._handlers if h.spec.runs(fn)]:
             self._handlers.remove(handler)
             handler.receiver.close(discard=True)
             if handler.attached:
@@ -180,7 +180,7 @@ class Subscribers:
     def statistics(self, fn: Handler) -> list[SubscriptionStatistics]:
         if self._tg is None:
             return []
-        return [h.receiver.statistics() for h in self._handlers if h.spec.fn is fn and h.attached]
+        return [h.receiver.statistics() for h in self._handlers if h.spec.runs(fn) and h.attached]
 
     # -- iterators ----------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import attrs
 import orjson
 import redis.exceptions as rex
 
+from .. import signals
 from .._codec import field_map
 from .._connection import map_exceptions, translate
 from .._envelope import Envelope, Receipt
@@ -57,6 +58,7 @@ from .._scripts import (
 )
 from .._stats import QueueStatistics, QueueStats
 from ..errors import PayloadError
+from ..signals import emit
 from ._job import JobSubscription
 from ._queue import Queue
 from ._worker import QueueWorker, WorkerOptions, WorkerScripts
@@ -234,7 +236,7 @@ class QueueFeature:
         )
 
     def worker_statistics(self, fn: object) -> list[Any]:
-        return [w.statistics() for w in self._workers if w.spec is not None and w.spec.fn is fn]
+        return [w.statistics() for w in self._workers if w.spec is not None and w.spec.runs(fn)]
 
     # -- enqueueing ---------------------------------------------------------------------
 
@@ -306,6 +308,8 @@ class QueueFeature:
                 self.duplicates += 1
             else:
                 self.enqueued += 1
+                if signals.published.receivers:
+                    emit(signals.published, ctx.sender, topic=queue.name, event_id=jid)
             receipts.append(
                 Receipt(
                     id=jid,

@@ -569,6 +569,8 @@ class QueueWorker:
                     event_id=job_id,
                     group=None,
                     reason=reason,
+                    error=error,
+                    dead_letter_id=_text_id(entry),
                 )
 
     def _check_open(self) -> None:
@@ -757,6 +759,10 @@ class QueueWorker:
 
 class WorkerLost(Exception):
     """The job's workers kept dying while they held it."""
+
+
+def _text_id(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _reason(error: PayloadError) -> str:

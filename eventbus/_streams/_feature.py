@@ -254,16 +254,23 @@ class DurableFeature:
         return [
             m.consumer.statistics()
             for m in self._members
-            if m.spec.fn is fn and m.consumer is not None
+            if m.spec.runs(fn) and m.consumer is not None
         ]
 
     def _encode_output(
         self, target: Topic[Any], event: Any, event_id: str, cause: Envelope
     ) -> list[bytes]:
         """Encode a handler's output event (chaining), caused by ``cause``."""
-        assert self._ctx is not None
-        _id, fields = self._ctx.encode_entry(
-            target.name, event, {}, event_id=event_id, cause=cause.id, corr=cause.corr or cause.id
+        ctx = self._ctx
+        assert ctx is not None
+        headers = {} if ctx.telemetry is None else ctx.telemetry.chained(target.name, cause.headers)
+        _id, fields = ctx.encode_entry(
+            target.name,
+            event,
+            headers,
+            event_id=event_id,
+            cause=cause.id,
+            corr=cause.corr or cause.id,
         )
         return fields
 

@@ -815,7 +815,7 @@ class GroupConsumer:
                 self._sender,
                 topic=self.topic.name,
                 event_id=env.id,
-                subscription=spec.fn,
+                subscription=spec.user_fn,
             )
 
     def _report(self, env: Envelope, error: BaseException, attempt: int) -> None:
@@ -837,7 +837,7 @@ class GroupConsumer:
                 self._sender,
                 topic=self.topic.name,
                 event_id=env.id,
-                subscription=self.spec.fn,
+                subscription=self.spec.user_fn,
                 error=error,
             )
 
