@@ -2,34 +2,45 @@
 
 The names here are the public API; ``eventbus.errors``, ``eventbus.signals`` and
 ``eventbus.testing`` are public submodules.
+
+The names are loaded on first use (PEP 562 ``__getattr__``): ``import eventbus``
+alone loads no Redis client, so the ``eventbus`` command's ``--help`` and a
+program that only imports the package start quickly. The first public name used
+loads them all, as an eager import would have.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import typing
+from typing import Any
 
-from . import errors, signals
-from ._bus import EventBus
-from ._codec import configure_converter, make_converter
-from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPolicy
-from ._delayed import ScheduleInfo
-from ._envelope import Delivery, Receipt
-from ._handlers import Handler
-from ._hub import Gap
-from ._stats import (
-    BusStats,
-    ConsumerStatistics,
-    DelayedStatistics,
-    GroupStats,
-    SubscriptionStatistics,
-    TopicStats,
-)
-from ._streams._deadletter import DeadLetter
-from ._streams._iterator import GroupSubscription
-from ._streams._options import StartPosition
-from ._subscription import Subscription
-from ._topic import Topic
+from . import errors
 from ._version import __version__
+
+if typing.TYPE_CHECKING:  # what __getattr__ below loads, for type checkers
+    from . import signals
+    from ._bus import EventBus
+    from ._codec import configure_converter, make_converter
+    from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPolicy
+    from ._delayed import ScheduleInfo
+    from ._envelope import Delivery, Receipt
+    from ._handlers import Handler
+    from ._hub import Gap
+    from ._stats import (
+        BusStats,
+        ConsumerStatistics,
+        DelayedStatistics,
+        GroupStats,
+        SubscriptionStatistics,
+        TopicStats,
+    )
+    from ._streams._deadletter import DeadLetter
+    from ._streams._iterator import GroupSubscription
+    from ._streams._options import StartPosition
+    from ._subscription import Subscription
+    from ._topic import Topic
 
 __all__ = [
     "UNSET",
@@ -62,10 +73,55 @@ __all__ = [
     "signals",
 ]
 
-# Show public names as eventbus.X in reprs, tracebacks and docs (httpx, trio).
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("eventbus._"):
-        with contextlib.suppress(AttributeError, TypeError):  # e.g. type aliases
-            _obj.__module__ = __name__
-del _name, _obj
+_HOMES: dict[str, str] = {
+    "UNSET": "._config",
+    "BusStats": "._stats",
+    "ClaimPolicy": "._config",
+    "ConsumerStatistics": "._stats",
+    "DeadLetter": "._streams._deadletter",
+    "DelayedStatistics": "._stats",
+    "Delivery": "._envelope",
+    "EventBus": "._bus",
+    "Gap": "._hub",
+    "GroupStats": "._stats",
+    "GroupSubscription": "._streams._iterator",
+    "Handler": "._handlers",
+    "Limits": "._config",
+    "LivePolicy": "._config",
+    "Overflow": "._config",
+    "Receipt": "._envelope",
+    "RetryPolicy": "._config",
+    "ScheduleInfo": "._delayed",
+    "StartPosition": "._streams._options",
+    "Subscription": "._subscription",
+    "SubscriptionStatistics": "._stats",
+    "Topic": "._topic",
+    "TopicStats": "._stats",
+    "configure_converter": "._codec",
+    "make_converter": "._codec",
+}
+"""Where each public name is defined (``signals`` is a submodule)."""
+
+
+def _load() -> None:
+    """Bind every public name here, and show each as eventbus.X in reprs, tracebacks
+    and docs (httpx, trio)."""
+    found: dict[str, Any] = {"signals": importlib.import_module(".signals", __name__)}
+    for name, home in _HOMES.items():
+        found[name] = getattr(importlib.import_module(home, __name__), name)
+    for obj in found.values():
+        if getattr(obj, "__module__", "").startswith("eventbus._"):
+            with contextlib.suppress(AttributeError, TypeError):  # e.g. type aliases
+                obj.__module__ = __name__
+    globals().update(found)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES or name == "signals":
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

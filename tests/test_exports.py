@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 
@@ -16,6 +18,7 @@ PUBLIC_MODULES = ["eventbus", "eventbus.errors", "eventbus.signals", "eventbus.t
 def test_all_is_complete(name: str) -> None:
     # Order is ruff's job (RUF022, isort-style); here: no duplicates, nothing missing.
     module = importlib.import_module(name)
+    _ = module.__all__ and getattr(module, module.__all__[0])  # eventbus loads its names on use
     exported = module.__all__
     assert len(exported) == len(set(exported))
     public = {
@@ -34,6 +37,16 @@ def test_top_level_names_show_as_eventbus() -> None:
         obj = getattr(eventbus, name)
         if isinstance(obj, type):
             assert obj.__module__ == "eventbus", name
+
+
+def test_import_eventbus_loads_no_redis_client() -> None:
+    # The names load on first use (eventbus.__getattr__); then all at once.
+    code = (
+        "import sys, eventbus; print('redis' in sys.modules, 'anyio' in sys.modules);"
+        " eventbus.Topic; print('redis' in sys.modules, eventbus.EventBus.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "True", "eventbus"]
 
 
 def test_every_module_declares_all() -> None:
