@@ -106,7 +106,7 @@ _HOMES: dict[str, str] = {
 def _load() -> None:
     """Bind every public name here, and show each as eventbus.X in reprs, tracebacks
     and docs (httpx, trio)."""
-    found: dict[str, Any] = {"signals": importlib.import_module(".signals", __name__)}
+    found: dict[str, Any] = {}
     for name, home in _HOMES.items():
         found[name] = getattr(importlib.import_module(home, __name__), name)
     for obj in found.values():
@@ -117,7 +117,11 @@ def _load() -> None:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _HOMES or name == "signals":
+    if name == "signals":
+        # The package's own modules import it (``from . import signals``) while they
+        # load: it must not load the rest of the package under them.
+        return importlib.import_module(".signals", __name__)
+    if name in _HOMES:
         _load()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

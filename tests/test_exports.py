@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,30 @@ def test_import_eventbus_loads_no_redis_client() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "True", "eventbus"]
+
+
+def test_every_module_imports_first() -> None:
+    # eventbus's names load on first use: no module of the package may need one of
+    # them while it loads, whichever module a program imports first.
+    code = """
+import importlib, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+names = sorted(
+    ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+    for p in root.rglob("*.py")
+)
+for name in names:
+    for loaded in [m for m in sys.modules if m == "eventbus" or m.startswith("eventbus.")]:
+        del sys.modules[loaded]
+    importlib.import_module(name)
+print(len(names))
+"""
+    root = str(Path(eventbus.__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code, root], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout) > 40
 
 
 def test_every_module_declares_all() -> None:
