@@ -9,6 +9,7 @@ Imported by a command when it runs, never by ``eventbus --help``.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -149,12 +150,33 @@ def _single(exc: BaseException) -> BaseException:
     return exc
 
 
-def run(command: Callable[..., Awaitable[T]], *args: Any) -> T:
+async def _until_terminated(command: Callable[..., Awaitable[None]], *args: Any) -> bool:
+    """Run ``command``; SIGTERM cancels it (so the bus closes, and an embedded server
+    stops, as on Ctrl-C). Whether it was terminated."""
+    terminated = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal terminated
+            with anyio.open_signal_receiver(signal.SIGTERM) as received:
+                async for _ in received:
+                    terminated = True
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        await command(*args)
+        tg.cancel_scope.cancel()
+    return terminated
+
+
+def run(command: Callable[..., Awaitable[None]], *args: Any) -> None:
     """Run one command's coroutine; a failure the user can act on (Redis unreachable,
     refused, a bad topic) becomes one line on stderr and exit status 1; Ctrl-C
-    exits 130 without a traceback."""
+    exits 130 and SIGTERM 143, without a traceback."""
     try:
-        return anyio.run(command, *args)
+        if anyio.run(_until_terminated, command, *args):
+            raise SystemExit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         raise SystemExit(130) from None
