@@ -10,7 +10,7 @@ Every command takes ``--url`` (else ``$EVENTBUS_URL``, else an embedded
 redis-server that lives as long as the command) and ``--prefix`` (else
 ``$EVENTBUS_PREFIX``, else ``eb``); every read command takes ``--json``. Exit
 status: 0 done, 1 failed (one line on stderr: Redis unreachable, refused, nothing
-to act on), 2 usage error, 130 interrupted.
+to act on), 2 usage error, 130 / 143 interrupted (SIGINT / SIGTERM).
 """
 
 from __future__ import annotations

@@ -73,7 +73,8 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
 
     table = Table(title=title, title_justify="left", title_style="bold")
     for column in columns:
-        table.add_column(column, overflow="fold")
+        # Ids are copied into the next command: never folded (other columns give way).
+        table.add_column(column, overflow="fold", no_wrap=column.endswith("id"))
     for row in rows:
         table.add_row(*(_cell(v) for v in row))
     Console(highlight=False).print(table)
