@@ -12,7 +12,6 @@ loads them all, as an eager import would have.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import typing
 from typing import Any
 
@@ -73,42 +72,58 @@ __all__ = [
     "signals",
 ]
 
-_HOMES: dict[str, str] = {
-    "UNSET": "._config",
-    "BusStats": "._stats",
-    "ClaimPolicy": "._config",
-    "ConsumerStatistics": "._stats",
-    "DeadLetter": "._streams._deadletter",
-    "DelayedStatistics": "._stats",
-    "Delivery": "._envelope",
-    "EventBus": "._bus",
-    "Gap": "._hub",
-    "GroupStats": "._stats",
-    "GroupSubscription": "._streams._iterator",
-    "Handler": "._handlers",
-    "Limits": "._config",
-    "LivePolicy": "._config",
-    "Overflow": "._config",
-    "Receipt": "._envelope",
-    "RetryPolicy": "._config",
-    "ScheduleInfo": "._delayed",
-    "StartPosition": "._streams._options",
-    "Subscription": "._subscription",
-    "SubscriptionStatistics": "._stats",
-    "Topic": "._topic",
-    "TopicStats": "._stats",
-    "configure_converter": "._codec",
-    "make_converter": "._codec",
-}
-"""Where each public name is defined (``signals`` is a submodule)."""
-
 
 def _load() -> None:
     """Bind every public name here, and show each as eventbus.X in reprs, tracebacks
     and docs (httpx, trio)."""
-    found: dict[str, Any] = {}
-    for name, home in _HOMES.items():
-        found[name] = getattr(importlib.import_module(home, __name__), name)
+    from ._bus import EventBus
+    from ._codec import configure_converter, make_converter
+    from ._config import UNSET, ClaimPolicy, Limits, LivePolicy, Overflow, RetryPolicy
+    from ._delayed import ScheduleInfo
+    from ._envelope import Delivery, Receipt
+    from ._handlers import Handler
+    from ._hub import Gap
+    from ._stats import (
+        BusStats,
+        ConsumerStatistics,
+        DelayedStatistics,
+        GroupStats,
+        SubscriptionStatistics,
+        TopicStats,
+    )
+    from ._streams._deadletter import DeadLetter
+    from ._streams._iterator import GroupSubscription
+    from ._streams._options import StartPosition
+    from ._subscription import Subscription
+    from ._topic import Topic
+
+    found: dict[str, Any] = {
+        "UNSET": UNSET,
+        "BusStats": BusStats,
+        "ClaimPolicy": ClaimPolicy,
+        "ConsumerStatistics": ConsumerStatistics,
+        "DeadLetter": DeadLetter,
+        "DelayedStatistics": DelayedStatistics,
+        "Delivery": Delivery,
+        "EventBus": EventBus,
+        "Gap": Gap,
+        "GroupStats": GroupStats,
+        "GroupSubscription": GroupSubscription,
+        "Handler": Handler,
+        "Limits": Limits,
+        "LivePolicy": LivePolicy,
+        "Overflow": Overflow,
+        "Receipt": Receipt,
+        "RetryPolicy": RetryPolicy,
+        "ScheduleInfo": ScheduleInfo,
+        "StartPosition": StartPosition,
+        "Subscription": Subscription,
+        "SubscriptionStatistics": SubscriptionStatistics,
+        "Topic": Topic,
+        "TopicStats": TopicStats,
+        "configure_converter": configure_converter,
+        "make_converter": make_converter,
+    }
     for obj in found.values():
         if getattr(obj, "__module__", "").startswith("eventbus._"):
             with contextlib.suppress(AttributeError, TypeError):  # e.g. type aliases
@@ -119,9 +134,12 @@ def _load() -> None:
 def __getattr__(name: str) -> Any:
     if name == "signals":
         # The package's own modules import it (``from . import signals``) while they
-        # load: it must not load the rest of the package under them.
-        return importlib.import_module(".signals", __name__)
-    if name in _HOMES:
+        # load: it must not load the rest of the package under them. (An import
+        # statement, not ``from . import``, which would ask this function again.)
+        import eventbus.signals
+
+        return eventbus.signals
+    if name in __all__ and name not in globals():
         _load()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -382,15 +382,11 @@ def schedules_remove(name: str, as_json: bool, url: str | None, prefix: str) -> 
 )  # fmt: skip
 def run(target: str, grace: float, workers: int, reload: bool, url: str | None) -> None:
     """Serve the bus MODULE:BUS until SIGTERM or SIGINT, then drain and exit 0."""
-    import importlib
-
     try:
-        runner: Any = importlib.import_module("eventbus._runner")
-    except ModuleNotFoundError as exc:
-        if exc.name != "eventbus._runner":
-            raise
+        from .. import _runner  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:  # the runner is not in this version
         raise click.ClickException("`eventbus run` is not available in this version") from None
-    runner.run(target, grace=grace, workers=workers, reload=reload, url=url)
+    _runner.run(target, grace=grace, workers=workers, reload=reload, url=url)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
