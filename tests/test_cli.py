@@ -20,9 +20,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
 from eventbus import EventBus, Topic
+from eventbus._cli import cli as cli_group
 from eventbus.testing import free_port
 from tests.helpers import control_client, wait_until
 
@@ -85,33 +87,27 @@ def json_lines(text: str) -> list[Any]:
 
 # -- help and start-up ----------------------------------------------------------------
 
-COMMANDS = [
-    [],
-    ["publish"],
-    ["tail"],
-    ["stats"],
-    ["groups"],
-    ["dlq"],
-    ["dlq", "list"],
-    ["dlq", "show"],
-    ["dlq", "replay"],
-    ["dlq", "purge"],
-    ["scheduled"],
-    ["scheduled", "list"],
-    ["scheduled", "cancel"],
-    ["schedules"],
-    ["schedules", "list"],
-    ["schedules", "remove"],
-    ["run"],
-]
-GROUPS = [[], ["dlq"], ["scheduled"], ["schedules"]]
+
+def _commands(group: click.Group, path: list[str]) -> Iterator[tuple[list[str], bool]]:
+    """Every command and group under ``group``: (its words, whether it is a group)."""
+    yield path, True
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            yield from _commands(command, [*path, name])
+        else:
+            yield [*path, name], False
+
+
+COMMANDS = list(_commands(cli_group, []))
 
 
 def test_help_of_every_command_and_subcommand() -> None:
     # All at once: each is a process start, and they are independent.
+    assert len(COMMANDS) >= 17  # the reading sees them all
     procs = [
         (
             args,
+            is_group,
             subprocess.Popen(
                 [*COMMAND, *args, "--help"],
                 stdout=subprocess.PIPE,
@@ -120,13 +116,13 @@ def test_help_of_every_command_and_subcommand() -> None:
                 env=_env(),
             ),
         )
-        for args in COMMANDS
+        for args, is_group in COMMANDS
     ]
-    for args, proc in procs:
+    for args, is_group, proc in procs:
         out, err = proc.communicate(timeout=TIMEOUT)
         assert proc.returncode == 0, (args, err)
         assert out.startswith(f"Usage: eventbus {' '.join(args)}".rstrip()), (args, out)
-        if args in GROUPS:
+        if is_group:
             assert "Commands:" in out, args
         else:  # a command: it connects
             assert "--url URL" in out, args
@@ -241,7 +237,8 @@ def test_tail_of_a_live_topic_shows_what_is_published_meanwhile(
     try:
         assert tail.stderr is not None
         assert "tailing 'prices' (live)" in tail.stderr.readline()  # subscribed
-        first = ok(cli("publish", "prices", '{"p": 1}'))
+        (first,) = json_lines(ok(cli("publish", "prices", '{"p": 1}', "--json")))
+        assert first["receivers"] == 1  # the tail's subscription
         ok(cli("publish", "prices", '{"p": 2}'))
         out, _ = tail.communicate(timeout=TIMEOUT)
     finally:
@@ -251,7 +248,7 @@ def test_tail_of_a_live_topic_shows_what_is_published_meanwhile(
     assert tail.returncode == 0
     got = json_lines(out)
     assert [g["data"] for g in got] == [{"p": 1}, {"p": 2}]
-    assert got[0]["id"] == first.split()[0]
+    assert got[0]["id"] == first["id"]
 
 
 def test_sigterm_ends_a_tail_and_its_embedded_server(prefix: str) -> None:

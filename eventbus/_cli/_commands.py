@@ -122,7 +122,13 @@ def _receipt_line(r: Receipt) -> str:
 
 
 def _receipt_json(r: Receipt) -> dict[str, Any]:
-    return {"id": r.id, "topic": r.topic, "stream_id": r.stream_id, "due": r.due}
+    return {
+        "id": r.id,
+        "topic": r.topic,
+        "stream_id": r.stream_id,
+        "due": r.due,
+        "receivers": r.receivers,  # a live topic's PUBLISH count; 0 for a durable one
+    }
 
 
 def _read_lines(stream: Any, n: int) -> list[str]:
