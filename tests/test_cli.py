@@ -176,6 +176,41 @@ def test_unreachable_redis_is_one_line_and_status_1(cli: Cli) -> None:
     assert "unavailable" in err.lower() or "connect" in err.lower(), err
 
 
+def test_url_and_prefix_on_the_group_or_the_command(redis_url: str, prefix: str) -> None:
+    ok(
+        subprocess.run(
+            [*COMMAND, "--url", redis_url, "--prefix", prefix, "publish", "a", "1", "--durable"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=_env(),
+        )
+    )
+    # The command's options, then the group's, then the environment (unreachable here).
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    env = _env(EVENTBUS_URL=dead, EVENTBUS_PREFIX="elsewhere")
+    for args in (
+        ["--url", redis_url, "--prefix", prefix, "stats", "--json"],
+        ["--url", dead, "stats", "--json", "--url", redis_url, "--prefix", prefix],
+    ):
+        result = subprocess.run(
+            [*COMMAND, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env
+        )
+        assert [t["name"] for t in json.loads(ok(result))["topics"]] == ["a"], args
+    bad = subprocess.run(
+        [*COMMAND, "stats"], capture_output=True, text=True, timeout=TIMEOUT, env=env
+    )
+    assert "unavailable" in failed(bad).lower()
+    bad_prefix = subprocess.run(
+        [*COMMAND, "stats"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(EVENTBUS_PREFIX="no:colons"),
+    )
+    assert "EVENTBUS_PREFIX" in failed(bad_prefix, 2)
+
+
 def test_the_embedded_default_says_it_keeps_nothing(prefix: str) -> None:
     result = subprocess.run(
         [*COMMAND, "stats", "--json"],

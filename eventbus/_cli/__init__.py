@@ -16,6 +16,7 @@ to act on), 2 usage error, 130 / 143 interrupted (SIGINT / SIGTERM).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -32,31 +33,40 @@ _DURATION_RE: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)?")
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def _check_prefix(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if _PREFIX_RE.fullmatch(value) is None:
+def _check_prefix(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and _PREFIX_RE.fullmatch(value) is None:
         raise click.BadParameter("use 1-64 of [A-Za-z0-9._-], starting with a letter or digit")
     return value
 
 
 def connection(f: F) -> F:
-    """``--url`` and ``--prefix``, on every command."""
+    """``--url`` and ``--prefix``: on the group (``eventbus --url URL stats``) and on
+    every command (``eventbus stats --url URL``); see :func:`_resolve`."""
     f = click.option(
         "--prefix",
-        envvar="EVENTBUS_PREFIX",
-        show_envvar=True,
-        default="eb",
-        show_default=True,
         callback=_check_prefix,
-        help="Key prefix of the bus (EventBus(prefix=...)).",
+        help="Key prefix of the bus (EventBus(prefix=...)). Default: $EVENTBUS_PREFIX, else eb.",
     )(f)
     return click.option(
         "--url",
-        envvar="EVENTBUS_URL",
-        show_envvar=True,
         metavar="URL",
         help="Redis URL (redis://, rediss://, unix://). Default: $EVENTBUS_URL, else an"
         " embedded redis-server that stops when the command exits.",
     )(f)
+
+
+def _resolve(url: str | None, prefix: str | None) -> tuple[str | None, str]:
+    """The command's --url and --prefix, else the group's, else $EVENTBUS_URL and
+    $EVENTBUS_PREFIX, else (no URL: the embedded server) and ``eb``."""
+    group = click.get_current_context().find_root().obj or {}
+    url = url or group.get("url") or os.environ.get("EVENTBUS_URL") or None
+    prefix = prefix or group.get("prefix") or os.environ.get("EVENTBUS_PREFIX") or "eb"
+    if _PREFIX_RE.fullmatch(prefix) is None:
+        raise click.BadParameter(
+            f"{prefix!r}: use 1-64 of [A-Za-z0-9._-], starting with a letter or digit",
+            param_hint="EVENTBUS_PREFIX",
+        )
+    return url, prefix
 
 
 def json_option(f: F) -> F:
@@ -72,15 +82,17 @@ def kind_option(f: F) -> F:
     )(f)
 
 
-def _run(name: str, *args: Any) -> None:
+def _run(name: str, url: str | None, prefix: str | None, *args: Any) -> None:
     from . import _commands, _session
 
-    _session.run(getattr(_commands, name), *args)
+    _session.run(getattr(_commands, name), *_resolve(url, prefix), *args)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="eventbus", prog_name="eventbus")
-def cli() -> None:
+@connection
+@click.pass_context
+def cli(ctx: click.Context, url: str | None, prefix: str | None) -> None:
     """Publish, tail and inspect an eventbus from the shell.
 
     Every command connects with --url (else $EVENTBUS_URL, else an embedded
@@ -88,6 +100,7 @@ def cli() -> None:
     --prefix. Read commands take --json. Exit status: 0 done, 1 failed, 2 usage
     error.
     """
+    ctx.obj = {"url": url, "prefix": prefix}
 
 
 # -- publish and tail -----------------------------------------------------------------
@@ -164,7 +177,7 @@ def publish(
     at: datetime | None,
     as_json: bool,
     url: str | None,
-    prefix: str,
+    prefix: str | None,
 ) -> None:
     """Publish a JSON event to TOPIC, or one event per line of stdin with JSON '-'.
 
@@ -204,7 +217,7 @@ def tail(
     count: int | None,
     as_json: bool,
     url: str | None,
-    prefix: str,
+    prefix: str | None,
 ) -> None:
     """Print the events of TOPIC as they come, one per line, until Ctrl-C.
 
@@ -222,7 +235,7 @@ def tail(
 @click.argument("topics", nargs=-1, metavar="[TOPIC]...")
 @json_option
 @connection
-def stats(topics: tuple[str, ...], as_json: bool, url: str | None, prefix: str) -> None:
+def stats(topics: tuple[str, ...], as_json: bool, url: str | None, prefix: str | None) -> None:
     """Tables of durable topics, consumer groups, delayed and recurring events.
 
     Without TOPIC, every durable topic under the prefix (found by scanning keys).
@@ -234,7 +247,7 @@ def stats(topics: tuple[str, ...], as_json: bool, url: str | None, prefix: str) 
 @click.argument("topic")
 @json_option
 @connection
-def groups(topic: str, as_json: bool, url: str | None, prefix: str) -> None:
+def groups(topic: str, as_json: bool, url: str | None, prefix: str | None) -> None:
     """Consumer groups of the durable TOPIC and their members: pending, lag, idle."""
     _run("groups", url, prefix, topic, as_json)
 
@@ -257,7 +270,7 @@ def dlq() -> None:
 @json_option
 @connection
 def dlq_list(
-    topic: str, count: int, after: str | None, as_json: bool, url: str | None, prefix: str
+    topic: str, count: int, after: str | None, as_json: bool, url: str | None, prefix: str | None
 ) -> None:
     """The dead letters of TOPIC: id, event id, group, reason, attempts, error."""
     _run("dlq_list", url, prefix, topic, count, after, as_json)
@@ -268,7 +281,7 @@ def dlq_list(
 @click.argument("dlq_id", metavar="ID")
 @json_option
 @connection
-def dlq_show(topic: str, dlq_id: str, as_json: bool, url: str | None, prefix: str) -> None:
+def dlq_show(topic: str, dlq_id: str, as_json: bool, url: str | None, prefix: str | None) -> None:
     """One dead letter of TOPIC in full: the event, the error and its traceback."""
     _run("dlq_show", url, prefix, topic, dlq_id, as_json)
 
@@ -279,7 +292,7 @@ def dlq_show(topic: str, dlq_id: str, as_json: bool, url: str | None, prefix: st
 @json_option
 @connection
 def dlq_replay(
-    topic: str, ids: tuple[str, ...], as_json: bool, url: str | None, prefix: str
+    topic: str, ids: tuple[str, ...], as_json: bool, url: str | None, prefix: str | None
 ) -> None:
     """Publish dead letters back into TOPIC (the given IDs, else all of them).
 
@@ -296,7 +309,7 @@ def dlq_replay(
 @json_option
 @connection
 def dlq_purge(
-    topic: str, ids: tuple[str, ...], yes: bool, as_json: bool, url: str | None, prefix: str
+    topic: str, ids: tuple[str, ...], yes: bool, as_json: bool, url: str | None, prefix: str | None
 ) -> None:
     """Delete dead letters of TOPIC (the given IDs, else all of them), for good.
 
@@ -322,7 +335,7 @@ def scheduled() -> None:
 @json_option
 @connection
 def scheduled_list(
-    topic: str | None, count: int, as_json: bool, url: str | None, prefix: str
+    topic: str | None, count: int, as_json: bool, url: str | None, prefix: str | None
 ) -> None:
     """Delayed events not yet released: id, topic, due time, event."""
     _run("scheduled_list", url, prefix, topic, count, as_json)
@@ -334,7 +347,7 @@ def scheduled_list(
 @json_option
 @connection
 def scheduled_cancel(
-    event_id: str, topic: str | None, as_json: bool, url: str | None, prefix: str
+    event_id: str, topic: str | None, as_json: bool, url: str | None, prefix: str | None
 ) -> None:
     """Cancel the delayed event ID; exit status 1 if it was no longer pending."""
     _run("scheduled_cancel", url, prefix, event_id, topic, as_json)
@@ -348,7 +361,7 @@ def schedules() -> None:
 @schedules.command("list")
 @json_option
 @connection
-def schedules_list(as_json: bool, url: str | None, prefix: str) -> None:
+def schedules_list(as_json: bool, url: str | None, prefix: str | None) -> None:
     """Every recurring event: topic, period or cron, next and last occurrence."""
     _run("schedules_list", url, prefix, as_json)
 
@@ -357,7 +370,7 @@ def schedules_list(as_json: bool, url: str | None, prefix: str) -> None:
 @click.argument("name")
 @json_option
 @connection
-def schedules_remove(name: str, as_json: bool, url: str | None, prefix: str) -> None:
+def schedules_remove(name: str, as_json: bool, url: str | None, prefix: str | None) -> None:
     """Remove the recurring event NAME (bus.unschedule); status 1 if there was none."""
     _run("schedules_remove", url, prefix, name, as_json)
 
@@ -377,11 +390,12 @@ def schedules_remove(name: str, as_json: bool, url: str | None, prefix: str) -> 
 )  # fmt: skip
 @click.option("--reload", is_flag=True, help="Restart when the code changes (development).")
 @click.option(
-    "--url", envvar="EVENTBUS_URL", show_envvar=True, metavar="URL",
-    help="Redis URL for the bus, if it was built without one.",
+    "--url", metavar="URL",
+    help="Redis URL for the bus, if it was built without one. Default: $EVENTBUS_URL.",
 )  # fmt: skip
 def run(target: str, grace: float, workers: int, reload: bool, url: str | None) -> None:
     """Serve the bus MODULE:BUS until SIGTERM or SIGINT, then drain and exit 0."""
+    url, _prefix = _resolve(url, None)
     try:
         from .. import _runner  # type: ignore[attr-defined,unused-ignore]
     except ImportError:  # the runner is not in this version
