@@ -158,6 +158,19 @@ def test_help_is_quick() -> None:
     assert elapsed < 2.0, elapsed
 
 
+def test_python_m_and_version() -> None:
+    from eventbus import __version__
+
+    result = subprocess.run(
+        [sys.executable, "-m", "eventbus._cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+    )
+    assert ok(result).strip() == f"eventbus, version {__version__}"
+
+
 def test_usage_errors_exit_2(cli: Cli) -> None:
     assert "not JSON" in failed(cli("publish", "orders", "{oops"), 2)
     assert "No such command" in failed(cli("nonsense"), 2)
