@@ -81,6 +81,18 @@ def failed(result: subprocess.CompletedProcess[str], status: int = 1) -> str:
     return result.stderr
 
 
+def _wait_for_line(stream: Any, text: str) -> None:
+    """Read ``stream`` up to a line containing ``text``; a stream that closes first
+    fails here (a process that hangs silent is ended by pytest-timeout)."""
+    seen = []
+    while True:
+        line = stream.readline()
+        assert line, f"no line with {text!r} in {seen}"
+        if text in line:
+            return
+        seen.append(line)
+
+
 def json_lines(text: str) -> list[Any]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -284,7 +296,7 @@ def test_tail_of_a_live_topic_shows_what_is_published_meanwhile(
     )
     try:
         assert tail.stderr is not None
-        assert "tailing 'prices' (live)" in tail.stderr.readline()  # subscribed
+        _wait_for_line(tail.stderr, "tailing 'prices' (live)")  # subscribed
         (first,) = json_lines(ok(cli("publish", "prices", '{"p": 1}', "--json")))
         assert first["receivers"] == 1  # the tail's subscription
         ok(cli("publish", "prices", '{"p": 2}'))
@@ -311,11 +323,7 @@ def test_sigterm_ends_a_tail_and_its_embedded_server(prefix: str) -> None:
     )
     try:
         assert tail.stderr is not None
-        lines = []
-        while not any("tailing" in line for line in lines):
-            line = tail.stderr.readline()
-            assert line, lines
-            lines.append(line)
+        _wait_for_line(tail.stderr, "tailing 'prices'")
         (server,) = psutil.Process(tail.pid).children()
         assert "redis-server" in server.name()
         tail.send_signal(signal.SIGTERM)
