@@ -270,6 +270,24 @@ def test_publish_from_stdin_then_tail_until_caught_up(cli: Cli) -> None:
     assert out.splitlines()[0].split(" ")[1] == published[5]["id"]
 
 
+def test_a_tail_into_a_closed_pipe_ends_quietly(cli: Cli, redis_url: str, prefix: str) -> None:
+    ok(cli("publish", "many", "-", "--durable", input="1\n" * 5000))
+    tail = subprocess.Popen(
+        [*COMMAND, "tail", "many", "--from", "earliest"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(EVENTBUS_URL=redis_url, EVENTBUS_PREFIX=prefix),
+    )
+    assert tail.stdout is not None
+    assert tail.stdout.readline()  # like `| head -1`
+    tail.stdout.close()
+    _, err = tail.communicate(timeout=TIMEOUT)
+    assert tail.returncode == 141, err
+    assert "Traceback" not in err
+    assert "Error" not in err
+
+
 def test_publish_an_event_with_headers_to_a_stream_found_by_its_kind(cli: Cli) -> None:
     ok(cli("publish", "audit", '{"first": true}', "--durable"))
     # No --durable now: the stream exists, so the topic is durable.

@@ -9,6 +9,7 @@ Imported by a command when it runs, never by ``eventbus --help``.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -184,6 +185,11 @@ def run(command: Callable[..., Awaitable[None]], *args: Any) -> None:
         inner = _single(exc)
         if isinstance(inner, KeyboardInterrupt):
             raise SystemExit(130) from None
+        if isinstance(inner, BrokenPipeError):  # `eventbus tail ... | head`: quietly,
+            # as a tool killed by SIGPIPE (Python's advice: point stdout at devnull,
+            # so that flushing it at exit does not fail again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(128 + signal.SIGPIPE) from None
         if isinstance(inner, click.ClickException | SystemExit):
             raise inner from None
         if isinstance(inner, EventBusError | rex.RedisError | OSError | TimeoutError):
