@@ -32,9 +32,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from types import FrameType
-from typing import Final, TypedDict
+from typing import Final
 
 import anyio
 
@@ -60,15 +59,23 @@ def load(target: str) -> EventBus:
 
     The current directory is put on ``sys.path`` first (as ``python -m`` does).
 
-    :raises eventbus.errors.ConfigurationError: a malformed target, or an attribute
-        that is not a bus (import errors of the module itself propagate).
+    :raises eventbus.errors.ConfigurationError: a malformed target, a module that does
+        not exist, or an attribute that is not a bus (errors raised while the module
+        imports propagate).
     """
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         raise ConfigurationError(f"target must be 'package.module:bus', got {target!r}")
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # The target's own module (or a package above it) is missing: a usage error.
+        # A module the target imports that is missing is its own bug: a traceback.
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ConfigurationError(f"no module named {exc.name!r}") from None
+        raise
     obj: object = module
     for part in attr.split("."):
         try:
@@ -311,36 +318,3 @@ class _Supervisor:
                 status = 1
         logger.info("eventbus: all workers stopped")
         return status
-
-
-class RunArgs(TypedDict):
-    """The keyword arguments of :func:`run`."""
-
-    target: str
-    grace: float | None
-    workers: int
-    reload: bool
-    url: str | None
-
-
-def parse_run_args(argv: Sequence[str]) -> RunArgs:
-    """``run``'s arguments as keyword arguments of :func:`run` (argparse; kept in one
-    function so that a CLI library can replace it)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="eventbus run", description="Serve an EventBus until SIGTERM or SIGINT."
-    )
-    parser.add_argument("target", help="package.module:bus (an EventBus or a factory)")
-    parser.add_argument("--grace", type=float, default=None, help="seconds to drain")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
-    parser.add_argument("--reload", action="store_true", help="restart on code changes")
-    parser.add_argument("--url", default=None, help="Redis URL (else $EVENTBUS_URL)")
-    ns = parser.parse_args(list(argv))
-    return RunArgs(
-        target=ns.target,
-        grace=ns.grace,
-        workers=ns.workers,
-        reload=ns.reload,
-        url=ns.url,
-    )

@@ -29,7 +29,11 @@ FEATURES: Final = (
     "eventbus._queues",
 )
 """Each a module or a package: everything under it is that feature."""
-TOP: Final = frozenset({"eventbus", "eventbus.__main__", "eventbus._runner", "eventbus.sync"})
+TOP: Final = frozenset(
+    {"eventbus", "eventbus.__main__", "eventbus._runner", "eventbus.sync", "eventbus.otel"}
+)
+CLI: Final = "eventbus._cli"
+"""The command line (a package): on top, like ``__main__``, a user of the rest."""
 
 
 def module_name(path: Path) -> str:
@@ -72,7 +76,7 @@ def feature_of(module: str) -> str | None:
 
 
 def layer(module: str) -> str:
-    if module in TOP:
+    if module in TOP or module == CLI or module.startswith(CLI + "."):
         return "top"
     if module == "eventbus.testing" or module.startswith("eventbus.testing."):
         return "testing"
@@ -129,6 +133,8 @@ def test_the_layers_hold() -> None:
         ),
         ({"eventbus._local": {"eventbus._bus"}}, "feature eventbus._local imports facade"),
         ({"eventbus._bus": {"eventbus.testing._proxy"}}, "never imports testing"),
+        ({"eventbus._streams._group": {"eventbus._cli"}}, "imports top eventbus._cli"),
+        ({"eventbus._cli._session": {"eventbus.testing"}}, "never imports testing"),
     ],
 )
 def test_the_rules_catch(edges: dict[str, set[str]], expected: str) -> None:

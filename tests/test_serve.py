@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 
 from eventbus import ClaimPolicy, EventBus, RetryPolicy, Topic
 from eventbus._keys import member_lease, topic_keys
-from eventbus._runner import load, parse_run_args
+from eventbus._runner import load
 from eventbus._streams._options import group_options
 from eventbus.errors import BusStateError, ConfigurationError
 
@@ -399,16 +399,6 @@ def test_load_takes_a_bus_or_a_factory_and_refuses_anything_else(
         load("tests.serve_app:nothing")
     with pytest.raises(ConfigurationError, match="not an EventBus"):
         load("tests.serve_app:orders")
-
-
-def test_run_arguments() -> None:
-    assert parse_run_args(["a.b:bus", "--grace", "2.5", "--workers", "3"]) == {
-        "target": "a.b:bus",
-        "grace": 2.5,
-        "workers": 3,
-        "reload": False,
-        "url": None,
-    }
 
 
 def test_a_bad_target_is_refused_with_status_2() -> None:

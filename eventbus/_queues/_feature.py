@@ -63,7 +63,7 @@ from ._job import JobSubscription
 from ._queue import Queue
 from ._worker import QueueWorker, WorkerOptions, WorkerScripts
 
-__all__ = ["JobDeadLetter", "QueueFeature"]
+__all__ = ["JobDeadLetter", "QueueFeature", "read_job_dead_letter"]
 
 logger = logging.getLogger("eventbus")
 
@@ -531,7 +531,7 @@ class QueueFeature:
         start = "-" if after is None else f"({after}"
         with map_exceptions(topic=queue.name, command="XRANGE"):
             entries = await self._client.xrange(keys.dead, start, "+", count=count)
-        return [_dead_letter(queue.name, entry_id, fields) for entry_id, fields in entries]
+        return [read_job_dead_letter(queue.name, entry_id, fields) for entry_id, fields in entries]
 
     async def replay_dead_letters(self, queue: Queue[Any], ids: Sequence[str] | None) -> int:
         """Put dead letters back on the queue (their level's list, at the back), each
@@ -555,7 +555,7 @@ class QueueFeature:
                 return done
             args: list[Any] = [NUDGE]
             for entry_id, fields in entries:
-                letter = _dead_letter(queue.name, entry_id, fields)
+                letter = read_job_dead_letter(queue.name, entry_id, fields)
                 level = min(max(letter.level, 0), queue.priorities - 1)
                 args += (letter.id, level, letter.job_id, _fresh(letter.job))
             with map_exceptions(topic=queue.name, command="EVALSHA"):
@@ -580,7 +580,8 @@ class QueueFeature:
             return removed
 
 
-def _dead_letter(queue: str, entry_id: bytes | str, fields: Any) -> JobDeadLetter:
+def read_job_dead_letter(queue: str, entry_id: bytes | str, fields: Any) -> JobDeadLetter:
+    """One entry of a queue's dead-letter stream, as redis-py returns it."""
     f = field_map(fields) if isinstance(fields, list) else dict(fields)
     g = {(_text(k)): v for k, v in f.items()}
 
