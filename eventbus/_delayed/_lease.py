@@ -115,7 +115,10 @@ class SchedulerLease:
             status, holder = await self._renew(
                 keys=[self._key], args=[self.token, self._ttl_ms], client=client
             )
-        except rex.NoPermissionError as exc:
+        except rex.ResponseError as exc:
+            # NOPERM: refused before the script ran (Redis 7), or by its call (6.2)
+            if not isinstance(exc, rex.NoPermissionError) and "NOPERM" not in str(exc):
+                raise
             self.enabled = False
             self._held_until = 0.0
             logger.warning(
