@@ -139,7 +139,8 @@ class DelayedFeature:
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         """Schedule calls waiting for the next round trip (see :meth:`_call_schedule`)."""
         self._lease: SchedulerLease | None = None
-        """Whether this scheduler leads (see ``_lease``); set when it starts."""
+        """The schedulers' lease as this one sees it (see ``_lease``); made when
+        the scheduler starts."""
         self._behind = False
         """Without the lease only: this scheduler's last release found its events
         taken by another: it looks a little later next time, so racing schedulers
