@@ -5,6 +5,8 @@ serves nothing else and releases due events until SIGTERM or ``--max-seconds``.
 ``--clock-skew`` moves this process's wall clock (``time.time`` and
 ``time.time_ns``) by that many seconds, as a host whose clock is off would
 (RELIABILITY.md F18b): due times are the server's, so nothing may change.
+``--standby-lag`` overrides ``eventbus._delayed._lease.STANDBY_LAG`` in this
+process (a test of the lease alone, not of its safety net).
 
 stdout: ``{"event": "ready"}`` once the bus is open, ``{"event": "leader", "leader":
 bool}`` when it takes or loses the schedulers' lease, then ``{"event": "exit",
@@ -67,7 +69,17 @@ if __name__ == "__main__":
     p.add_argument("--prefix", required=True)
     p.add_argument("--max-seconds", type=float, default=60.0)
     p.add_argument("--clock-skew", type=float, default=0.0)
+    p.add_argument(
+        "--standby-lag",
+        type=float,
+        default=None,
+        help="seconds overdue before a standby releases (default: the library's)",
+    )
     arguments = p.parse_args()
     if arguments.clock_skew:
         skew_clock(arguments.clock_skew)
+    if arguments.standby_lag is not None:
+        from eventbus._delayed import _lease
+
+        _lease.STANDBY_LAG = arguments.standby_lag  # type: ignore[misc]
     anyio.run(main, arguments)
