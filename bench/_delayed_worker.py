@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import threading
@@ -386,10 +387,27 @@ async def release_raw(url: str, tick: float, batch: int, stop: asyncio.Event) ->
 async def release_eventbus(url: str, stop: asyncio.Event) -> dict[str, Any]:
     from eventbus import EventBus
 
-    async with EventBus(url, prefix=PREFIX, **scheduler_kwarg(EventBus, True)):
+    if os.environ.get("W5_NO_LEASE") == "1":
+        _without_scheduler_lease()
+    bus = EventBus(url, prefix=PREFIX, **scheduler_kwarg(EventBus, True))
+    async with bus:
         emit(event="ready")
         await stop.wait()
-    return {}
+        stats = bus.delayed_statistics()
+    return {"released": stats.released, "leader": getattr(stats, "scheduler_leader", None)}
+
+
+def _without_scheduler_lease() -> None:
+    """``W5_NO_LEASE=1``: the schedulers race as before the lease (an A/B of its
+    effect on lateness, with the same code otherwise); a bench-only hook."""
+    from eventbus._delayed import _feature, _lease
+
+    class NoLease(_lease.SchedulerLease):
+        def __init__(self, client: Any, key: str) -> None:
+            super().__init__(client, key)
+            self.enabled = False
+
+    _feature.SchedulerLease = NoLease  # type: ignore[misc]
 
 
 async def release_main(args: argparse.Namespace) -> None:

@@ -226,12 +226,39 @@ def trial(
         for p in releasers:
             p.close_stdin()
         out["releasers"] = [p.wait_for("result", 30) for p in releasers]
+        if row.family == "eventbus":
+            out.update(release_lateness(admin))
     except RuntimeError as exc:
         out["error"] = str(exc)
     finally:
         for p in procs:
             p.close()
     return out
+
+
+def release_lateness(admin: redis.Redis) -> dict[str, float]:
+    """eventbus: the releases alone, without the consumer's part: each stream entry's
+    time (stamped by Redis when the release script wrote it) minus its due time
+    (its ``t`` field), in seconds; ``release_p50``/``release_p99``/``release_max``."""
+    late: list[float] = []
+    start = "-"
+    for _ in range(1_000):  # 100 pages of 1,000: bounded
+        page = admin.xrange("bench:{w5.events}:stream", min=start, count=1_000)
+        for entry_id, fields in page:
+            due = fields.get(b"t")
+            if due is not None:
+                late.append((int(entry_id.split(b"-")[0]) - int(due)) / 1000)
+        if len(page) < 1_000:
+            break
+        start = "(" + page[-1][0].decode()
+    if not late:
+        return {}
+    late.sort()
+    return {
+        "release_p50": statistics.median(late),
+        "release_p99": late[min(len(late) - 1, int(len(late) * 0.99))],
+        "release_max": late[-1],
+    }
 
 
 # -- W5b ---------------------------------------------------------------------------------
@@ -502,6 +529,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 status = r.get("error", "")[:300] or (
                     f"p99 {ms(r['p99'], bool(r['lost']))} ms, lost {r['lost']}, "
                     f"dups {r['duplicates']}"
+                    + (
+                        f" (releases alone: p50 {ms(r['release_p50'])} ms, p99"
+                        f" {ms(r['release_p99'])} ms)"
+                        if "release_p99" in r
+                        else ""
+                    )
                 )
                 print(
                     f"  .. {row.name:<12} run {rep + 1}: {time.monotonic() - t:5.1f}s {status}",

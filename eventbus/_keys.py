@@ -23,6 +23,8 @@ Layout (``prefix`` defaults to ``eb``; a topic name never contains ``:``, ``{`` 
                                      passed), for 10 minutes: a retried call finds it
     {prefix}:delayed                 zset: topics with delayed events by earliest due
     {prefix}:delayed:wake            channel: an earlier due time was scheduled
+    {prefix}:delayed:lease           string: token of the scheduler that releases on
+                                     time (the others stand by), with a TTL
     {prefix}:recurring               hash: schedule name -> definition (JSON)
     {prefix}:recurring:due           zset: schedule name by next occurrence (ms)
     {prefix}:recurring:last          hash: schedule name -> occurrence released last (ms)
@@ -64,6 +66,7 @@ __all__ = [
     "channel_topic",
     "dedupe_prefix",
     "delayed_index",
+    "delayed_lease",
     "delayed_wake",
     "live_channel",
     "live_pattern",
@@ -177,6 +180,12 @@ def recurring_keys(prefix: str) -> RecurringKeys:
 def delayed_wake(prefix: str) -> str:
     """Channel on which a scheduler is told that an earlier due time was scheduled."""
     return f"{prefix}:delayed:wake"
+
+
+def delayed_lease(prefix: str) -> str:
+    """The schedulers' lease: the token of the one that releases on time (the
+    others release only what it leaves overdue), expiring unless renewed."""
+    return f"{prefix}:delayed:lease"
 
 
 def dedupe_prefix(keys: TopicKeys, group: str) -> str:

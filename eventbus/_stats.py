@@ -289,6 +289,13 @@ class DelayedStatistics:
     """Release calls Redis refused (a topic's key of the wrong type, OOM...)."""
     scheduler_running: bool
     """Whether this bus runs a scheduler."""
+    scheduler_leader: bool
+    """Whether this bus's scheduler holds the schedulers' lease now: the one of its
+    prefix that releases on time (the others stand by and release only what it
+    leaves overdue by more than 0.1 s, and one takes over within 2.5 s if it dies).
+
+    .. versionadded:: 0.2
+    """
 
 
 @attrs.frozen

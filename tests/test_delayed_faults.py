@@ -42,8 +42,11 @@ class Schedulers:
         self.prefix = prefix
         self.workers: list[Worker] = []
 
-    async def spawn(self, url: str, *, skew: float = 0.0) -> Worker:
+    async def spawn(
+        self, url: str, *, skew: float = 0.0, standby_lag: float | None = None
+    ) -> Worker:
         name = f"scheduler-{len(self.workers)}"
+        extra = [] if standby_lag is None else ["--standby-lag", str(standby_lag)]
         worker = Worker(
             name,
             [
@@ -55,6 +58,7 @@ class Schedulers:
                 "120",
                 "--clock-skew",
                 str(skew),
+                *extra,
             ],
             self.tmp / f"{name}.oracle",
             self.tmp / f"{name}.stderr",

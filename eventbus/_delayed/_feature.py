@@ -17,6 +17,12 @@ for a live topic), then removed from the schedule, so a failure never loses one;
 and since a script runs alone, schedulers racing for the same events release each
 exactly once. A backlog drains in such calls, back to back.
 
+Several schedulers do not all race for every due time, though: one of them holds
+a lease (``_lease``: ``{prefix}:delayed:lease``) and releases on time, the others
+stand by and release only what it leaves overdue by more than ``STANDBY_LAG``,
+and take the lease when it lapses. The lease makes releases punctual, never
+exact: that is the scripts' work.
+
 Why one module past 600 lines: it is one scheduler, one concept. Scheduling,
 cancelling, declaring recurring events and the release loop share the same
 state (the server clock as last seen, the scripts, the queue of schedule calls,
@@ -48,6 +54,7 @@ from .._hub import Receiver
 from .._keys import (
     NUDGE,
     delayed_index,
+    delayed_lease,
     delayed_wake,
     live_channel,
     queue_keys,
@@ -65,6 +72,7 @@ from .._scripts import (
 from .._stats import DelayedStatistics
 from .._topic import Topic
 from ..errors import ConfigurationError, EventBusError, PermissionDenied
+from ._lease import SchedulerLease
 from ._recurring import Recurrence, ScheduleInfo, occurrence_id
 
 __all__ = ["DelayedFeature", "due_args"]
@@ -83,9 +91,9 @@ _MAX_SLEEP: Final = 5.0
 """Longest sleep between two looks at the index. Wake messages make it rarely
 matter; it bounds the delay if one is lost while the push connection reconnects."""
 _YIELD: Final = 0.003
-"""A scheduler that lost the last race leaves the events due in the last 3 ms to
-the one that won, which releases them on time; if that one died, this one
-releases them 3 ms late."""
+"""Without the lease (an ACL refused its key): a scheduler that lost the last race
+leaves the events due in the last 3 ms to the one that won, which releases them
+on time; if that one died, this one releases them 3 ms late."""
 _RETRY_MIN: Final = 0.1
 _RETRY_MAX: Final = 5.0
 
@@ -133,10 +141,14 @@ class DelayedFeature:
         self._server_at = 0.0
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         """Schedule calls waiting for the next round trip (see :meth:`_call_schedule`)."""
+        self._lease: SchedulerLease | None = None
+        """The schedulers' lease as this one sees it (see ``_lease``); made when
+        the scheduler starts."""
         self._behind = False
-        """This scheduler's last release found its events taken by another: it
-        looks a little later next time, so racing schedulers do not all hit Redis
-        for every due time (the first one still releases on time)."""
+        """Without the lease only: this scheduler's last release found its events
+        taken by another: it looks a little later next time, so racing schedulers
+        do not all hit Redis for every due time (the first one still releases on
+        time)."""
         self._failing: dict[str, tuple[float, float]] = {}
         """Topic -> (retry at (monotonic), backoff): releases Redis refused."""
         self.scheduled = self.cancelled = self.released = self.release_errors = 0
@@ -178,6 +190,7 @@ class DelayedFeature:
             released=self.released,
             release_errors=self.release_errors,
             scheduler_running=self._scope is not None and not self._scope.cancel_called,
+            scheduler_leader=self._lease is not None and self._lease.leader,
         )
 
     # -- scheduling ---------------------------------------------------------------------
@@ -377,6 +390,7 @@ class DelayedFeature:
         self._scheduler_client = ctx.clients.command_client(
             ctx.clients.command_timeout, "command_timeout"
         )
+        self._lease = SchedulerLease(self._scheduler_client, delayed_lease(ctx.prefix))
 
         async def run() -> None:
             with scope:
@@ -392,13 +406,28 @@ class DelayedFeature:
         """The Redis server's clock (ms) as last seen, advanced by our monotonic clock."""
         return self._server_ms + (time.monotonic() - self._server_at) * 1000
 
+    def _lag(self) -> float:
+        """How overdue (ms) an event must be before this scheduler releases it: 0 for
+        the leader, ``STANDBY_LAG`` for a standby; without the lease, ``_YIELD``
+        after a lost race."""
+        lease = self._lease
+        if lease is not None and lease.enabled:
+            return lease.lag_ms
+        return _YIELD * 1000 if self._behind else 0.0
+
     async def _run(self) -> None:
         ctx = self._ctx
+        lease = self._lease
         assert ctx is not None
+        assert lease is not None
         client = self._scheduler_client
         kick = Receiver(label="eventbus.delayed.wake", capacity=1, overflow="drop_oldest")
         detach: Callable[[], None] | None = None
         retry = _RETRY_MIN
+        kicked = True  # the first round looks, and tries for the lease
+        next_due: float | None = None
+        look_at = 0.0
+        """Server ms of the next look at the schedule (the wake time it set)."""
         try:
             while True:
                 try:
@@ -421,45 +450,80 @@ class DelayedFeature:
                                 label="eventbus.delayed.wake", capacity=1, overflow="drop_oldest"
                             )
                     await self._server_time()  # the clock the release loop sleeps by
-                    next_due = await self._release_due(client)
-                    next_occurrence = await self._fire_recurring(client)
-                    if next_occurrence is not None:
-                        next_due = (
-                            next_occurrence if next_due is None else min(next_due, next_occurrence)
-                        )
+                    # A standby woken by the wake channel tries for the lease at once:
+                    # the message may be a leader's goodbye.
+                    changed = await lease.hold(client, force=kicked and not lease.leader)
+                    if kicked or changed or self._server_now() >= look_at - 1:
+                        next_due = await self._release_due(client)
+                        next_occurrence = await self._fire_recurring(client)
+                        if next_occurrence is not None:
+                            next_due = (
+                                next_occurrence
+                                if next_due is None
+                                else min(next_due, next_occurrence)
+                            )
+                        wait = _MAX_SLEEP
+                        if next_due is not None:
+                            wait = min(max((next_due - self._server_now()) / 1000, 0.0), wait)
+                        look_at = self._server_now() + wait * 1000
                     retry = _RETRY_MIN
                 except (EventBusError, rex.RedisError, OSError, TimeoutError) as exc:
                     logger.warning("delayed-event scheduler: %s; retrying in %.1fs", exc, retry)
                     await anyio.sleep(retry)
                     retry = min(retry * 2, _RETRY_MAX)
+                    kicked = True
                     continue
-                wait = _MAX_SLEEP
-                if next_due is not None:
-                    wait = min(max((next_due - self._server_now()) / 1000, 0.0), _MAX_SLEEP)
-                    if self._behind:
-                        wait += _YIELD  # another scheduler got there first last time
+                # Asleep until the next look, or the lease's next renewal or attempt,
+                # or a message on the wake channel, whichever comes first.
+                wait = max((look_at - self._server_now()) / 1000, 0.0)
+                if lease.enabled:
+                    wait = min(wait, max(lease.next_attempt - time.monotonic(), 0.0))
+                kicked = False
                 if wait > 0:
                     with anyio.move_on_after(wait):
                         if kick.take() is None:
                             await kick.waiter()
+                        else:
+                            kicked = True
                 while kick.take() is not None:
-                    pass  # woken: look again (whatever the message said)
+                    kicked = True  # woken: look again (whatever the message said)
         finally:
             if detach is not None:
                 detach()
+            await self._step_down(client)
+
+    async def _step_down(self, client: Any) -> None:
+        """A stopping leader deletes its lease and says so on the wake channel: a
+        standby takes over at once, not when the lease lapses."""
+        lease = self._lease
+        ctx = self._ctx
+        if lease is None or ctx is None or not lease.leader:
+            return
+        with anyio.move_on_after(1.0, shield=True):
+            try:
+                if await lease.release(client):
+                    await client.publish(delayed_wake(ctx.prefix), "0")
+            except (rex.RedisError, OSError) as exc:
+                logger.debug("delayed-event scheduler: releasing its lease failed: %s", exc)
 
     async def _release_due(self, client: Any) -> float | None:
-        """Release every due event of every topic; the earliest due time left (ms)."""
+        """Release every due event of every topic (a standby: every overdue one); when
+        to look next (server ms), or None if nothing is scheduled."""
         ctx = self._ctx
+        lease = self._lease
         assert ctx is not None
+        assert lease is not None
         index = delayed_index(ctx.prefix)
         release = self._scripts["release"]
         while True:
+            await lease.hold(client)  # a long backlog: renewed between calls
             heads = await client.zrange(index, 0, _INDEX_PEEK - 1, withscores=True)
             now = self._server_now()
-            # Behind another scheduler: leave it what it is about to release, take
-            # only what it left overdue (it may have died).
-            horizon = now - _YIELD * 1000 if self._behind else now
+            # A standby (or, without the lease, one behind another scheduler) leaves
+            # the leader what it is about to release, and takes only what it left
+            # overdue (it may have died, or be stuck).
+            lag = self._lag()
+            horizon = now - lag
             mono = time.monotonic()
             next_due: float | None = None
             more = len(heads) == _INDEX_PEEK  # more topics past these: look again
@@ -470,6 +534,7 @@ class DelayedFeature:
                 if failing is not None and failing[0] > mono:
                     continue
                 if score > horizon:
+                    score += lag
                     next_due = score if next_due is None else min(next_due, score)
                     more = False
                     break
@@ -507,9 +572,10 @@ class DelayedFeature:
                 self._failing.pop(name, None)
                 self._note_server_time(int(server_now))
                 self.released += int(released)
-                # Released something: the one that did (if any) is gone or slow.
-                # Found nothing: another got there first; stay behind it.
-                self._behind = int(released) == 0 and int(missing) == 0
+                if not lease.enabled:
+                    # Released something: the one that did (if any) is gone or slow.
+                    # Found nothing: another got there first; stay behind it.
+                    self._behind = int(released) == 0 and int(missing) == 0
                 if int(missing):
                     logger.error(
                         "%d delayed event(s) of topic %r had no data in %s and were dropped",
@@ -520,7 +586,7 @@ class DelayedFeature:
                 if int(released) + int(missing) >= _RELEASE_BATCH:
                     backlog = True  # go round again at once
                 elif int(topic_next) >= 0:
-                    topic_next = float(topic_next)
+                    topic_next = float(topic_next) + self._lag()
                     next_due = topic_next if next_due is None else min(next_due, topic_next)
             if not (more or backlog):
                 return next_due
@@ -592,16 +658,19 @@ class DelayedFeature:
         return self._blob(topic, rec.event(), rec.headers, occurrence_id(rec.name, occurrence))
 
     async def _fire_recurring(self, client: Any) -> float | None:
-        """Fire every recurring event due now; the next occurrence left (ms)."""
+        """Fire every recurring event due now (a standby: every overdue one); when to
+        look next (server ms), or None if none is declared."""
         ctx = self._ctx
         assert ctx is not None
         keys = recurring_keys(ctx.prefix)
         fire = self._scripts["fire"]
         heads = await client.zrange(keys.due, 0, _INDEX_PEEK - 1, withscores=True)
         now = self._server_now()
+        lag = self._lag()  # as in _release_due: a standby fires what the leader left
         next_due: float | None = None
         for raw_name, score in heads:
-            if score > now:
+            if score > now - lag:
+                score += lag
                 next_due = score if next_due is None else min(next_due, score)
                 break
             name = _text(raw_name)
@@ -634,7 +703,8 @@ class DelayedFeature:
                 continue
             if released > 0:
                 self.released += released
-            next_due = following if next_due is None else min(next_due, following)
+            wake = following + lag
+            next_due = wake if next_due is None else min(next_due, wake)
         else:
             if len(heads) == _INDEX_PEEK:
                 return self._server_now()  # more due past these: go round again now
