@@ -908,7 +908,7 @@ class EventBus:
         With ``delay`` or ``at`` (as :meth:`publish`), every event of the batch is
         scheduled for the same due time, in one pipelined round trip.
 
-        :raises: as :meth:`publish`.
+        Raises what :meth:`publish` raises.
         """
         t = _publishable(topic, self._limits)
         due = None if delay is None and at is None else _due(t, delay, at)
@@ -1162,7 +1162,7 @@ class EventBus:
         is sent. ``job_ids``, if given, one per job (see :meth:`enqueue`).
         ``priority``, ``delay``, ``at`` and ``headers`` apply to every job.
 
-        :raises: as :meth:`enqueue`.
+        Raises what :meth:`enqueue` raises.
 
         .. versionadded:: 0.3
         """

@@ -1,0 +1,1 @@
+"""The tutorial's shop: two services exchanging events (docs/tutorial.md)."""
