@@ -41,6 +41,7 @@ import redis.exceptions as rex
 
 from .. import signals
 from .._config import RetryPolicy
+from .._connection import translate
 from .._envelope import CONTENT_BYTES, CONTENT_JSON, WIRE_VERSION, Envelope
 from .._handlers import HandlerSpec, invoke
 from .._keys import NUDGE, QueueKeys, delayed_index, delayed_wake, schedule_member
@@ -314,11 +315,13 @@ class QueueWorker:
                 except (*CONNECTION_ERRORS, rex.ResponseError) as exc:
                     # A reply lost here may have moved jobs into the processing list
                     # that this worker never saw: the orphan check puts them back.
+                    error = translate(exc, topic=self.queue.name, command="EVALSHA")
                     logger.warning(
-                        "queue %r worker %s: taking jobs failed (%s); retrying in %.2fs",
+                        "queue %r worker %s: taking jobs failed (%s: %s); retrying in %.2fs",
                         self.queue.name,
                         self.id,
-                        exc,
+                        type(error).__name__,
+                        error,
                         backoff,
                     )
                     await anyio.sleep(backoff * (1 + self._rand.random()))
