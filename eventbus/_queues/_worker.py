@@ -14,6 +14,9 @@ Recovery:
   heartbeats lapsed; it puts their jobs back at the front of the most urgent level
   (``QUEUE_REAP``), or dead-letters a job that workers died holding
   ``max_attempts`` times (a job that kills its worker must not kill them all);
+  it reaps only when its previous heartbeat went through too: after Redis refused
+  or lost every write for a while (OOM, a restart), the live workers get one
+  interval to renew theirs before any is taken for dead;
 * on the same timer it reads its own processing list and puts back what it does
   not hold (a reply lost with a connection: the job moved, the worker never saw
   it), once the job was seen there, unheld, twice in a row;
@@ -149,6 +152,8 @@ class QueueWorker:
         self._jobs_done = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._calls = 0
+        self._beat_wrote = False
+        """Whether the last heartbeat went through (Redis took a write)."""
         self._rates: collections.deque[tuple[float, int, int, int]] = collections.deque()
         self.started = self.finished = self.failed = self.retried = 0
         self.dead_lettered = self.reaped = self.orphans = self.lost_ownership = 0
@@ -599,7 +604,7 @@ class QueueWorker:
 
     # -- heartbeat, reaping, orphans --------------------------------------------------
 
-    async def _beat(self) -> bool:
+    async def _beat(self, *, reap: bool = True) -> bool:
         reply = await self._scripts.heartbeat(
             keys=[self.keys.workers, self.keys.info],
             args=[
@@ -609,7 +614,10 @@ class QueueWorker:
                 self._rate_info(),
             ],
         )
+        self._beat_wrote = True
         known = bool(int(reply[0]))
+        if not reap:
+            return known
         for lapsed in reply[1:]:
             wid = lapsed.decode() if isinstance(lapsed, bytes) else str(lapsed)
             if wid != self.id:
@@ -621,7 +629,12 @@ class QueueWorker:
         while True:
             await anyio.sleep(interval)
             try:
-                if not await self._beat():
+                # Reap only if the previous beat went through as well: if it did
+                # not (Redis refusing writes, restarting, unreachable), the other
+                # workers could not beat either, and a live one would be taken for
+                # dead before it had a chance to renew its heartbeat.
+                reap, self._beat_wrote = self._beat_wrote, False
+                if not await self._beat(reap=reap):
                     logger.warning(
                         "queue %r worker %s: its heartbeat had lapsed (event loop blocked,"
                         " connection lost?); its jobs were put back and may run twice",
