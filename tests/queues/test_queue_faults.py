@@ -1,5 +1,6 @@
-"""Work queues under faults (issue 12): RELIABILITY.md F24, a poison job, a Redis
-restart with AOF, a rate limit across processes.
+"""Work queues under faults (issue 12): RELIABILITY.md F24, lost script replies, an
+OOM longer than the heartbeat, a poison job, a Redis restart with AOF, a rate limit
+across processes.
 
 Workers are separate processes (``tests.queues.queue_worker``), so SIGKILL is real.
 Each records every completion to its own ``O_APPEND`` oracle file before the
@@ -16,6 +17,7 @@ whose reply was lost) is back after two beats that saw it unheld (<= 1.5 s).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 import time
 from collections import Counter
@@ -28,8 +30,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from eventbus import EventBus, Queue
+from eventbus import EventBus, Queue, _scripts
 from eventbus._keys import queue_keys
+from eventbus._scripts import QUEUE_TAKE
 from eventbus.testing import FaultProxy
 
 from ..helpers import command_calls, control_client, wait_until
@@ -368,6 +371,60 @@ async def test_an_oom_longer_than_the_heartbeat_steals_no_running_job(
     assert reaped == 0
     assert starts == len(jobs)
     assert dup == 0
+
+
+@pytest.mark.slow
+async def test_lost_evalsha_replies_lose_no_job(redis_server_factory: Any, tmp_path: Path) -> None:
+    """F24 (b) for the scripts: 3 workers behind a FaultProxy drain 3,000 jobs
+    while 30 EVALSHA replies are dropped, one at a time (takes, acks, heartbeats,
+    whatever comes). redis-py runs a script again after a lost reply: a take that
+    ran twice leaves the jobs of its first run in the processing list, unheld, and
+    the orphan check puts them back. lost = 0, and every processing list empties."""
+    server = redis_server_factory()
+    prefix, name = "evalsha", "evalsha"
+    queue = Queue(name)
+    jobs = range(3_000)
+    take_sha = hashlib.sha1(QUEUE_TAKE.encode()).hexdigest().encode()
+    producer = EventBus(server.url, prefix=prefix, scheduler=False)
+    ctl = control_client(server.url)
+    async with FaultProxy(("127.0.0.1", server.port)) as proxy:
+        proxied = f"redis://127.0.0.1:{proxy.port}/0"
+        with fleet_of(tmp_path, proxied, prefix, name, sleep_min=0.002, sleep_max=0.01) as fleet:
+            await fleet.start(3)
+            async with producer:
+                await enqueue_range(producer, queue, jobs)
+                with anyio.fail_after(30):
+                    while len(proxy.dropped) < 30:
+                        if proxy.armed_drops == 0:
+                            proxy.drop_next_reply(b"EVALSHA")
+                        await anyio.sleep(0.05)  # paces the fault injection, not an ordering
+                proxy.cancel_drops()
+                dropped_at = time.time()
+                await wait_until(lambda: fleet.handled() == len(jobs), timeout=20)
+                drained_s = time.time() - dropped_at
+                await wait_until(lambda: _all_empty(ctl, prefix, name), timeout=10)
+            stats = await fleet.stop()
+    await ctl.aclose()
+    lost, dup = tally(fleet.done(), jobs)
+    scripts = {
+        hashlib.sha1(getattr(_scripts, script).encode()).hexdigest().encode(): script
+        for script in _scripts.__all__
+        if script.startswith("QUEUE_")
+    }
+    which = Counter(scripts.get(d.command[1], "?") for d in proxy.dropped if len(d.command) > 1)
+    takes = [d for d in proxy.dropped if len(d.command) > 1 and d.command[1] == take_sha]
+    took = [d for d in takes if not d.reply.startswith(b"*1\r\n")]  # more than {wait ms}
+    orphans = sum(s.get("orphans", 0) for s in stats)
+    print(
+        f"\nlost EVALSHA replies: {len(proxy.dropped)} dropped ({dict(which)}),"
+        f" {len(takes)} of them takes"
+        f" ({len(took)} had taken jobs), {orphans} orphans put back; all done"
+        f" {drained_s:.2f} s after the last drop; lost={lost} dup={dup}"
+    )
+    assert lost == 0
+    assert dup <= 5  # a lost reply is no crash: a job is done twice only if reaped
+    assert orphans >= len(took)
+    assert all(w.proc.returncode == 0 for w in fleet.workers)
 
 
 # -- a poison job -----------------------------------------------------------------------------
