@@ -14,6 +14,9 @@ Recovery:
   heartbeats lapsed; it puts their jobs back at the front of the most urgent level
   (``QUEUE_REAP``), or dead-letters a job that workers died holding
   ``max_attempts`` times (a job that kills its worker must not kill them all);
+  it reaps only when its previous heartbeat went through too: after Redis refused
+  or lost every write for a while (OOM, a restart), the live workers get one
+  interval to renew theirs before any is taken for dead;
 * on the same timer it reads its own processing list and puts back what it does
   not hold (a reply lost with a connection: the job moved, the worker never saw
   it), once the job was seen there, unheld, twice in a row;
@@ -42,6 +45,7 @@ import redis.exceptions as rex
 
 from .. import signals
 from .._config import RetryPolicy
+from .._connection import translate
 from .._envelope import CONTENT_BYTES, CONTENT_JSON, WIRE_VERSION, Envelope
 from .._handlers import HandlerSpec, invoke
 from .._keys import NUDGE, QueueKeys, delayed_index, delayed_wake, schedule_member
@@ -154,6 +158,8 @@ class QueueWorker:
         self._jobs_done = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._calls = 0
+        self._beat_wrote = False
+        """Whether the last heartbeat went through (Redis took a write)."""
         self._rates: collections.deque[tuple[float, int, int, int]] = collections.deque()
         self.started = self.finished = self.failed = self.retried = 0
         self.dead_lettered = self.reaped = self.orphans = self.lost_ownership = 0
@@ -336,11 +342,13 @@ class QueueWorker:
                 except (*CONNECTION_ERRORS, rex.ResponseError) as exc:
                     # A reply lost here may have moved jobs into the processing list
                     # that this worker never saw: the orphan check puts them back.
+                    error = translate(exc, topic=self.queue.name, command="EVALSHA")
                     logger.warning(
-                        "queue %r worker %s: taking jobs failed (%s); retrying in %.2fs",
+                        "queue %r worker %s: taking jobs failed (%s: %s); retrying in %.2fs",
                         self.queue.name,
                         self.id,
-                        exc,
+                        type(error).__name__,
+                        error,
                         backoff,
                     )
                     await anyio.sleep(backoff * (1 + self._rand.random()))
@@ -638,7 +646,7 @@ class QueueWorker:
 
     # -- heartbeat, reaping, orphans --------------------------------------------------
 
-    async def _beat(self) -> bool:
+    async def _beat(self, *, reap: bool = True) -> bool:
         reply = await self._scripts.heartbeat(
             keys=[self.keys.workers, self.keys.info],
             args=[
@@ -648,7 +656,10 @@ class QueueWorker:
                 self._rate_info(),
             ],
         )
+        self._beat_wrote = True
         known = bool(int(reply[0]))
+        if not reap:
+            return known
         for lapsed in reply[1:]:
             wid = lapsed.decode() if isinstance(lapsed, bytes) else str(lapsed)
             if wid != self.id:
@@ -660,7 +671,12 @@ class QueueWorker:
         while True:
             await anyio.sleep(interval)
             try:
-                if not await self._beat():
+                # Reap only if the previous beat went through as well: if it did
+                # not (Redis refusing writes, restarting, unreachable), the other
+                # workers could not beat either, and a live one would be taken for
+                # dead before it had a chance to renew its heartbeat.
+                reap, self._beat_wrote = self._beat_wrote, False
+                if not await self._beat(reap=reap):
                     logger.warning(
                         "queue %r worker %s: its heartbeat had lapsed (event loop blocked,"
                         " connection lost?); its jobs were put back and may run twice",
