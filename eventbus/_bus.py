@@ -1261,7 +1261,9 @@ class EventBus:
         worker whose heartbeat is ``heartbeat`` seconds (default 15) old is dead,
         and a live worker puts its jobs back at the front of the queue: a job held
         by a process that died runs again within ``heartbeat * 4/3`` seconds (plus
-        its wait for a free worker). A job that workers died holding
+        its wait for a free worker; right after Redis refused writes or was
+        unreachable, one ``heartbeat / 3`` more: a worker reaps others only once a
+        heartbeat of its own went through, so live workers are not taken for dead). A job that workers died holding
         ``max_attempts`` times is dead-lettered (``reason="worker_lost"``).
         ``block``: how long an idle worker waits on Redis per call.
 
