@@ -138,8 +138,18 @@ async def run_eventbus(
 
     # ping_timeout > 0 overrides the keepalive's PONG deadline (see fanout.py --ping-timeout).
     live = LivePolicy(ping_timeout=args.ping_timeout) if args.ping_timeout > 0 else LivePolicy()
+    telemetry = None
+    if args.otel:
+        from _otel import telemetry as make_telemetry  # bench/: run from its directory
+
+        telemetry = make_telemetry(args.otel_kinds.split(",") if args.otel_kinds else None)
     bus = EventBus(
-        args.url, prefix=args.prefix, live=live, protocol=args.protocol, shutdown_grace=2.0
+        args.url,
+        prefix=args.prefix,
+        live=live,
+        protocol=args.protocol,
+        shutdown_grace=2.0,
+        telemetry=telemetry,
     )
     tally.probe = lambda: {"reconnects": bus.reconnects}
     counts = tally.counts
@@ -493,6 +503,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     sub.add_argument("--overflow", default="block")
     sub.add_argument("--ping-timeout", type=float, default=0.0)
     sub.add_argument("--protocol", type=int, default=3, help="eventbus: RESP version")
+    sub.add_argument("--otel", action="store_true", help="eventbus: with eventbus.otel")
+    sub.add_argument("--otel-kinds", default="", help="eventbus.otel process_kinds (a,b)")
     sub.add_argument("--time-limit", type=float, default=90.0)
     sub.add_argument("--idle-limit", type=float, default=2.0)
     sub.add_argument("--start-timeout", type=float, default=30.0)

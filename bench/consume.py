@@ -85,7 +85,12 @@ async def run_eventbus(args: argparse.Namespace, client: Any) -> None:
 
     key = stream_of(args.family)
     await prefill_envelopes(client, key, args.events, args.size)
-    bus = EventBus(args.url, prefix=common.PREFIX, shutdown_grace=5.0)
+    telemetry = None
+    if args.otel:
+        from _otel import telemetry as make_telemetry  # bench/: on sys.path
+
+        telemetry = make_telemetry()
+    bus = EventBus(args.url, prefix=common.PREFIX, shutdown_grace=5.0, telemetry=telemetry)
     progress = common.Progress(args.events)
     options: dict[str, Any] = {}
     if args.concurrency:
@@ -244,6 +249,12 @@ def rows() -> list[common.Row]:
             "@bus.on(topic, group=..., concurrency=64, batch=1000)",
             ("--concurrency", "64", "--batch", "1000"),
         ),
+        common.Row(
+            "eventbus-otel",
+            "eventbus",
+            "as eventbus, with eventbus.otel (SDK, batch span processor, exports discarded)",
+            ("--otel",),
+        ),
         common.Row("raw", "raw", "XREADGROUP COUNT 1000 BLOCK 1000 + XACK of the 1,000 ids"),
         common.Row(
             "faststream",
@@ -358,6 +369,7 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["worker"]:
         parser = common.worker_parser(__doc__)
         parser.add_argument("--concurrency", type=int, default=0)
+        parser.add_argument("--otel", action="store_true")
         parser.add_argument("--batch", type=int, default=0)
         parser.add_argument("--idle-limit", type=float, default=5.0)
         common.worker_main(consume_worker, parser.parse_args(argv[1:]))

@@ -182,6 +182,25 @@ def variants(opts: argparse.Namespace) -> list[Variant]:
             note="as eventbus, but the publisher sends eventbus envelopes (seq, gap tracking)",
         ),
         Variant(
+            "eventbus-otel",
+            "eventbus",
+            MAIN,
+            (*buffer, "--overflow", "block", *ping, "--otel"),
+            publish_args=("--envelope",),
+            default=False,
+            note="as eventbus-env, with eventbus.otel (SDK, batch span processor, exports"
+            " discarded): a process span per delivery",
+        ),
+        Variant(
+            "eventbus-otel-nolive",
+            "eventbus",
+            MAIN,
+            (*buffer, "--overflow", "block", *ping, "--otel", "--otel-kinds", "durable,queue"),
+            publish_args=("--envelope",),
+            default=False,
+            note="as eventbus-otel, with process_kinds=(durable, queue): no span per live delivery",
+        ),
+        Variant(
             "eventbus-resp2",
             "eventbus",
             MAIN,
@@ -598,7 +617,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--only",
         default="",
         help="comma separated contenders: eventbus, eventbus-drop, eventbus-defaultping, "
-        "eventbus-env, raw, broadcaster, faststream (the default: all of these), eventbus-resp2",
+        "eventbus-env, raw, broadcaster, faststream (the default: all of these), eventbus-resp2, "
+        "eventbus-otel, eventbus-otel-nolive",
     )
     parser.add_argument("--skip-missing", action="store_true", help="skip a contender whose "
                         "venv is missing instead of creating it")  # fmt: skip

@@ -1263,8 +1263,9 @@ class EventBus:
         by a process that died runs again within ``heartbeat * 4/3`` seconds (plus
         its wait for a free worker; right after Redis refused writes or was
         unreachable, one ``heartbeat / 3`` more: a worker reaps others only once a
-        heartbeat of its own went through, so live workers are not taken for dead). A job that workers died holding
-        ``max_attempts`` times is dead-lettered (``reason="worker_lost"``).
+        heartbeat of its own went through, so live workers are not taken for dead).
+        A job that workers died holding ``max_attempts`` times is dead-lettered
+        (``reason="worker_lost"``).
         ``block``: how long an idle worker waits on Redis per call.
 
         Shutdown (leaving ``async with bus``): the worker takes nothing more,

@@ -118,7 +118,7 @@ async def test_every_hop_in_one_process_links_consumer_to_producer(
         assert send.context.trace_id in {s.context.trace_id for s in order_sends}
     # the queue job: the failed attempt's span records the error; the retry is in the trace
     job_spans = sorted(by_name(finished, "process jobs"), key=lambda s: s.start_time or 0)
-    assert [s.attributes["messaging.eventbus.attempt"] for s in job_spans] == [1, 2]
+    assert [s.attributes.get("messaging.eventbus.attempt", 1) for s in job_spans] == [1, 2]
     assert job_spans[0].status.status_code is StatusCode.ERROR
     assert job_spans[0].attributes["error.type"] == "ValueError"
     assert job_spans[1].status.status_code is not StatusCode.ERROR
@@ -170,3 +170,100 @@ def test_a_telemetry_serves_one_bus(bus_factory: Callable[..., EventBus]) -> Non
     bus_factory(telemetry=telemetry)
     with pytest.raises(RuntimeError, match="one bus"):
         bus_factory(telemetry=telemetry)
+
+
+async def test_process_kinds_leave_out_the_live_deliveries(
+    bus_factory: Callable[..., EventBus], spans: tuple[InMemorySpanExporter, TracerProvider]
+) -> None:
+    exporter, provider = spans
+    telemetry = Telemetry(tracer_provider=provider, process_kinds=("durable",))
+    bus = bus_factory(telemetry=telemetry)
+    live = Topic("fast")
+    orders = Topic("orders", durable=True)
+    seen: list[str] = []
+
+    @bus.on(live)
+    async def fast(event: Any) -> None:
+        seen.append("live")
+
+    @bus.on(orders, group="g")
+    async def slow(event: Any) -> None:
+        seen.append("durable")
+
+    async with bus:
+        await bus.publish(live, 1)
+        await bus.publish(orders, 2)
+        await wait_until(lambda: sorted(seen) == ["durable", "live"])
+    names = sorted(s.name for s in exporter.get_finished_spans())
+    assert names == ["process orders", "send fast", "send orders"]
+    with pytest.raises(ValueError, match="unknown"):
+        Telemetry(process_kinds=("topics",))  # type: ignore[arg-type]
+
+
+async def test_metrics_count_time_and_peak(
+    bus_factory: Callable[..., EventBus], spans: tuple[InMemorySpanExporter, TracerProvider]
+) -> None:
+    _exporter, provider = spans
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(
+        tracer_provider=provider, meter_provider=MeterProvider(metric_readers=[reader])
+    )
+    bus = bus_factory(telemetry=telemetry)
+    orders = Topic("orders", durable=True)
+    handled: list[int] = []
+
+    @bus.on(orders, group="billing", max_attempts=1)
+    async def bill(event: int) -> None:
+        handled.append(event)
+        if event == 3:
+            raise ValueError("three")
+
+    async with bus:
+        await bus.publish_many(orders, [1, 2, 3])
+        await bus.publish(orders, 4, delay=0.05)
+        await wait_until(lambda: len(handled) == 4, timeout=10)
+
+        async def dead() -> bool:
+            return (await bus.stats(orders)).topic("orders").dead_letters == 1
+
+        await wait_until(dead, timeout=5)
+
+    data = reader.get_metrics_data()  # once: a collection resets the peak gauges
+
+    def points(name: str) -> list[Any]:
+        return [
+            point
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+            if metric.name == name
+            for point in metric.data.data_points
+        ]
+
+    (sent,) = points("messaging.client.sent.messages")
+    assert sent.value == 4
+    assert sent.attributes["messaging.destination.name"] == "orders"
+    (consumed,) = points("messaging.client.consumed.messages")
+    assert consumed.value == 4
+    assert consumed.attributes["messaging.consumer.group.name"] == "billing"
+    durations = points("messaging.process.duration")
+    assert sum(p.count for p in durations) == 4
+    assert any(p.attributes.get("error.type") == "ValueError" for p in durations)
+    (failed,) = points("eventbus.failed")
+    assert failed.value == 1
+    (dead_lettered,) = points("eventbus.dead_lettered")
+    assert dead_lettered.value == 1
+    (lag,) = points("eventbus.lag")
+    assert 0 < lag.value < 5
+    (lateness,) = points("eventbus.delayed.lateness")
+    assert 0 <= lateness.value < 5
+    again = reader.get_metrics_data()  # the peaks start over after each collection
+    (lag_again,) = [
+        p
+        for rm in again.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "eventbus.lag"
+        for p in m.data.data_points
+    ]
+    assert lag_again.value == 0.0
