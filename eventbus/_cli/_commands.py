@@ -21,7 +21,7 @@ from .._delayed._pending import delayed_topics, pending_delayed
 from .._envelope import Delivery, Receipt
 from .._keys import queue_keys, queue_registry, topic_keys
 from .._queues import JobDeadLetter, Queue
-from .._queues._feature import read_job_dead_letter
+from .._queues._admin import read_job_dead_letter
 from .._stats import BusStats, QueueStats
 from .._streams._deadletter import DeadLetter, read_dead_letter
 from .._topic import Topic

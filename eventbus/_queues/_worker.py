@@ -22,6 +22,12 @@ Recovery:
   it), once the job was seen there, unheld, twice in a row;
 * on shutdown, what it did not finish goes back at the front (``QUEUE_REAP`` on its
   own list).
+
+Why one module past 600 lines: it is one worker, one concept. Taking, running,
+settling, the heartbeat, reaping and the orphan check share the same state (what
+the worker holds, its free slots, its acks in flight), and the orphan check is
+only right because it reads that state in the same event loop as the settling
+code that changes it.
 """
 
 from __future__ import annotations
