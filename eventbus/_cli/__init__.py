@@ -100,7 +100,7 @@ def _run(name: str, url: str | None, prefix: str | None, *args: Any) -> None:
 @connection
 @click.pass_context
 def cli(ctx: click.Context, url: str | None, prefix: str | None) -> None:
-    """Publish, tail and inspect an eventbus from the shell.
+    """Publish, tail, inspect and run an eventbus from the shell.
 
     Every command connects with --url (else $EVENTBUS_URL, else an embedded
     redis-server that lives as long as the command) and reads keys under
