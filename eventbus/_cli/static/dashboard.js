@@ -25,10 +25,14 @@
     return e;
   }
 
-  function colorFor(name) {
-    let h = 0;
-    for (let i = 0; i < name.length; i++) h = (h * 31 + name.charCodeAt(i)) >>> 0;
-    return PALETTE[h % PALETTE.length];
+  // Colours in order of first appearance: distinct for the first ten names of a
+  // chart's kind, and a name keeps its colour while the page is open.
+  const colors = new Map();
+  function colorFor(kind, name) {
+    let byName = colors.get(kind);
+    if (!byName) colors.set(kind, (byName = new Map()));
+    if (!byName.has(name)) byName.set(name, PALETTE[byName.size % PALETTE.length]);
+    return byName.get(name);
   }
 
   // -- formatting ------------------------------------------------------------------
@@ -38,6 +42,7 @@
     if (!isNum(v)) return "–";
     return v < 10 ? v.toFixed(1) : String(Math.round(v));
   }
+  function fmtPerSecond(v) { return isNum(v) ? fmtRate(v) + "/s" : "–"; }
   function fmtInt(v) { return isNum(v) ? String(Math.round(v)) : "–"; }
   function fmtSeconds(v) {
     if (!isNum(v)) return "–";
@@ -114,7 +119,7 @@
         pen = true;
         count++;
       }
-      const color = colorFor(s.name);
+      const color = colorFor(svgId, s.name);
       const path = svgEl("path", { d: d || "M0 0", class: "series", stroke: color });
       path.dataset.series = s.name;
       path.dataset.points = String(count);
@@ -152,9 +157,9 @@
   function drawCharts() {
     const end = state.points.length ? state.points[state.points.length - 1].at : Date.now() / 1000;
     drawChart("chart-publish", "legend-publish",
-      collect((p) => field(p.topics, "rate"), (v) => fmtRate(v) + "/s"), end, "no durable topics");
+      collect((p) => field(p.topics, "rate"), fmtPerSecond), end, "no durable topics");
     drawChart("chart-consume", "legend-consume",
-      collect((p) => field(p.groups, "rate"), (v) => fmtRate(v) + "/s"), end, "no consumer groups");
+      collect((p) => field(p.groups, "rate"), fmtPerSecond), end, "no consumer groups");
     drawChart("chart-lag", "legend-lag",
       collect((p) => field(p.groups, "lag"), fmtInt), end, "no consumer groups");
     drawChart("chart-backlog", "legend-backlog",
