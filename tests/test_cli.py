@@ -147,8 +147,8 @@ def test_help_loads_neither_redis_nor_rich() -> None:
     code = (
         "import sys; from eventbus._cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "bad = [m for m in ('redis', 'rich', 'anyio', 'eventbus._bus', 'eventbus._cli._commands')"
-        " if m in sys.modules]\n"
+        "bad = [m for m in ('redis', 'rich', 'anyio', 'eventbus._bus', 'eventbus._cli._commands',"
+        " 'starlette', 'uvicorn', 'eventbus._cli._dashboard') if m in sys.modules]\n"
         "print('LOADED', bad)"
     )
     out = subprocess.run(

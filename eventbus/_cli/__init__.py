@@ -424,6 +424,56 @@ def schedules_remove(name: str, as_json: bool, url: str | None, prefix: str | No
     _run("schedules_remove", url, prefix, name, as_json)
 
 
+# -- the web dashboard ----------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+    help="TCP port to listen on (0: any free one; the URL is printed).",
+)  # fmt: skip
+@click.option(
+    "--host", default="127.0.0.1", show_default=True,
+    help="Address to listen on. The page has no authentication: an address other than"
+    " loopback (0.0.0.0, a LAN address) shows it to the network, with a warning.",
+)  # fmt: skip
+@click.option(
+    "--interval", type=click.FloatRange(min=0.2, max=60), default=1.0, show_default=True,
+    help="Seconds between two looks at Redis.",
+)  # fmt: skip
+@click.option(
+    "--history", "keep", callback=_parse_delay, default="10m", show_default=True,
+    metavar="DURATION", help="How much of the past the charts and /api/history keep (memory).",
+)  # fmt: skip
+@connection
+def dashboard(
+    port: int, host: str, interval: float, keep: float, url: str | None, prefix: str | None
+) -> None:
+    """Serve a live, read-only web page of the prefix on http://127.0.0.1:8765/.
+
+    Per topic: publish rate, length, dead letters; per group: consume rate, pending,
+    lag, consumers, oldest pending age; work queues, delayed events and their
+    lateness; charts of rates, lag and backlog over the last minutes. The same
+    figures as JSON: /api/snapshot and /api/history. Needs the extra:
+    pip install 'eventbus[dashboard]'.
+    """
+    if keep < interval:
+        raise click.BadParameter("keep at least one --interval", param_hint="--history")
+    try:
+        from . import _dashboard
+    except ImportError as exc:
+        if exc.name not in ("starlette", "uvicorn") and not str(exc.name).startswith(
+            ("starlette.", "uvicorn.")
+        ):
+            raise
+        raise click.ClickException(
+            f"eventbus dashboard needs {exc.name}: pip install 'eventbus[dashboard]'"
+        ) from None
+    from . import _session
+
+    _session.run(_dashboard.serve, *_resolve(url, prefix), host, port, interval, keep)
+
+
 # -- running a service ----------------------------------------------------------------
 
 

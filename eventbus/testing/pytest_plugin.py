@@ -55,9 +55,21 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def anyio_backend() -> str:
+    """``"asyncio"``: redis-py is asyncio-only."""
     return "asyncio"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The same fixture again, registered now: after anyio's own plugin, which pytest
+    # loads from its entry point after ``-p`` plugins, and whose ``anyio_backend``
+    # (every backend installed: trio too, once anything installs trio) would
+    # otherwise shadow the one above. Of two plugins' fixtures, the last registered wins.
+    from . import _asyncio_only
+
+    if not config.pluginmanager.is_registered(_asyncio_only):
+        config.pluginmanager.register(_asyncio_only, "eventbus-asyncio-only")
 
 
 @pytest.fixture(scope="session")
