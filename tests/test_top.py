@@ -35,7 +35,7 @@ from tests.helpers import control_client, wait_until
 from tests.test_cli import COMMAND, _env
 
 orders: Topic[dict[str, int]] = Topic("orders", dict[str, int], durable=True)
-thumbs: Queue[dict[str, int]] = Queue("thumbs", dict[str, int])
+thumbs: Queue[dict[str, int]] = Queue("thumbs", dict[str, int], priorities=2)
 ticks: Topic[dict[str, int]] = Topic("ticks", dict[str, int])
 
 _ANSI = re.compile(
@@ -131,15 +131,17 @@ async def traffic(bus: EventBus) -> AsyncIterator[None]:
     async def feed() -> None:
         for n in range(3000):
             await bus.publish(orders, {"n": n})
-            await bus.enqueue(thumbs, {"n": n})
+            await bus.enqueue(thumbs, {"n": n}, priority=n % 2)
             await bus.publish(ticks, {"n": n})
             await anyio.sleep(0.02)
 
     async with bus, anyio.create_task_group() as tg:
         tg.start_soon(feed)
-        yield
-        stuck.set()
-        tg.cancel_scope.cancel()
+        try:
+            yield
+        finally:
+            stuck.set()
+            tg.cancel_scope.cancel()
 
 
 def _moving(text: str) -> bool:
@@ -179,7 +181,7 @@ async def _exits(screen: Screen, within: float) -> float:
 
 
 async def test_top_shows_a_topic_moving_and_quits_on_q(bus_factory: Any, redis_url: str) -> None:
-    bus = bus_factory(report_every=0.5)
+    bus = bus_factory(report_every=0.5, shutdown_grace=2)
     async with traffic(bus):
         with top_screen(redis_url, bus.prefix, "--interval", "0.5") as screen:
             await _screen_until(screen, _moving, timeout=20)
@@ -188,13 +190,13 @@ async def test_top_shows_a_topic_moving_and_quits_on_q(bus_factory: Any, redis_u
                 # This process's report, and its slow subscriber's row with drops.
                 me = next((ln for ln in text.splitlines() if process_field() in ln), "")
                 sub = next((ln for ln in text.splitlines() if "ticks (" in ln), "")
-                cells = sub.rpartition(")")[2].split()  # delivered, dropped, gaps, ...
-                return bool(me) and len(cells) >= 5 and int(cells[1]) > 0 and cells[4] == "2/2"
+                cells = sub.rpartition(")")[2].split()  # delivered, dropped, gaps, buffered
+                return bool(me) and len(cells) >= 4 and int(cells[1]) > 0 and cells[3] == "2/2"
 
             await _screen_until(screen, drops_shown, timeout=10)
             text = screen.frame()
             assert "Queues" in text
-            assert re.search(r"thumbs\s+\d+ \(\d+\)", text)  # waiting (per priority)
+            assert re.search(r"thumbs\s+\d+ \(\d+/\d+\)", text)  # waiting (per priority)
             assert "▁" in text or "█" in text or any(b in text for b in "▂▃▄▅▆▇")
             screen.type(b"q")
             took = await _exits(screen, within=5)
@@ -202,11 +204,13 @@ async def test_top_shows_a_topic_moving_and_quits_on_q(bus_factory: Any, redis_u
             assert took < 3
             # The terminal is as it was: echo and line mode back, the main screen.
             assert termios.tcgetattr(screen.slave)[3] == screen.settings[3]
-            assert screen.raw.rstrip().endswith(b"\x1b[?1049l") or b"\x1b[?1049l" in screen.raw
+            tail = screen.raw[screen.raw.rfind(b"\x1b[H") :]
+            assert b"\x1b[?1049l" in tail  # left the alternate screen
+            assert b"\x1b[?25h" in tail  # the cursor shown again
 
 
 async def test_top_exits_zero_on_ctrl_c(bus_factory: Any, redis_url: str) -> None:
-    bus = bus_factory()
+    bus = bus_factory(shutdown_grace=2)
     async with traffic(bus):
         with top_screen(redis_url, bus.prefix, "--interval", "0.5") as screen:
             await _screen_until(screen, lambda text: "orders" in text, timeout=20)
@@ -218,7 +222,7 @@ async def test_top_exits_zero_on_ctrl_c(bus_factory: Any, redis_url: str) -> Non
 
 
 async def test_top_once_prints_one_frame_with_rates(bus_factory: Any, redis_url: str) -> None:
-    bus = bus_factory()
+    bus = bus_factory(shutdown_grace=2)
     async with traffic(bus):
         await wait_until(lambda: bus.stats(orders), timeout=5)
         result = await anyio.to_thread.run_sync(

@@ -79,8 +79,8 @@ class History:
         while points and points[0][0] < at - self.seconds:
             points.popleft()
 
-    def spark(self, key: str) -> str:
-        return sparkline([v for _, v in self._series.get(key, ())])
+    def spark(self, key: str, width: int = SPARK_WIDTH) -> str:
+        return sparkline([v for _, v in self._series.get(key, ())], width)
 
 
 def _dur(value: float | None) -> str:
@@ -107,8 +107,22 @@ def _num(value: int | None, warn: bool = False) -> Text:
     return Text(str(value), style="bold red" if warn and value else "")
 
 
+def _gaps(counters: Mapping[str, Any]) -> Text:
+    """Gaps, with the events lost in them: ``2 (14)``."""
+    if not counters["gaps"]:
+        return Text("0")
+    return Text(f"{counters['gaps']} ({counters['missed']})", style="bold red")
+
+
 def _table(title: str, columns: Iterable[str]) -> Table:
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
     return table
@@ -156,33 +170,39 @@ def frame(
     url: str,
     interval: float,
     error: str | None = None,
+    width: int = 160,
 ) -> RenderableType:
-    """One screen: a header, then topics and groups, queues, delayed and recurring
-    events, and the processes' reports."""
+    """One screen, for a terminal ``width`` columns wide: a header, then topics and
+    groups, queues, delayed and recurring events, and the processes' reports."""
     r = r or {"topics": {}, "groups": {}}
+    n = SPARK_WIDTH if width >= 120 else 10 if width >= 100 else 8
+
+    def spark(key: str) -> str:
+        return history.spark(key, n)
+
     head = Text()
     head.append("eventbus top", style="bold")
-    head.append(f"  {url}  prefix {snap['prefix']}  every {interval:g}s  ")
+    head.append(f" · {url} · prefix {snap['prefix']} · {interval:g}s · ")
     head.append(time.strftime("%H:%M:%S", time.localtime(float(snap["at"]))))
-    head.append("   q: quit", style="dim")
+    head.append(" · q quits", style="dim")
     parts: list[RenderableType] = [head]
     if error:
         parts.append(Text(f"refresh failed: {error}", style="bold red"))
 
     topics = _table(
         "Topics and groups",
-        ["topic / group", "length", "rate", "trend (3 min)", "consumers", "pending", "lag",
-         "oldest pending", "dead letters"],
+        ["topic / group", "length", "rate", "trend", "cons", "pending", "lag",
+         "oldest", "dead"],
     )  # fmt: skip
     for t in snap["topics"]:
         topics.add_row(
             Text(t["name"], style="bold"), str(t["length"]), _rate(r["topics"].get(t["name"])),
-            history.spark(f"topic:{t['name']}"), "", "", "", "", _num(t["dead_letters"], True),
+            spark(f"topic:{t['name']}"), "", "", "", "", _num(t["dead_letters"], True),
         )  # fmt: skip
         for g in t["groups"]:
             key = f"{t['name']}/{g['name']}"
             topics.add_row(
-                f"  └ {g['name']}", "", _rate(r["groups"].get(key)), history.spark(f"group:{key}"),
+                f"  └ {g['name']}", "", _rate(r["groups"].get(key)), spark(f"group:{key}"),
                 str(g["consumers"]), _num(g["pending"]), _num(g["lag"]),
                 _dur(g["oldest_pending_age"]), _num(g["dead_letters"], True),
             )  # fmt: skip
@@ -193,16 +213,20 @@ def frame(
     if snap["queues"]:
         queues = _table(
             "Queues",
-            ["queue", "waiting (by priority)", "scheduled", "processing", "workers",
-             "done", "trend (3 min)", "failed", "oldest wait", "dead letters"],
+            ["queue", "waiting", "sched", "running", "workers",
+             "done", "trend", "failed", "oldest", "dead"],
         )  # fmt: skip
         for q in snap["queues"]:
             rate = qr.get(q["name"], {})
             queues.add_row(
                 Text(q["name"], style="bold"),
-                f"{q['length']} ({'/'.join(str(n) for n in q['waiting'])})",
+                (
+                    f"{q['length']} ({'/'.join(str(n) for n in q['waiting'])})"
+                    if len(q["waiting"]) > 1
+                    else str(q["length"])
+                ),
                 str(q["scheduled"]), str(q["processing"]), str(q["workers"]),
-                _rate(rate.get("finished")), history.spark(f"queue:{q['name']}"),
+                _rate(rate.get("finished")), spark(f"queue:{q['name']}"),
                 _rate(rate.get("failed")), _dur(q["oldest_waiting_age"]),
                 _num(q["dead_letters"], True),
             )  # fmt: skip
@@ -212,7 +236,7 @@ def frame(
     if delayed["pending"] or snap["schedules"]:
         late = delayed["overdue_by"]
         line = Text("Delayed events: ", style="bold italic")
-        line.append(f"{delayed['pending']} pending {history.spark('delayed')}  ")
+        line.append(f"{delayed['pending']} pending {spark('delayed')}  ")
         line.append(f"next due in {_dur(delayed['next_due_in'])}  ")
         line.append(f"overdue by {_dur(late)}", style="bold red" if late > 1 else "")
         parts.append(line)
@@ -227,16 +251,15 @@ def frame(
             parts.append(sched)
 
     procs = _table(
-        "Processes (local subscribers, group members, queue workers)",
-        ["process / subscription", "report age", "subs", "delivered", "dropped", "gaps",
-         "missed", "buffered", "errors", "handled", "failed", "jobs done"],
+        "Processes: local subscribers, group members, queue workers",
+        ["process", "age", "deliv", "drop", "gaps", "buf", "err", "handled", "failed", "jobs"],
     )  # fmt: skip
     for p in snap.get("processes", ()):
         tot = p["totals"]
         procs.add_row(
-            Text(p["id"], style="bold"), _dur(p["age"]), str(tot["subscriptions"]),
-            str(tot["delivered"]), _num(tot["dropped"], True), _num(tot["gaps"], True),
-            _num(tot["missed"], True), str(tot["buffered"]), _num(tot["errors"], True),
+            Text(p["id"], style="bold"), _dur(p["age"]),
+            str(tot["delivered"]), _num(tot["dropped"], True), _gaps(tot),
+            str(tot["buffered"]), _num(tot["errors"], True),
             str(sum(c["handled"] for c in p["consumers"])),
             _num(sum(c["failed"] for c in p["consumers"]), True),
             str(sum(w["finished"] for w in p["workers"])),
@@ -245,12 +268,12 @@ def frame(
             if not (sub["dropped"] or sub["gaps"] or sub["buffered"]):
                 continue
             procs.add_row(
-                f"  └ {sub['topic']} ({sub['name']})", "", "", str(sub["delivered"]),
-                _num(sub["dropped"], True), _num(sub["gaps"], True), _num(sub["missed"], True),
+                f"  └ {sub['topic']} ({sub['name']})", "", str(sub["delivered"]),
+                _num(sub["dropped"], True), _gaps(sub),
                 f"{sub['buffered']}/{sub['buffer_size']}", _num(sub["errors"], True),
             )  # fmt: skip
     if not snap.get("processes"):
-        procs.add_row(Text("no reports (buses served by eventbus run write them)", style="dim"))
+        procs.add_row(Text("no reports (served buses write them)", style="dim"))
     parts.append(procs)
     return Group(*parts)
 
@@ -308,7 +331,9 @@ async def top(url: str | None, prefix: str, interval: float, once: bool) -> None
             qr = queue_rates(before, after)
             r = rates(before, after)
             record(history, after, r, qr)
-            console.print(frame(after, r, qr, history, url=s.url, interval=interval))
+            console.print(
+                frame(after, r, qr, history, url=s.url, interval=interval, width=console.width)
+            )
             return
         keys = _Keys(sys.stdin.fileno()) if sys.stdin.isatty() else None
         with keys.cbreak() if keys is not None else _nothing():
@@ -348,19 +373,21 @@ async def _refresh(
     s: Session, console: Console, history: History, before: dict[str, Any], interval: float
 ) -> None:
     qr = queue_rates(None, before)
-    shown = frame(before, None, qr, history, url=s.url, interval=interval)
+    shown = frame(before, None, qr, history, url=s.url, interval=interval, width=console.width)
     with Live(shown, console=console, screen=True, auto_refresh=False) as live:
         while True:
             await anyio.sleep(interval)
             after, error = await _look(s)
             if after is None:
-                live.update(
-                    frame(before, None, {}, history, url=s.url, interval=interval, error=error),
-                    refresh=True,
-                )
+                shown = frame(
+                    before, None, {}, history, url=s.url, interval=interval,
+                    error=error, width=console.width,
+                )  # fmt: skip
+                live.update(shown, refresh=True)
                 continue
             r = rates(before, after)
             qr = queue_rates(before, after)
             record(history, after, r, qr)
-            live.update(frame(after, r, qr, history, url=s.url, interval=interval), refresh=True)
+            shown = frame(after, r, qr, history, url=s.url, interval=interval, width=console.width)
+            live.update(shown, refresh=True)
             before = after
