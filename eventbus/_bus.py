@@ -47,7 +47,7 @@ from ._delayed._recurring import build as build_recurrence
 from ._envelope import Receipt
 from ._feature import Feature, FeatureContext, Minter, Routes, Window
 from ._handlers import Handler, inspect_handler
-from ._hub import Hub
+from ._hub import Hub, tally
 from ._keys import DEFAULT_PREFIX, process_reports, validate_prefix
 from ._live._feature import LiveFeature
 from ._local import LocalFeature
@@ -534,21 +534,21 @@ class EventBus:
                 await client.aclose()
 
     def _local_counters(self) -> dict[str, Any]:
-        """This process's counters, JSON-ready (the body of a process report)."""
-        rows = []
-        totals = dict.fromkeys(
-            ("received", "delivered", "dropped", "buffered", "gaps", "missed", "errors"), 0
-        )
+        """This process's counters, JSON-ready (the body of a process report).
+
+        Totals over every subscriber from its receiver's plain attributes; full rows
+        only for the ``MAX_ROWS`` with the most drops and gaps (a server may hold a
+        subscriber per connected user)."""
         found = self._subscribers.receivers()
-        for kind, name, receiver in found:
-            st = receiver.statistics()
-            row = {"topic": receiver.label, "kind": kind, "name": name, **attrs.asdict(st)}
-            for field in totals:
-                totals[field] += row[field]
-            rows.append(row)
-        rows.sort(key=lambda r: (-(r["dropped"] + r["missed"] + r["gaps"]), r["topic"]))
+        totals, chosen = tally([r for _, _, r in found], MAX_ROWS)
+        rows = []
+        for i in chosen:
+            kind, name, r = found[i]
+            rows.append(
+                {"topic": r.label, "kind": kind, "name": name, **attrs.asdict(r.statistics())}
+            )
         return {
-            "subscriptions": rows[:MAX_ROWS],
+            "subscriptions": rows,
             "totals": {"subscriptions": len(found), **totals},
             "consumers": [attrs.asdict(c) for c in self._durable.statistics().consumers[:MAX_ROWS]],
             "workers": [attrs.asdict(w) for w in self._queues.statistics().workers[:MAX_ROWS]],

@@ -336,7 +336,12 @@ async def top(url: str | None, prefix: str, interval: float, once: bool) -> None
             )
             return
         keys = _Keys(sys.stdin.fileno()) if sys.stdin.isatty() else None
-        with keys.cbreak() if keys is not None else _nothing():
+        # Both open before the first frame is drawn: a key or a Ctrl-C from then on
+        # is seen (a key waits in the terminal's input until the thread reads it).
+        with (
+            keys.cbreak() if keys is not None else _nothing(),
+            anyio.open_signal_receiver(signal.SIGINT) as interrupts,
+        ):
             async with anyio.create_task_group() as tg:
 
                 def leave() -> None:
@@ -345,10 +350,9 @@ async def top(url: str | None, prefix: str, interval: float, once: bool) -> None
                     tg.cancel_scope.cancel()
 
                 async def on_signal() -> None:
-                    with anyio.open_signal_receiver(signal.SIGINT) as received:
-                        async for _ in received:
-                            leave()
-                            return
+                    async for _ in interrupts:
+                        leave()
+                        return
 
                 async def on_key() -> None:
                     assert keys is not None
@@ -372,9 +376,14 @@ def _nothing() -> Iterator[None]:
 async def _refresh(
     s: Session, console: Console, history: History, before: dict[str, Any], interval: float
 ) -> None:
+    """Redraw every ``interval`` on the alternate screen; when stdout is not a
+    terminal, print one frame after the other instead (as ``top -b`` does)."""
     qr = queue_rates(None, before)
     shown = frame(before, None, qr, history, url=s.url, interval=interval, width=console.width)
-    with Live(shown, console=console, screen=True, auto_refresh=False) as live:
+    live = Live(shown, console=console, screen=True, auto_refresh=False)
+    with live if console.is_terminal else _nothing():
+        if not console.is_terminal:
+            console.print(shown)
         while True:
             await anyio.sleep(interval)
             after, error = await _look(s)
@@ -383,11 +392,15 @@ async def _refresh(
                     before, None, {}, history, url=s.url, interval=interval,
                     error=error, width=console.width,
                 )  # fmt: skip
+            else:
+                r = rates(before, after)
+                qr = queue_rates(before, after)
+                record(history, after, r, qr)
+                shown = frame(
+                    after, r, qr, history, url=s.url, interval=interval, width=console.width
+                )
+                before = after
+            if console.is_terminal:
                 live.update(shown, refresh=True)
-                continue
-            r = rates(before, after)
-            qr = queue_rates(before, after)
-            record(history, after, r, qr)
-            shown = frame(after, r, qr, history, url=s.url, interval=interval, width=console.width)
-            live.update(shown, refresh=True)
-            before = after
+            else:
+                console.print(shown)
