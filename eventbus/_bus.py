@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, final, overload
 
 import anyio
 import anyio.abc
+import attrs
 from blinker import Signal
 
 from ._codec import Codec
@@ -49,10 +50,11 @@ from ._delayed._recurring import build as build_recurrence
 from ._envelope import Receipt
 from ._feature import Feature, FeatureContext, Minter, Routes, Window
 from ._handlers import Handler, inspect_handler
-from ._hub import Hub
-from ._keys import DEFAULT_PREFIX, validate_prefix
+from ._hub import Hub, tally
+from ._keys import DEFAULT_PREFIX, process_reports, validate_prefix
 from ._live._feature import LiveFeature
 from ._local import LocalFeature
+from ._procs import MAX_ROWS, report_loop
 from ._queues import JobDeadLetter, JobSubscription, Queue, QueueFeature
 from ._queues._options import check_job_id, check_priority, check_queue, worker_options
 from ._stats import (
@@ -86,6 +88,8 @@ F = TypeVar("F", bound=Handler)
 
 EMBEDDED_URL: Final = "embedded://"
 DEFAULT_URL: Final = "redis://localhost:6379/0"
+DEFAULT_REPORT_EVERY: Final = 2.0
+"""Seconds between process reports while :meth:`EventBus.serve` serves a bus."""
 
 
 class BusState(enum.Enum):
@@ -223,8 +227,15 @@ class EventBus:
         ``otel`` extra): a producer span around every publish and enqueue, its
         context carried in the events' headers, a consumer span around every handler.
         ``None`` (the default): no hook runs anywhere.
+    :param report_every: how often (seconds) this process writes its local counters
+        (its subscribers' delivered, dropped, buffered, gaps; its group members' and
+        queue workers' counts) to the hash ``{prefix}:procs``, where ``eventbus top``
+        shows them: one ``HSET`` per period, and the field deleted when the bus
+        closes. ``None`` (the default): only while :meth:`serve` serves the bus
+        (``eventbus run``), every 2 s; ``0``: never.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.3 ``report_every``, ``telemetry``.
     """
 
     def __init__(
@@ -248,6 +259,7 @@ class EventBus:
         handler_threads: int = 40,
         scheduler: bool | None = None,
         telemetry: Telemetry | None = None,
+        report_every: float | timedelta | None = None,
     ) -> None:
         if url is None:
             url = os.environ.get("EVENTBUS_URL") or DEFAULT_URL
@@ -305,6 +317,14 @@ class EventBus:
         self._hurry: anyio.CancelScope | None = None
         """The drain's waiting, cut short by :meth:`serve` on a second signal."""
         self._hurried = False
+        self._report_every: float | None = None
+        if report_every is not None:
+            self._report_every = seconds(report_every, name="report_every")
+            if self._report_every < 0:
+                raise ConfigurationError(
+                    f"report_every must be zero or more seconds, got {report_every!r}"
+                )
+        self._clients: ClientFactory | None = None
 
     @classmethod
     def embedded(cls, **kwargs: Any) -> EventBus:
@@ -376,6 +396,7 @@ class EventBus:
                 self._url = self._server.url
             clients = ClientFactory(self._url, **self._client_options)
             await clients.preflight()  # fail fast: auth, TLS, reachability
+            self._clients = clients
             async with anyio.create_task_group() as tg:
                 ctx = FeatureContext(
                     clients=clients,
@@ -401,6 +422,8 @@ class EventBus:
                     self._delayed.start(ctx, serves_handlers=self._serves_handlers)
                     await tg.start(self._queues.start, ctx)
                     self._subscribers.start(tg)
+                    if self._report_every:
+                        tg.start_soon(self._report, self._report_every)
                 except BaseException as exc:
                     body_error = exc
                     tg.cancel_scope.cancel()
@@ -469,6 +492,8 @@ class EventBus:
 
         On a bus already entered (``async with bus: await bus.serve()``) it only
         waits for the first signal; the drain is the ``async with`` block's exit.
+        While it serves, the process reports its local counters every 2 s (unless
+        ``report_every`` says otherwise) for ``eventbus top``.
         Signals can only be received in the main thread. Under FastAPI (or any
         server that handles signals itself) do not call it: enter the bus in the
         app's lifespan (docs/guarantees.md, "Running as a service").
@@ -483,13 +508,55 @@ class EventBus:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
             if self._state is not BusState.UNOPENED:
                 self._require_open("serve")
-                await self._first_signal(received, grace)
+                await self._reporting_until_signal(received, grace)
                 return
             async with anyio.create_task_group() as watch:
                 async with self:
-                    await self._first_signal(received, grace)
+                    await self._reporting_until_signal(received, grace)
                     watch.start_soon(self._second_signal, received)
                 watch.cancel_scope.cancel()
+
+    async def _reporting_until_signal(
+        self, received: AsyncIterator[int], grace: float | None
+    ) -> None:
+        """Wait for the first signal, writing this process's reports meanwhile (every
+        2 s, unless ``report_every`` was given: then they run with the bus)."""
+        async with anyio.create_task_group() as reporting:
+            if self._report_every is None:
+                reporting.start_soon(self._report, DEFAULT_REPORT_EVERY)
+            await self._first_signal(received, grace)
+            reporting.cancel_scope.cancel()
+
+    async def _report(self, interval: float) -> None:
+        """Write this process's report every ``interval`` seconds until cancelled."""
+        assert self._clients is not None
+        client = self._clients.command_client()
+        try:
+            await report_loop(client, process_reports(self._prefix), interval, self._local_counters)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+
+    def _local_counters(self) -> dict[str, Any]:
+        """This process's counters, JSON-ready (the body of a process report).
+
+        Totals over every subscriber from its receiver's plain attributes; full rows
+        only for the ``MAX_ROWS`` with the most drops and gaps (a server may hold a
+        subscriber per connected user)."""
+        found = self._subscribers.receivers()
+        totals, chosen = tally([r for _, _, r in found], MAX_ROWS)
+        rows = []
+        for i in chosen:
+            kind, name, r = found[i]
+            rows.append(
+                {"topic": r.label, "kind": kind, "name": name, **attrs.asdict(r.statistics())}
+            )
+        return {
+            "subscriptions": rows,
+            "totals": {"subscriptions": len(found), **totals},
+            "consumers": [attrs.asdict(c) for c in self._durable.statistics().consumers[:MAX_ROWS]],
+            "workers": [attrs.asdict(w) for w in self._queues.statistics().workers[:MAX_ROWS]],
+        }
 
     async def _first_signal(self, received: AsyncIterator[int], grace: float | None) -> None:
         logger.info("eventbus: serving (%s); SIGTERM or SIGINT drains and stops", self.url)

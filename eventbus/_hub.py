@@ -17,9 +17,10 @@ deque keeps all four policies exact for one pointer per buffered message.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, final
 
 import attrs
@@ -29,7 +30,7 @@ from ._envelope import Envelope
 from ._stats import SubscriptionStatistics
 from .errors import SubscriberOverflow
 
-__all__ = ["Gap", "Hub", "Receiver"]
+__all__ = ["Gap", "Hub", "Receiver", "tally"]
 
 logger = logging.getLogger("eventbus")
 
@@ -335,6 +336,44 @@ class Receiver:
             reconnects=self.reconnects,
             errors=self.errors,
         )
+
+
+def tally(receivers: Sequence[Receiver], keep: int) -> tuple[dict[str, int], list[int]]:
+    """Counters summed over ``receivers``, and the indices of at most ``keep`` of them
+    worth a row of their own: those with the most events dropped and lost in gaps,
+    then the fullest buffers, then any (in order). One pass over plain attributes:
+    a process report of 10,000 idle subscribers costs a few milliseconds."""
+    received = dropped = buffered = discarded = gaps = missed = errors = 0
+    troubled: list[tuple[int, int, int]] = []
+    for i, r in enumerate(receivers):
+        n = len(r._buf)
+        received += r.received
+        dropped += r.dropped
+        buffered += n
+        rare = r._rare
+        lost = r.dropped
+        if rare is not None:
+            discarded += rare.discarded
+            gaps += rare.gaps
+            missed += rare.missed
+            errors += rare.errors
+            lost += rare.gaps + rare.missed
+        if lost or n:
+            troubled.append((lost, n, i))
+    chosen = [i for _, _, i in heapq.nlargest(keep, troubled)]
+    if len(chosen) < keep:
+        taken = set(chosen)
+        chosen += [i for i in range(len(receivers)) if i not in taken][: keep - len(chosen)]
+    totals = {
+        "received": received,
+        "delivered": received - dropped - discarded - buffered,
+        "dropped": dropped,
+        "buffered": buffered,
+        "gaps": gaps,
+        "missed": missed,
+        "errors": errors,
+    }
+    return totals, chosen
 
 
 class _GapTracker:

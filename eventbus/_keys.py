@@ -44,6 +44,9 @@ Layout (``prefix`` defaults to ``eb``; a topic name never contains ``:``, ``{`` 
                                      the schedule of the level's delayed jobs (as a
                                      topic's), in the index as ``<queue>:q:<level>``
     {prefix}:queues                  hash: queue name -> its settings (JSON)
+    {prefix}:procs                   hash: ``<host>:<pid>`` -> that process's report of
+                                     its local counters (JSON, with its time), written
+                                     by buses that report (``report_every=``, serve())
 
 The topic sits in a ``{hash tag}`` so every name of one topic maps to one Redis
 Cluster slot. ``docs/wire-format.md`` is written from this module.
@@ -71,6 +74,7 @@ __all__ = [
     "live_channel",
     "live_pattern",
     "member_lease",
+    "process_reports",
     "queue_keys",
     "queue_registry",
     "recurring_keys",
@@ -258,6 +262,12 @@ def queue_keys(prefix: str, name: str, priorities: int) -> QueueKeys:
 def queue_registry(prefix: str) -> str:
     """Hash of the queues known under ``prefix``: name -> settings (JSON)."""
     return f"{prefix}:queues"
+
+
+def process_reports(prefix: str) -> str:
+    """Hash of the processes' reports under ``prefix``: ``<host>:<pid>`` -> JSON
+    (see ``eventbus._procs``)."""
+    return f"{prefix}:procs"
 
 
 def schedule_member(queue: str, level: int) -> str:

@@ -182,6 +182,13 @@ class Subscribers:
             return []
         return [h.receiver.statistics() for h in self._handlers if h.spec.runs(fn) and h.attached]
 
+    def receivers(self) -> list[tuple[str, str, Receiver]]:
+        """Every attached subscriber, as (kind ``handler`` or ``iterator``, its name,
+        its receiver): what a process report counts."""
+        found = [("handler", h.spec.name, h.receiver) for h in self._handlers if h.attached]
+        found += [("iterator", "subscribe", r) for r in self._open]
+        return found
+
     # -- iterators ----------------------------------------------------------------------
 
     def subscription(

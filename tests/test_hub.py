@@ -177,3 +177,28 @@ def test_gap_tracking_per_publisher() -> None:
     assert (gap.first_missing, gap.last_missing, gap.size) == (3, 4, 2)
     assert hub.track("r", env(4)) is False  # late or repeated: dropped
     assert hub.track("r", env(1, publisher="other")) is None  # another publisher: its own count
+
+
+def test_tally_sums_every_receiver_and_picks_the_worst_first() -> None:
+    from eventbus._hub import tally
+
+    quiet = [Receiver(label=f"q{i}", capacity=4, overflow="drop_oldest") for i in range(5)]
+    busy = Receiver(label="busy", capacity=4, overflow="drop_oldest")
+    for n in range(3):
+        busy.offer(env(n))  # buffered, none dropped
+    lossy = Receiver(label="lossy", capacity=2, overflow="drop_oldest")
+    for n in range(10):
+        lossy.offer(env(n))  # 8 dropped
+    lossy.take()
+    gappy = Receiver(label="gappy", capacity=4, overflow="drop_oldest")
+    gappy.gaps, gappy.missed = 1, 20
+    found = [*quiet[:2], busy, *quiet[2:], lossy, gappy]
+    totals, chosen = tally(found, 3)
+    assert [found[i].label for i in chosen] == ["gappy", "lossy", "busy"]
+    assert totals == {
+        "received": 13, "delivered": 1, "dropped": 8, "buffered": 4,
+        "gaps": 1, "missed": 20, "errors": 0,
+    }  # fmt: skip
+    assert totals["received"] == totals["delivered"] + totals["dropped"] + totals["buffered"]
+    _, chosen = tally(found, 5)  # fewer in trouble than asked: the others in order
+    assert [found[i].label for i in chosen] == ["gappy", "lossy", "busy", "q0", "q1"]

@@ -351,6 +351,25 @@ def dlq_purge(
     _run("dlq_purge", url, prefix, topic, ids, yes, as_json, is_queue)
 
 
+@cli.command()
+@click.option(
+    "-n", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+    metavar="SECONDS", help="Seconds between refreshes.",
+)  # fmt: skip
+@click.option(
+    "--once", is_flag=True,
+    help="Look twice, --interval apart, print one frame (with rates) and exit.",
+)  # fmt: skip
+@connection
+def top(interval: float, once: bool, url: str | None, prefix: str | None) -> None:
+    """A live view of the bus, redrawn in place: topics and their publish rates,
+    groups (consume rate, pending, lag, consumers, oldest pending), queues, dead
+    letters, delayed events and how late they are, and the local counters (drops,
+    gaps) that served processes report. q or Ctrl-C quits (exit status 0).
+    """
+    _run("top", url, prefix, interval, once)
+
+
 # -- work queues ----------------------------------------------------------------------
 
 

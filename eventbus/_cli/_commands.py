@@ -918,3 +918,9 @@ async def schedules_remove(url: str | None, prefix: str, name: str, as_json: boo
         click.echo(f"removed recurring event {name!r}")
     if not removed:
         raise click.ClickException(f"no recurring event named {name!r}")
+
+
+async def top(url: str | None, prefix: str, interval: float, once: bool) -> None:
+    from ._top import top as draw
+
+    await draw(url, prefix, interval, once)

@@ -4,7 +4,8 @@
 A snapshot holds counts and totals; rates are the difference of two snapshots
 (:func:`rates`), so the one who looks twice computes them, and nothing runs in the
 services to produce them. Every figure is read from Redis: the counters that live
-only in a process (a subscriber's drops and gaps) are not here.
+only in a process (a subscriber's drops and gaps) are here only as the reports
+that processes write (``processes``, below).
 
 Shape (every time a float of epoch seconds, every duration in seconds)::
 
@@ -21,12 +22,19 @@ Shape (every time a float of epoch seconds, every duration in seconds)::
       "delayed": {"pending", "next_due_in", "overdue_by",
                   "topics": [{"name", "pending", "next_due_in"}]},
       "schedules": [{"name", "topic", "next_due_in", "last_released_ago"}],
+      "processes": [{"id", "host", "pid", "at", "age", "interval", "subscriptions",
+                     "totals", "consumers", "workers"}],
     }
 
 ``added`` (entries ever added to the stream) and a group's ``read`` (entries
 delivered to it) need Redis 7.0; they are ``None`` before it. ``overdue_by``: how
 long the earliest delayed event has been due and not released (0 when nothing is
 late): the schedulers' lateness, seen from outside.
+
+``processes``: the reports of the processes that write them (buses served by
+``bus.serve()`` / ``eventbus run``, or with ``report_every=``): the counters that
+live only in a process, such as a subscriber's drops and gaps; shape in
+``eventbus._procs``. Stale reports are left out (and deleted).
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._delayed._pending import delayed_topics
-from .._keys import schedule_target
+from .._keys import process_reports, schedule_target
+from .._procs import read_reports
 from .._topic import Topic
 from ._session import Session
 
@@ -158,6 +167,7 @@ async def snapshot(s: Session) -> dict[str, Any]:
             "topics": delayed_rows,
         },
         "schedules": schedules,
+        "processes": await read_reports(s.client, process_reports(s.prefix), now),
     }
 
 
