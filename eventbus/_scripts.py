@@ -10,6 +10,11 @@ transparently on ``NOSCRIPT`` (after a restart or ``SCRIPT FLUSH``).
 No ``#!lua`` shebang: Redis 6.2 (still supported) does not understand it.
 
 ``docs/wire-format.md`` documents these from this module.
+
+Why one module past 600 lines: it is the server-side code, one concept, kept
+together so that ``tests/test_lua_audit.py`` audits and pins every script in one
+place and a reviewer reads each beside its siblings (the release function of
+delayed events is in three of them, on purpose: a script cannot import another).
 """
 
 from __future__ import annotations
