@@ -27,7 +27,7 @@ from .._envelope import Delivery, Receipt
 from .._keys import queue_keys, queue_registry, topic_keys
 from .._queues import JobDeadLetter, Queue
 from .._queues._admin import read_job_dead_letter
-from .._stats import BusStats, QueueStats
+from .._stats import BusStats, GroupStats, QueueStats
 from .._streams._deadletter import DeadLetter, read_dead_letter
 from .._topic import Topic
 from ..errors import DecodeError
@@ -319,18 +319,7 @@ async def stats(url: str | None, prefix: str, topics: Sequence[str], as_json: bo
                         "first_id": t.first_id,
                         "last_id": t.last_id,
                         "dead_letters": t.dead_letters,
-                        "groups": [
-                            {
-                                "name": g.name,
-                                "consumers": g.consumers,
-                                "pending": g.pending,
-                                "lag": g.lag,
-                                "oldest_pending_age": g.oldest_pending_age,
-                                "last_delivered_id": g.last_delivered_id,
-                                "dead_letters": g.dead_letters,
-                            }
-                            for g in t.groups
-                        ],
+                        "groups": [group_json(g) for g in t.groups],
                     }
                     for t in found.topics
                 ],
@@ -484,6 +473,21 @@ async def _queues(s: Session, names: Sequence[str]) -> list[Queue[Any]]:
 
 async def _queue(s: Session, name: str) -> Queue[Any]:
     return (await _queues(s, [name]))[0]
+
+
+def group_json(g: GroupStats, **extra: Any) -> dict[str, Any]:
+    """A consumer group's figures as ``stats --json``, the snapshot and the
+    dashboard give them (``extra``: fields one of them adds)."""
+    return {
+        "name": g.name,
+        "consumers": g.consumers,
+        "pending": g.pending,
+        "lag": g.lag,
+        "oldest_pending_age": g.oldest_pending_age,
+        "last_delivered_id": g.last_delivered_id,
+        "dead_letters": g.dead_letters,
+        **extra,
+    }
 
 
 def _queue_json(q: QueueStats) -> dict[str, Any]:

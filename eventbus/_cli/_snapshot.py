@@ -88,7 +88,7 @@ async def _stream_counters(s: Session, names: Sequence[str]) -> dict[str, dict[s
 
 async def snapshot(s: Session) -> dict[str, Any]:
     """Everything under ``s.prefix``, read from Redis now (see the module doc)."""
-    from ._commands import _durable_topics, _queue_json, _queues
+    from ._commands import _durable_topics, _queue_json, _queues, group_json
 
     seconds_, micros = await s.client.time()
     now = int(seconds_) + int(micros) / 1_000_000
@@ -105,18 +105,7 @@ async def snapshot(s: Session) -> dict[str, Any]:
                 "added": c["added"],
                 "last_id": t.last_id,
                 "dead_letters": t.dead_letters,
-                "groups": [
-                    {
-                        "name": g.name,
-                        "consumers": g.consumers,
-                        "pending": g.pending,
-                        "lag": g.lag,
-                        "read": c["read"].get(g.name),
-                        "oldest_pending_age": g.oldest_pending_age,
-                        "dead_letters": g.dead_letters,
-                    }
-                    for g in t.groups
-                ],
+                "groups": [group_json(g, read=c["read"].get(g.name)) for g in t.groups],
             }
         )
     queue_list = await _queues(s, ())

@@ -330,6 +330,16 @@ class QueueFeature:
             if not fut.done():
                 fut.set_result(None)
 
+    async def _call_all(self, script: Any, keys: list[str], calls: list[list[Any]]) -> list[Any]:
+        """One call of ``script`` per argument list, in one round trip (a pipeline
+        when there are several); their replies in order."""
+        if len(calls) == 1:
+            return [await script(keys=keys, args=calls[0])]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for args in calls:
+                await script(keys=keys, args=args, client=pipe)
+            return list(await pipe.execute())
+
     async def _enqueue_script(
         self,
         keys: QueueKeys,
@@ -349,13 +359,7 @@ class QueueFeature:
             ):
                 args += ("" if given is None else jid, raw)
             calls.append(args)
-        if len(calls) == 1:
-            replies = [await script(keys=head, args=calls[0])]
-        else:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for args in calls:
-                    await script(keys=head, args=args, client=pipe)
-                replies = await pipe.execute()
+        replies = await self._call_all(script, head, calls)
         return [int(flag) for reply in replies for flag in reply]
 
     async def _schedule(
@@ -399,13 +403,7 @@ class QueueFeature:
             ):
                 args += (jid, "0" if given is None else "1", raw)
             calls.append(args)
-        if len(calls) == 1:
-            replies = [await script(keys=head, args=calls[0])]
-        else:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for args in calls:
-                    await script(keys=head, args=args, client=pipe)
-                replies = await pipe.execute()
+        replies = await self._call_all(script, head, calls)
         self._on_schedule()
         return [int(flag) for reply in replies for flag in reply[1:]], int(replies[0][0])
 
