@@ -24,13 +24,14 @@ import orjson
 
 from .._delayed._pending import delayed_topics, pending_delayed
 from .._envelope import Delivery, Receipt
-from .._keys import queue_keys, queue_registry, topic_keys
+from .._keys import queue_keys, topic_keys
 from .._queues import JobDeadLetter, Queue
 from .._queues._admin import read_job_dead_letter
-from .._stats import BusStats, GroupStats, QueueStats
+from .._stats import BusStats, QueueStats
 from .._streams._deadletter import DeadLetter, read_dead_letter
 from .._topic import Topic
 from ..errors import DecodeError
+from ._reads import durable_topics, group_json, queue_json, registered_queues
 from ._session import Session, dumps, echo_json, note, session, topic_kind
 
 __all__ = [
@@ -272,16 +273,6 @@ async def tail(
 # -- stats and groups -----------------------------------------------------------------
 
 
-async def _durable_topics(s: Session) -> list[str]:
-    head, tail_ = f"{s.prefix}:{{", "}:stream"
-    names = set()
-    async for key in s.client.scan_iter(match=f"{head}*{tail_}", count=1000, _type="stream"):
-        text = key.decode() if isinstance(key, bytes) else str(key)
-        if text.startswith(head) and text.endswith(tail_):
-            names.add(text[len(head) : -len(tail_)])
-    return sorted(names)
-
-
 async def _delayed_counts(s: Session, names: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     for name in names:
@@ -298,14 +289,14 @@ async def _delayed_counts(s: Session, names: Sequence[str]) -> list[dict[str, An
 
 async def stats(url: str | None, prefix: str, topics: Sequence[str], as_json: bool) -> None:
     async with session(url, prefix) as s:
-        names = list(topics) or await _durable_topics(s)
+        names = list(topics) or await durable_topics(s)
         found = (
             await s.bus.stats(*(Topic(n, durable=True) for n in names)) if names else BusStats(())
         )
         delayed_names = list(topics) or await delayed_topics(s.client, s.prefix)
         delayed = await _delayed_counts(s, delayed_names)
         schedules = await s.bus.schedules()
-        queue_list = [] if topics else await _queues(s, ())
+        queue_list = [] if topics else await registered_queues(s, ())
         queue_stats = (await s.bus.stats(*queue_list)).queues if queue_list else ()
     if topics:
         schedules = [sch for sch in schedules if sch.topic in topics]
@@ -323,7 +314,7 @@ async def stats(url: str | None, prefix: str, topics: Sequence[str], as_json: bo
                     }
                     for t in found.topics
                 ],
-                "queues": [_queue_json(q) for q in queue_stats],
+                "queues": [queue_json(q) for q in queue_stats],
                 "delayed": delayed,
                 "schedules": [_schedule_json(sch) for sch in schedules],
             }
@@ -448,65 +439,8 @@ async def groups(url: str | None, prefix: str, topic: str, as_json: bool) -> Non
 # -- work queues ------------------------------------------------------------------------
 
 
-async def _queues(s: Session, names: Sequence[str]) -> list[Queue[Any]]:
-    """The queues registered under the prefix (their priorities and rate), by name;
-    ``names``: only these (an unregistered one as a plain one-level queue)."""
-    registry = await s.redis(
-        s.client.hgetall(queue_registry(s.prefix)), command="HGETALL", topic=None
-    )
-    settings = {_text(k): v for k, v in registry.items()}
-    found = []
-    for name in list(names) or sorted(settings):
-        priorities, rate = 1, None
-        raw = settings.get(name)
-        if raw is not None:
-            try:
-                doc = orjson.loads(raw)
-                priorities = int(doc.get("priorities") or 1)
-                if doc.get("rate"):
-                    rate = (int(doc["rate"][0]), float(doc["rate"][1]))
-            except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, IndexError):
-                note(f"eventbus: queue {name!r} has unreadable settings in the registry")
-        found.append(Queue(name, priorities=priorities, rate=rate))
-    return found
-
-
 async def _queue(s: Session, name: str) -> Queue[Any]:
-    return (await _queues(s, [name]))[0]
-
-
-def group_json(g: GroupStats, **extra: Any) -> dict[str, Any]:
-    """A consumer group's figures as ``stats --json``, the snapshot and the
-    dashboard give them (``extra``: fields one of them adds)."""
-    return {
-        "name": g.name,
-        "consumers": g.consumers,
-        "pending": g.pending,
-        "lag": g.lag,
-        "oldest_pending_age": g.oldest_pending_age,
-        "last_delivered_id": g.last_delivered_id,
-        "dead_letters": g.dead_letters,
-        **extra,
-    }
-
-
-def _queue_json(q: QueueStats) -> dict[str, Any]:
-    return {
-        "name": q.name,
-        "waiting": list(q.waiting),
-        "length": q.length,
-        "scheduled": q.scheduled,
-        "processing": q.processing,
-        "workers": q.workers,
-        "dead_letters": q.dead_letters,
-        "oldest_waiting_age": q.oldest_waiting_age,
-        "started": q.started,
-        "finished": q.finished,
-        "failed": q.failed,
-        "started_per_s": q.started_per_s,
-        "finished_per_s": q.finished_per_s,
-        "failed_per_s": q.failed_per_s,
-    }
+    return (await registered_queues(s, [name]))[0]
 
 
 def _queues_table(found: Sequence[QueueStats]) -> None:
@@ -544,10 +478,10 @@ def _queues_table(found: Sequence[QueueStats]) -> None:
 
 async def queues(url: str | None, prefix: str, names: Sequence[str], as_json: bool) -> None:
     async with session(url, prefix) as s:
-        found = await _queues(s, names)
+        found = await registered_queues(s, names)
         stats = (await s.bus.stats(*found)).queues if found else ()
     if as_json:
-        echo_json([_queue_json(q) for q in stats])
+        echo_json([queue_json(q) for q in stats])
         return
     if not stats:
         click.echo(f"no work queues under prefix {prefix!r}")

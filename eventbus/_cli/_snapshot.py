@@ -46,6 +46,7 @@ from .._delayed._pending import delayed_topics
 from .._keys import process_reports, schedule_target
 from .._procs import read_reports
 from .._topic import Topic
+from ._reads import durable_topics, group_json, queue_json, registered_queues
 from ._session import Session
 
 __all__ = ["rates", "snapshot"]
@@ -88,11 +89,10 @@ async def _stream_counters(s: Session, names: Sequence[str]) -> dict[str, dict[s
 
 async def snapshot(s: Session) -> dict[str, Any]:
     """Everything under ``s.prefix``, read from Redis now (see the module doc)."""
-    from ._commands import _durable_topics, _queue_json, _queues, group_json
 
     seconds_, micros = await s.client.time()
     now = int(seconds_) + int(micros) / 1_000_000
-    names = await _durable_topics(s)
+    names = await durable_topics(s)
     found = await s.bus.stats(*(Topic(n, durable=True) for n in names)) if names else None
     counters = await _stream_counters(s, names)
     topics = []
@@ -108,7 +108,7 @@ async def snapshot(s: Session) -> dict[str, Any]:
                 "groups": [group_json(g, read=c["read"].get(g.name)) for g in t.groups],
             }
         )
-    queue_list = await _queues(s, ())
+    queue_list = await registered_queues(s, ())
     queue_stats = (await s.bus.stats(*queue_list)).queues if queue_list else ()
     members = await delayed_topics(s.client, s.prefix)
     delayed_rows = []
@@ -148,7 +148,7 @@ async def snapshot(s: Session) -> dict[str, Any]:
         "at": now,
         "prefix": s.prefix,
         "topics": topics,
-        "queues": [_queue_json(q) for q in queue_stats],
+        "queues": [queue_json(q) for q in queue_stats],
         "delayed": {
             "pending": total,
             "next_due_in": None if earliest is None else earliest - now,
