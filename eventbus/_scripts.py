@@ -604,7 +604,8 @@ QUEUE_TAKE: Final = """
 -- (ms), ARGV[4] prefix unique to this call (rate-log members), ARGV[5] nudge
 -- marker, ARGV[6] '1' to first drop one nudge from the processing list
 -- returns {ms until the rate limit lets one more start (0: not limited), then per
--- job taken: the job, its level, how many times a dead worker had held it}
+-- job taken: the job, its level, how many times a dead worker had held it; a job
+-- held before by a dead worker is always the last}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[6] == '1' then
@@ -623,10 +624,13 @@ end
 local out = {0}
 local taken = 0
 local stalled = redis.call('EXISTS', KEYS[3]) == 1
+-- A job that a dead worker held is taken last in its call: the worker runs it
+-- alone, so that if it kills its worker again, no other job shares the blame.
+local suspect = false
 for level = #KEYS - 4, 1, -1 do
   local list = KEYS[4 + level]
   for _ = 1, tonumber(ARGV[1]) + 1 do
-    if taken >= want then
+    if taken >= want or suspect then
       break
     end
     local job = redis.call('LMOVE', list, KEYS[1], 'RIGHT', 'LEFT')
@@ -644,6 +648,7 @@ for level = #KEYS - 4, 1, -1 do
         held = tonumber(redis.call('HGET', KEYS[3], redis.sha1hex(job)) or '0')
       end
       out[#out + 1] = held
+      suspect = held > 0
     end
   end
 end

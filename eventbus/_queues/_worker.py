@@ -310,7 +310,7 @@ class QueueWorker:
                     drop_nudge = False
                     wait_ms = int(reply[0])
                     for i in range(1, len(reply) - 2, 3):
-                        self._dispatch(reply[i], int(reply[i + 1]), int(reply[i + 2]))
+                        await self._dispatch(reply[i], int(reply[i + 1]), int(reply[i + 2]))
                     if len(reply) > 1:
                         backoff = 0.05
                         continue
@@ -343,7 +343,7 @@ class QueueWorker:
                     if int(wait_ms):
                         await anyio.sleep(int(wait_ms) / 1000)
                         continue
-                    self._dispatch(job, 0, int(held))
+                    await self._dispatch(job, 0, int(held))
                     backoff = 0.05
                 except (*CONNECTION_ERRORS, rex.ResponseError) as exc:
                     # A reply lost here may have moved jobs into the processing list
@@ -360,9 +360,20 @@ class QueueWorker:
                     await anyio.sleep(backoff * (1 + self._rand.random()))
                     backoff = min(backoff * 2, 2.0)
 
-    def _dispatch(self, raw: bytes, level: int, held: int) -> None:
-        self._outstanding += 1
+    async def _dispatch(self, raw: bytes, level: int, held: int) -> None:
+        """Hand a taken job to a slot. A job that a dead worker held (``held``) runs
+        alone: after the jobs already running finish, and before any other is
+        taken. If it kills this process too, it is the only job blamed for it (a
+        count of deaths per job decides ``worker_lost``); the others it shared a
+        dead worker with run alone once and are cleared. (In the iterator form the
+        caller decides what runs at once: there, it is handed out as any job.)"""
         self._held[raw] += 1
+        alone = held > 0 and self._deliver is None
+        if alone:
+            while self._outstanding > 0:
+                self._space = anyio.Event()
+                await self._space.wait()
+        self._outstanding += 1
         self.started += 1
         self._ready.append((raw, level, held))
         waiters = self._waiters
@@ -370,7 +381,11 @@ class QueueWorker:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
+                break
+        if alone:
+            while self._outstanding > 0:
+                self._space = anyio.Event()
+                await self._space.wait()
 
     async def _start_job(self, raw: bytes, level: int, held: int) -> None:
         try:

@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sleep-min", type=float, default=0.0)
     p.add_argument("--sleep-max", type=float, default=0.0)
     p.add_argument("--poison", type=int, default=-1, help="the job n that SIGKILLs its worker")
+    p.add_argument("--poison-after", type=float, default=0.0, help="seconds before it does")
     p.add_argument("--log-starts", action="store_true")
     p.add_argument("--shutdown-grace", type=float, default=3.0)
     p.add_argument("--max-seconds", type=float, default=100.0)
@@ -101,6 +102,8 @@ async def main(args: argparse.Namespace) -> int:
         n = job["n"]
         if n == args.poison:
             append_line(fd, {"kind": "poison", "n": n, "attempt": d.attempt, "w": name})
+            if args.poison_after > 0:
+                await anyio.sleep(args.poison_after)  # while the other jobs taken run
             os.kill(pid, signal.SIGKILL)
         t0 = time.time()
         if args.log_starts:

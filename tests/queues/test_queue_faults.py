@@ -501,6 +501,58 @@ async def test_a_poison_job_that_kills_its_worker_is_dead_lettered_after_max_att
     assert dup <= deaths * CONCURRENCY  # done, not yet acked by a worker that died
 
 
+@pytest.mark.slow
+async def test_jobs_that_shared_a_dead_worker_with_a_poison_job_are_not_blamed(
+    redis_server_factory: Any, tmp_path: Path
+) -> None:
+    """Only the poison job and four others in the queue, one worker process at a time
+    taking five at once: every death first takes the innocent four with it. A job a
+    dead worker held runs alone afterwards, so only the poison job reaches
+    max_attempts deaths; the four are done, not dead-lettered as ``worker_lost``."""
+    server = redis_server_factory()
+    prefix, name = "blame", "blame"
+    queue = Queue(name)
+    jobs = range(5)
+    poison = 2
+    producer = EventBus(server.url, prefix=prefix, scheduler=False)
+    with fleet_of(
+        tmp_path,
+        server.url,
+        prefix,
+        name,
+        sleep_min=0.5,
+        sleep_max=0.5,
+        poison=poison,
+        poison_after=0.2,  # it dies while the jobs taken with it still run
+    ) as fleet:
+        async with producer:
+            await enqueue_range(producer, queue, jobs)
+            await fleet.start(1)  # starts on a full queue: takes all five at once
+            deaths = 0
+
+            async def settled() -> bool:
+                nonlocal deaths
+                for worker in fleet.workers:
+                    if (
+                        not worker.alive
+                        and worker.event("exit") is None
+                        and worker.exited_at is None
+                    ):
+                        worker.exited_at = time.time()
+                        deaths += 1
+                        fleet.spawn()
+                letters = await producer.dead_letters(queue)
+                return len(letters) >= 1 and fleet.handled() >= len(jobs) - 1
+
+            await wait_until(settled, timeout=40, interval=0.05)
+            letters = await producer.dead_letters(queue)
+        await fleet.stop()
+    assert [orjson.loads(letter.job)["data"] for letter in letters] == [{"n": poison}]
+    assert letters[0].reason == "worker_lost"
+    assert deaths == 3
+    assert sorted(set(fleet.done())) == [n for n in jobs if n != poison]
+
+
 # -- a Redis restart with AOF -------------------------------------------------------------------
 
 
