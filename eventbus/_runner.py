@@ -3,6 +3,8 @@ SIGTERM or SIGINT, drain, exit 0.
 
 * One worker (the default): the bus is served in this process (``EventBus.serve``),
   under runner slot 0 unless ``$EVENTBUS_SLOT`` says otherwise.
+* ``name=``: the stable consumer names are ``<name>:<slot>`` instead of
+  ``<host>:<slot>`` (``$EVENTBUS_NAME``, inherited by the workers).
 * ``workers=N``: this process is a supervisor. It starts N worker processes
   (``python -m eventbus run <target> --workers 1``), each in its own session with
   ``$EVENTBUS_SLOT`` set to its slot (0..N-1), so each has its own bus and its own
@@ -38,7 +40,7 @@ from typing import Final
 import anyio
 
 from ._bus import EventBus
-from ._streams._options import SLOT_ENV
+from ._streams._options import NAME_ENV, SLOT_ENV
 from .errors import ConfigurationError
 
 __all__ = ["load", "run"]
@@ -98,12 +100,15 @@ def run(
     workers: int = 1,
     reload: bool = False,
     url: str | None = None,
+    name: str | None = None,
 ) -> int:
     """Serve the bus ``target`` names (see the module doc); returns the exit status.
 
     ``grace``: seconds running handlers get to finish after the first signal
     (default: the bus's ``shutdown_grace``). ``url``: ``$EVENTBUS_URL`` for the
-    workers (used by buses built without a URL).
+    workers (used by buses built without a URL). ``name``: the first part of the
+    stable consumer names, ``<name>:<slot>`` (default: the host name); two runners
+    serving the same groups from one host need different names.
 
     :raises eventbus.errors.ConfigurationError: bad arguments, or a target that is
         not an importable module.
@@ -112,6 +117,12 @@ def run(
         raise ConfigurationError(f"workers must be a positive int, got {workers!r}")
     if grace is not None and grace < 0:
         raise ConfigurationError(f"grace must be zero or more seconds, got {grace!r}")
+    if name is not None:
+        if not name or len(name) > 100 or any(c.isspace() or not c.isprintable() for c in name):
+            raise ConfigurationError(
+                f"name must be 1 to 100 printable characters without spaces, got {name!r}"
+            )
+        os.environ[NAME_ENV] = name
     if url is not None:
         os.environ["EVENTBUS_URL"] = url
     _setup_logging()

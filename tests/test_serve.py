@@ -80,7 +80,9 @@ def service(tmp_path: Path, redis_url: str) -> Iterator[Any]:
     oracle = tmp_path / "oracle.txt"
     started: list[Service] = []
 
-    def start(*argv: str, delay: float = 1.0, concurrency: int = 2) -> Service:
+    def start(
+        *argv: str, delay: float = 1.0, concurrency: int = 2, name: str | None = None
+    ) -> Service:
         env = dict(
             os.environ,
             SERVE_URL=redis_url,
@@ -90,6 +92,9 @@ def service(tmp_path: Path, redis_url: str) -> Iterator[Any]:
             SERVE_CONCURRENCY=str(concurrency),
         )
         env.pop("EVENTBUS_SLOT", None)
+        env.pop("EVENTBUS_NAME", None)
+        if name is not None:  # the environment variable, as a deployment would set it
+            env["EVENTBUS_NAME"] = name
         svc = Service(tmp_path, env, list(argv))
         started.append(svc)
         return svc
@@ -239,6 +244,32 @@ async def test_a_signal_while_the_workers_start_up_still_exits_zero(
     assert_quiet(runner.stderr())
 
 
+async def test_two_runners_on_one_host_serve_one_group_under_their_own_names(
+    service: Any, redis_url: str
+) -> None:
+    # Without --name both would run as <host>:0 and the second would be refused.
+    client = control_client(redis_url)
+    stream = topic_keys(service.prefix, TOPIC).stream
+    blue = service("--name", "blue", "--grace", "10", delay=0.05)
+    green = service("--workers", "2", "--grace", "10", delay=0.05, name="green")
+    names = {"blue:0", "green:0", "green:1"}
+    await wait_until(lambda: _has_consumers(client, stream, names), timeout=30, interval=0.1)
+    await publish(redis_url, service.prefix, 40)
+    await wait_until(lambda: set(lines(service.oracle, "done")) >= set(range(40)), timeout=30)
+    await wait_until(lambda: _nothing_pending(client, stream), timeout=10)
+    assert set(await consumers(client, stream)) <= names
+    assert blue.proc.poll() is None
+    assert green.proc.poll() is None
+    for runner in (blue, green):
+        runner.signal(signal.SIGTERM)
+    for runner in (blue, green):
+        assert await runner.exit_code(timeout=30) == 0, runner.stderr()
+        assert_quiet(runner.stderr())
+        assert "ConsumerNameInUse" not in runner.stderr()
+    assert await consumers(client, stream) == {}
+    await client.aclose()
+
+
 def _zombie(process: psutil.Process) -> bool:
     try:
         return process.status() == psutil.STATUS_ZOMBIE
@@ -289,6 +320,7 @@ def test_default_names_are_unique_outside_the_runner_and_stable_under_it(
         )
 
     monkeypatch.delenv("EVENTBUS_SLOT", raising=False)
+    monkeypatch.delenv("EVENTBUS_NAME", raising=False)
     a, b = options(), options()
     assert a.consumer != b.consumer
     assert not a.stable_name
@@ -296,6 +328,8 @@ def test_default_names_are_unique_outside_the_runner_and_stable_under_it(
     c = options()
     assert c.consumer == f"{HOST}:3"
     assert c.stable_name
+    monkeypatch.setenv("EVENTBUS_NAME", "api-blue")
+    assert options().consumer == "api-blue:3"
 
 
 async def test_members_of_one_group_in_one_slot_get_distinct_stable_names(
@@ -411,6 +445,19 @@ def test_a_bad_target_is_refused_with_status_2() -> None:
     )
     assert out.returncode == 2
     assert "no module named 'no_such_module_x'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_bad_runner_name_is_refused_with_status_2() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "eventbus", "run", "tests.serve_app:bus", "--name", "a b"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "name must be" in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -512,7 +512,14 @@ def dashboard(
     "--url", metavar="URL",
     help="Redis URL for a bus built without one. Default: $EVENTBUS_URL.",
 )  # fmt: skip
-def run(target: str, grace: float | None, workers: int, reload: bool, url: str | None) -> None:
+@click.option(
+    "--name", metavar="NAME", envvar="EVENTBUS_NAME",
+    help="Stable consumer names are NAME:<slot> (default: <host>:<slot>). Two runners"
+    " serving the same groups from one host need different names. [env: EVENTBUS_NAME]",
+)  # fmt: skip
+def run(
+    target: str, grace: float | None, workers: int, reload: bool, url: str | None, name: str | None
+) -> None:
     """Serve the bus MODULE:BUS (an EventBus, or a function returning one) until
     SIGTERM or SIGINT, then drain and exit 0; a second signal stops at once."""
     from .. import _runner
@@ -521,7 +528,12 @@ def run(target: str, grace: float | None, workers: int, reload: bool, url: str |
     group = click.get_current_context().find_root().obj or {}
     try:
         status = _runner.run(
-            target, grace=grace, workers=workers, reload=reload, url=url or group.get("url")
+            target,
+            grace=grace,
+            workers=workers,
+            reload=reload,
+            url=url or group.get("url"),
+            name=name,
         )
     except ConfigurationError as exc:
         click.echo(f"eventbus run: {exc}", err=True)

@@ -16,6 +16,7 @@ from .._topic import Topic, as_topic
 from ..errors import ConfigurationError
 
 __all__ = [
+    "NAME_ENV",
     "SLOT_ENV",
     "GroupOptions",
     "StartPosition",
@@ -27,6 +28,11 @@ __all__ = [
 SLOT_ENV: Final = "EVENTBUS_SLOT"
 """The environment variable in which the runner (``eventbus run``) gives each worker
 process its slot number: the stable part of its default consumer names."""
+
+NAME_ENV: Final = "EVENTBUS_NAME"
+"""The first part of the stable default consumer names, ``<name>:<slot>``, in place of
+the host name (``eventbus run --name``): for two runners on one host, or a host name
+that changes at each start (containers)."""
 
 _NAME_MAX: Final = 200
 _ADAPTIVE_FIRST_BATCH: Final = 100
@@ -73,13 +79,15 @@ def _check_name(kind: str, name: object) -> str:
 def _default_consumer_name() -> tuple[str, bool]:
     """The default consumer name, and whether it is the stable one of a runner slot.
 
-    Under the runner (``$EVENTBUS_SLOT`` set) it is ``<host>:<slot>``: a worker that
+    Under the runner (``$EVENTBUS_SLOT`` set) it is ``<host>:<slot>``, or
+    ``<name>:<slot>`` with ``$EVENTBUS_NAME`` (``eventbus run --name``): a worker that
     restarts in the same slot takes back its own pending entries at once. Anywhere
     else it is unique per process start (two processes on one host must not share a
     name, and nothing says which is which): pass ``consumer=`` for a stable one."""
     slot = os.environ.get(SLOT_ENV, "").strip()
     if slot:
-        return f"{socket.gethostname()}:{slot}", True
+        name = os.environ.get(NAME_ENV, "").strip() or socket.gethostname()
+        return _check_name("consumer", f"{name}:{slot}"), True
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}", False
 
 
