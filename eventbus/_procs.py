@@ -12,7 +12,7 @@ One field per process, ``<host>:<pid>``, its value one JSON object::
                         "reconnects", "errors"}],   # at most MAX_ROWS, worst first
      "totals": {"subscriptions", "received", "delivered", "dropped", "buffered",
                 "gaps", "missed", "errors"},    # over all of them
-     "consumers": [{"group", "consumer", "handled", "failed", ...}],
+     "consumers": [{"group", "consumer", "topic", "handled", "failed", ...}],
      "workers": [{"queue", "worker", "running", "started", "finished", ...}]}
 
 A report is one ``TIME`` and one ``HSET`` (with an ``EXPIRE`` of the hash): cheap,

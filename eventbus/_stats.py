@@ -101,8 +101,8 @@ class ConsumerCounters:
 
 def _member_first(cls: type, fields: list[attrs.Attribute[Any]]) -> list[attrs.Attribute[Any]]:
     # attrs puts inherited fields first: keep group and consumer leading (repr, order).
-    own = [f for f in fields if f.name in ("group", "consumer")]
-    return own + [f for f in fields if f.name not in ("group", "consumer")]
+    own = [f for f in fields if f.name in ("group", "consumer", "topic")]
+    return own + [f for f in fields if f.name not in ("group", "consumer", "topic")]
 
 
 @attrs.frozen(kw_only=True, field_transformer=_member_first)
@@ -118,6 +118,11 @@ class ConsumerStatistics(ConsumerCounters):
     """The consumer group."""
     consumer: str
     """This member's consumer name."""
+    topic: str = ""
+    """The durable topic the group reads.
+
+    .. versionadded:: 0.3
+    """
 
 
 @attrs.frozen

@@ -26,11 +26,11 @@ def test_consumer_statistics_is_a_frozen_snapshot_of_the_counters() -> None:
     )
 
 
-def test_consumer_statistics_fields_are_the_counters_after_group_and_consumer() -> None:
+def test_consumer_statistics_fields_are_the_counters_after_group_consumer_and_topic() -> None:
     names = [f.name for f in attrs.fields(ConsumerStatistics)]
     counters = [f.name for f in attrs.fields(ConsumerCounters)]
-    assert names == ["group", "consumer", *counters]
+    assert names == ["group", "consumer", "topic", *counters]
     assert len(counters) == 12
-    assert repr(ConsumerStatistics(group="g", consumer="c")).startswith(
-        "ConsumerStatistics(group='g', consumer='c', handled=0,"
+    assert repr(ConsumerStatistics(group="g", consumer="c", topic="t")).startswith(
+        "ConsumerStatistics(group='g', consumer='c', topic='t', handled=0,"
     )

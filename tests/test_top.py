@@ -194,6 +194,14 @@ async def test_top_shows_a_topic_moving_and_quits_on_q(bus_factory: Any, redis_u
                 return bool(me) and len(cells) >= 4 and int(cells[1]) > 0 and cells[3] == "2/2"
 
             await _screen_until(screen, drops_shown, timeout=10)
+
+            def member_shown(text: str) -> bool:
+                # The process's group member: its topic, group, name and handled count.
+                row = next((ln for ln in text.splitlines() if "orders/billing (" in ln), "")
+                cells = row.rpartition(")")[2].split()  # handled, failed
+                return len(cells) >= 2 and int(cells[0]) > 0
+
+            await _screen_until(screen, member_shown, timeout=10)
             text = screen.frame()
             assert "Queues" in text
             assert re.search(r"thumbs\s+\d+ \(\d+/\d+\)", text)  # waiting (per priority)

@@ -272,6 +272,12 @@ def frame(
                 _num(sub["dropped"], True), _gaps(sub),
                 f"{sub['buffered']}/{sub['buffer_size']}", _num(sub["errors"], True),
             )  # fmt: skip
+        for member in p["consumers"]:  # which groups the process serves, and how well
+            procs.add_row(
+                f"  └ {member.get('topic') or '?'}/{member['group']} ({member['consumer']})",
+                "", "", "", "", "", "",
+                str(member["handled"]), _num(member["failed"], True),
+            )  # fmt: skip
     if not snap.get("processes"):
         procs.add_row(Text("no reports (served buses write them)", style="dim"))
     parts.append(procs)

@@ -241,6 +241,7 @@ class GroupConsumer:
         return ConsumerStatistics(
             group=self.options.group,
             consumer=self.options.consumer,
+            topic=self.topic.name,
             **attrs.asdict(self._counters),
         )
 

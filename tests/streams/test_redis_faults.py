@@ -561,6 +561,7 @@ async def test_f28a_out_of_memory_refuses_publishes_and_consumers_keep_draining(
             f" acked={stats.acked} handled={stats.handled} dup={calls - len(handled)}"
         )
         assert int(memory["used_memory"]) > int(memory["maxmemory"])
+        assert (stats.topic, stats.group) == ("orders", "billing")
         assert stats.acked == stats.handled == calls == len(published)
         assert stats.ack_lost_ownership == 0
         assert stats.dead_lettered == 0
