@@ -7,6 +7,7 @@ own clock when the scheduler's script writes the entry.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -16,6 +17,7 @@ import anyio
 import pytest
 
 from eventbus import Delivery, EventBus, Topic
+from eventbus._feature import Minter
 from eventbus._keys import delayed_index, topic_keys
 from eventbus.errors import ConfigurationError
 
@@ -177,6 +179,45 @@ async def test_publish_many_schedules_a_batch_in_one_round_trip(
         assert len({r.id for r in receipts}) == 1200
         assert len({r.due for r in receipts}) == 1
         await wait_until(lambda: sorted(seen) == list(range(1200)), timeout=10)
+
+
+async def test_events_due_in_the_same_millisecond_are_released_in_publish_order(
+    bus_factory: Callable[..., EventBus],
+) -> None:
+    # One due time for a batch of 1,200 (three script calls), then 50 single
+    # publishes at one `at`: each set is released (stored) in the order it was
+    # published. One member with concurrency=1 reads in stream order.
+    bus = bus_factory()
+    seen: list[str] = []
+
+    @bus.on(ORDERS, group="g", concurrency=1)
+    async def handle(event: dict[str, int], d: Delivery) -> None:
+        seen.append(d.id)
+
+    async with bus:
+        batch = await bus.publish_many(ORDERS, [{"n": i} for i in range(1200)], delay=0.3)
+        at = datetime.now(timezone.utc) + timedelta(seconds=0.3)
+        singles = [await bus.publish(ORDERS, {"n": i}, at=at) for i in range(50)]
+        await wait_until(lambda: len(seen) == 1250, timeout=10)
+    assert [d for d in seen if d in {r.id for r in batch}] == [r.id for r in batch]
+    assert [d for d in seen if d in {r.id for r in singles}] == [r.id for r in singles]
+
+
+def test_event_ids_rise_within_a_process_and_differ_in_a_forked_child() -> None:
+    first, second = Minter.event_id(), Minter.event_id()
+    assert len(first) == 32
+    assert int(first, 16) < int(second, 16)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, then out without running anything else
+        os.write(write, Minter.event_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 32
+    assert child[:16] != second[:16]  # its own random half: no id of the parent's
 
 
 async def test_an_earlier_event_wakes_a_sleeping_scheduler(
