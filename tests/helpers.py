@@ -13,9 +13,14 @@ from eventbus._codec import Codec
 from eventbus._envelope import Envelope
 
 
-def control_client(url: str) -> aioredis.Redis:
-    """A plain redis-py client for inspecting the server (never used by the bus)."""
-    return aioredis.Redis.from_url(url, decode_responses=True)
+def control_client(url: str, *, socket_timeout: float | None = None) -> aioredis.Redis:
+    """A plain redis-py client for inspecting the server (never used by the bus).
+
+    ``socket_timeout``: seconds a reply may take (redis-py 8's default is 5 s: too
+    short for a long ``DEBUG POPULATE`` on a loaded machine)."""
+    if socket_timeout is None:
+        return aioredis.Redis.from_url(url, decode_responses=True)
+    return aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout)
 
 
 async def wait_until(

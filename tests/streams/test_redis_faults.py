@@ -345,7 +345,7 @@ async def test_f5_graceful_restart_through_loading(redis_server_factory: Any) ->
 
     outcomes: list[Outcome] = []
     burst: list[Outcome] = []
-    async with control_client(server.url) as ctl:
+    async with control_client(server.url, socket_timeout=120) as ctl:
         await _populate(ctl, FILLER_KEYS)
         dataset = int((await ctl.info("memory"))["used_memory"])
     aof = sum(p.stat().st_size for p in server.directory.rglob("appendonly*") if p.is_file())
