@@ -1015,13 +1015,17 @@ class EventBus:
         ``receipt``: the :class:`Receipt` of ``publish(..., delay=)`` or
         ``enqueue(..., delay=)`` (or ``at=``), or the event or job id. With a bare
         id and no ``topic``, every schedule is searched in one round trip. A
-        cancelled job's ``job_id`` is free again. False means it was released already,
-        cancelled before, or never scheduled: a cancel never takes back an event
-        that reached its topic. Cancellation of this call: the event may or may not
-        have been cancelled.
+        cancelled job's ``job_id`` is free again. True means this call removed it,
+        also when Redis's reply was lost and the call was sent again (the first run
+        leaves a tombstone for 10 minutes). False means it was released already,
+        cancelled before (by another call), or never scheduled: a cancel never takes
+        back an event that reached its topic. Cancellation of this call: the event
+        may or may not have been cancelled.
 
         :raises eventbus.errors.BusStateError: the bus is not open.
-        :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded retries.
+        :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded
+            retries; the event may or may not have been cancelled (a new call then
+            answers False if it was).
         """
         self._require_open("cancel")
         name: str | None

@@ -21,6 +21,10 @@ Layout (``prefix`` defaults to ``eb``; a topic name never contains ``:``, ``{`` 
     {prefix}:{<topic>}:delayed-done:<event id>
                                      an event released at once (its due time had
                                      passed), for 10 minutes: a retried call finds it
+    {prefix}:{<topic>}:delayed-cancelled:<event id>
+                                     string: the token of the cancel call that removed
+                                     the event, for 10 minutes: that call, sent again
+                                     after a lost reply, still answers True
     {prefix}:delayed                 zset: topics with delayed events by earliest due
     {prefix}:delayed:wake            channel: an earlier due time was scheduled
     {prefix}:delayed:lease           string: token of the scheduler that releases on
@@ -43,6 +47,8 @@ Layout (``prefix`` defaults to ``eb``; a topic name never contains ``:``, ``{`` 
     {prefix}:{<queue>}:q-delayed:<level>, ...:q-delayed-data:<level>
                                      the schedule of the level's delayed jobs (as a
                                      topic's), in the index as ``<queue>:q:<level>``
+    {prefix}:{<queue>}:q-delayed-cancelled:<job id>
+                                     a cancelled delayed job's tombstone (as a topic's)
     {prefix}:queues                  hash: queue name -> its settings (JSON)
     {prefix}:procs                   hash: ``<host>:<pid>`` -> that process's report of
                                      its local counters (JSON, with its time), written
@@ -143,6 +149,8 @@ class TopicKeys(NamedTuple):
     """Hash of the topic's delayed events (event id -> what to release)."""
     delayed_done: str
     """Prefix of the marks of events released at once (append the event id)."""
+    delayed_cancelled: str
+    """Prefix of the tombstones of cancelled delayed events (append the event id)."""
 
 
 def topic_keys(prefix: str, topic: str) -> TopicKeys:
@@ -159,6 +167,7 @@ def topic_keys(prefix: str, topic: str) -> TopicKeys:
         delayed=f"{base}:delayed",
         delayed_data=f"{base}:delayed-data",
         delayed_done=f"{base}:delayed-done:",
+        delayed_cancelled=f"{base}:delayed-cancelled:",
     )
 
 
@@ -289,6 +298,8 @@ class ScheduleTarget(NamedTuple):
     """The topic or queue name."""
     nudge: str
     """A queue: its level-0 list (where idle workers block); a topic: ``destination``."""
+    cancelled: str
+    """Prefix of the tombstones a cancel leaves (append the event or job id)."""
 
 
 def schedule_target(prefix: str, member: str) -> ScheduleTarget:
@@ -297,9 +308,23 @@ def schedule_target(prefix: str, member: str) -> ScheduleTarget:
     if not sep:
         keys = topic_keys(prefix, member)
         return ScheduleTarget(
-            keys.delayed, keys.delayed_data, keys.stream, "stream", member, keys.stream
+            keys.delayed,
+            keys.delayed_data,
+            keys.stream,
+            "stream",
+            member,
+            keys.stream,
+            keys.delayed_cancelled,
         )
     n = int(level)
     qkeys = QueueKeys(prefix, name, n + 1)
     delayed, data = qkeys.delayed(n)
-    return ScheduleTarget(delayed, data, qkeys.levels[n], "list", name, qkeys.levels[0])
+    return ScheduleTarget(
+        delayed,
+        data,
+        qkeys.levels[n],
+        "list",
+        name,
+        qkeys.levels[0],
+        f"{qkeys.base}:q-delayed-cancelled:",
+    )

@@ -450,17 +450,27 @@ return {released, now, tonumber(nxt[2]), missing}
 """
 
 DELAYED_CANCEL: Final = """
--- Remove one scheduled event (or queue job) if it is still pending.
+-- Remove one scheduled event (or queue job) if it is still pending. Safe to run
+-- twice (a client's retry after a lost reply): the run that removes it leaves a
+-- tombstone holding the call's token for 10 minutes, and a run of the same call
+-- that finds it answers as the first run did; another call's token answers 0.
 -- KEYS[1] schedule (zset), KEYS[2] schedule data (hash), KEYS[3] index (zset),
--- KEYS[4] a queue's job ids (hash; absent for a topic)
--- ARGV[1] event id, ARGV[2] index member (topic, or queue level)
--- returns 1 if it was pending (and is now removed), else 0
+-- KEYS[4] the event's tombstone (string), KEYS[5] a queue's job ids (hash; absent
+-- for a topic)
+-- ARGV[1] event id, ARGV[2] index member (topic, or queue level), ARGV[3] the
+-- call's token
+-- returns 1 if it was pending and this call removed it, else 0 (released, never
+-- scheduled, or removed by another call)
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+  if redis.call('GET', KEYS[4]) == ARGV[3] then
+    return 1
+  end
   return 0
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
-if #KEYS > 3 then
-  redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('SET', KEYS[4], ARGV[3], 'PX', 600000)
+if #KEYS > 4 then
+  redis.call('HDEL', KEYS[5], ARGV[1])
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #nxt == 0 then

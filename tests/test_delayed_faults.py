@@ -11,6 +11,7 @@ release script writes the entry, is at or after the due time).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 import statistics
 import time
@@ -24,6 +25,7 @@ import pytest
 
 from eventbus import Delivery, EventBus, Topic
 from eventbus._keys import delayed_index, topic_keys
+from eventbus._scripts import DELAYED_CANCEL
 from eventbus.testing import FaultProxy
 
 from .helpers import control_client, wait_until
@@ -319,3 +321,53 @@ async def test_f20_script_flush_and_an_aof_restart_lose_nothing(
         await fleet.stop()
     await assert_schedule_empty(server.url, prefix)
     print(f"F20: lateness p99 {p99(late) * 1000:.1f} ms, max {late[-1] * 1000:.1f} ms")
+
+
+async def test_a_cancel_whose_reply_is_lost_still_answers_true(
+    redis_server_factory: Callable[..., Any],
+) -> None:
+    """The cancel script runs, its reply is lost with the connection, and redis-py
+    sends it again: that run finds the event gone, and answers from the tombstone
+    the first run left (True: this call cancelled it). The event is never
+    released; another cancel of it answers False (cancelled before), as does a
+    cancel of an event already released."""
+    server = redis_server_factory()
+    prefix = "lostcancel"
+    seen: list[int] = []
+    consumer = EventBus(server.url, prefix=prefix, scheduler=True)
+
+    @consumer.on(TOPIC, group="g")
+    async def handle(event: dict[str, int]) -> None:
+        seen.append(event["n"])
+
+    async with FaultProxy(("127.0.0.1", server.port)) as proxy:
+        # Its scheduler off: the only script this bus runs after scheduling is the cancel.
+        canceller = EventBus(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, scheduler=False)
+        async with consumer, canceller:
+            warm = await canceller.publish(TOPIC, {"n": 0}, delay=0.5)
+            doomed = await canceller.publish(TOPIC, {"n": 1}, delay=0.5)
+            marker = await canceller.publish(TOPIC, {"n": 2}, delay=0.6)
+            # A first cancel loads the script: the reply lost next is the script's
+            # answer, not a NOSCRIPT error.
+            assert await canceller.cancel(warm) is True
+            proxy.drop_next_reply(b"EVALSHA")
+            assert await canceller.cancel(doomed) is True
+            assert len(proxy.dropped) == 1, "the cancel's reply was not lost"
+            assert proxy.dropped[0].reply == b":1\r\n"  # it removed the event
+            assert (
+                proxy.dropped[0].command[1]
+                == hashlib.sha1(DELAYED_CANCEL.encode()).hexdigest().encode()
+            )
+            assert canceller.delayed_statistics().cancelled == 2
+            assert await canceller.cancel(doomed) is False  # another call: cancelled before
+            await wait_until(lambda: seen == [2], timeout=5)  # released after doomed's due time
+            assert await canceller.cancel(marker) is False  # released: never taken back
+    ctl = control_client(server.url)
+    try:
+        keys = topic_keys(prefix, TOPIC.name)
+        assert await ctl.xlen(keys.stream) == 1
+        ttl = await ctl.pttl(keys.delayed_cancelled + doomed.id)
+        assert 0 < ttl <= 600_000  # the tombstone expires
+    finally:
+        await ctl.aclose()
+    await assert_schedule_empty(server.url, prefix)

@@ -36,6 +36,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timezone
@@ -348,9 +349,19 @@ class DelayedFeature:
                 fut.set_result(reply)
 
     async def cancel(self, event_id: str, name: str | None) -> bool:
-        """Remove a pending delayed event (or queue job); whether it was still
-        pending. ``name``: its topic or queue, else every schedule is searched (one
-        round trip either way)."""
+        """Remove a pending delayed event (or queue job); whether this call removed
+        it (it was still pending). ``name``: its topic or queue, else every schedule
+        is searched (one round trip either way).
+
+        :raises eventbus.errors.RedisUnavailable: Redis unreachable after bounded
+            retries (the event may or may not have been cancelled).
+        """
+        try:
+            return await self._cancel(event_id, name)
+        except rex.RedisError as exc:
+            raise translate(exc, topic=name) from exc
+
+    async def _cancel(self, event_id: str, name: str | None) -> bool:
         ctx = self._ctx
         assert ctx is not None
         index = delayed_index(ctx.prefix)
@@ -370,10 +381,14 @@ class DelayedFeature:
         if not found:
             return False
         target = schedule_target(ctx.prefix, found[0])
-        keys = [target.delayed, target.delayed_data, index]
+        keys = [target.delayed, target.delayed_data, index, target.cancelled + event_id]
         if target.kind == "list":  # a queue job: its id is free again
             keys.append(queue_keys(ctx.prefix, target.name, 1).ids)
-        removed = await self._scripts["cancel"](keys=keys, args=[event_id, found[0]])
+        # The token tells this call's runs apart from any other cancel's: redis-py
+        # sends the script again after a lost reply (a dropped connection), and that
+        # run, finding the event gone, answers from the tombstone the first one left.
+        token = secrets.token_hex(8)
+        removed = await self._scripts["cancel"](keys=keys, args=[event_id, found[0], token])
         if int(removed):
             self.cancelled += 1
             return True

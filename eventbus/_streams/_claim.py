@@ -68,8 +68,9 @@ class ClaimHost(Protocol):
     def add_deferred(self, work: Work, wait: float) -> None:
         """Take a claimed entry that waits out a long retry: run it in ``wait`` seconds."""
 
-    def count_trimmed(self, ids: list[str]) -> None:
-        """Report pending entries that were trimmed before they were handled."""
+    async def count_trimmed(self, ids: list[str]) -> None:
+        """Report pending entries that were trimmed before they were handled, and
+        clear what they left in Redis (their retry time, a 6.2 pending entry)."""
 
 
 class Claimer:
@@ -175,7 +176,7 @@ class Claimer:
             deleted = reply[2] if len(reply) > 2 else []
             self._cursor = cursor.decode()
             if deleted:
-                host.count_trimmed([d.decode() for d in deleted])
+                await host.count_trimmed([d.decode() for d in deleted])
             fresh = [
                 (e.decode(), f) for e, f in entries if e is not None and not host.holds(e.decode())
             ]
@@ -186,7 +187,7 @@ class Claimer:
                 budget -= len(fresh)
                 for entry_id, fields in reversed(fresh):
                     if not fields:
-                        host.count_trimmed([entry_id])
+                        await host.count_trimmed([entry_id])
                         continue
                     work = Work(entry_id, fields, counts.get(entry_id, 1))
                     if entry_id in waits:

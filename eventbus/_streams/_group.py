@@ -598,7 +598,7 @@ class GroupConsumer:
             eid = entry_id.decode()
             got.add(eid)
             if not fields:
-                self.count_trimmed([eid])
+                await self.count_trimmed([eid])
                 continue
             work = Work(eid, fields, counts.get(eid, 0) + 1)
             if eid in waits:
@@ -608,7 +608,7 @@ class GroupConsumer:
         gone = [i for i in ids if i not in got]
         if gone:
             # Redis >= 7 drops deleted entries from the pending list on XCLAIM.
-            self.count_trimmed(gone)
+            await self.count_trimmed(gone)
 
     # The claimer's view of this member (ClaimHost).
 
@@ -651,8 +651,23 @@ class GroupConsumer:
     def _forget(self, entry_id: str) -> None:
         self._held.pop(entry_id, None)
 
-    def count_trimmed(self, ids: list[str]) -> None:
+    async def count_trimmed(self, ids: list[str]) -> None:
+        """Count and report entries trimmed while pending, and clear what they left
+        behind: their long-retry time (``retry-at``), which nothing else removes once
+        the entry cannot be retried, and on Redis 6.2 their pending-list entry
+        (which XCLAIM keeps there, unlike Redis 7; nothing is left to deliver)."""
         self._counters.lost_to_trim += len(ids)
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.zrem(self._retry_key, *ids)
+                pipe.xack(self.keys.stream, self.options.group, *ids)
+                await pipe.execute()
+        except (rex.RedisError, OSError) as exc:
+            logger.warning(
+                "group %r: could not clear what trimmed entries left in Redis (%s)",
+                self.options.group,
+                exc,
+            )
         logger.error(
             "topic %r group %r: %d pending entries were trimmed before they were handled: %s",
             self.topic.name,
@@ -918,7 +933,7 @@ class GroupConsumer:
             entry_id, fields = claimed[0]
             if entry_id is None or not fields:
                 self._held.pop(work.id, None)
-                self.count_trimmed([work.id])
+                await self.count_trimmed([work.id])
                 return
             self._counters.retried += 1
             work.fields = fields
@@ -937,16 +952,24 @@ class GroupConsumer:
                 pending = await self._client.xpending_range(
                     self.keys.stream, self.options.group, min=work.id, max=work.id, count=1
                 )
-                if not pending or pending[0]["consumer"].decode() != self.options.consumer:
-                    self._held.pop(work.id, None)  # acked, or claimed by another member
+                if not pending:
+                    # Acked elsewhere, or trimmed: Redis >= 7 drops a trimmed entry
+                    # from the pending list when an XCLAIM (this member's heartbeat)
+                    # meets it.
+                    self._held.pop(work.id, None)
+                    await self._settle_gone(work.id)
+                    return
+                if pending[0]["consumer"].decode() != self.options.consumer:
+                    self._held.pop(work.id, None)  # claimed by another member
                     return
                 got = await self._client.xclaim(
                     self.keys.stream, self.options.group, self.options.consumer, 0, [work.id]
                 )
                 if not got or got[0][0] is None or not got[0][1]:
+                    # Pending here a moment ago, not claimable now: trimmed (Redis 7
+                    # drops it and returns nothing, 6.2 returns nil and keeps it).
                     self._held.pop(work.id, None)
-                    if got and got[0][0] is not None:
-                        self.count_trimmed([work.id])
+                    await self.count_trimmed([work.id])
                     return
                 work.fields = got[0][1]
                 work.count += 1
@@ -962,6 +985,17 @@ class GroupConsumer:
             return
         self._counters.retried += 1
         self._add(work, front=True)
+
+    async def _settle_gone(self, entry_id: str) -> None:
+        """A long retry found its entry no longer pending: remove its retry time,
+        and count it trimmed if the stream no longer holds it and no one ran the
+        retry (whoever does removes the retry time first)."""
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._retry_key, entry_id)
+            pipe.xrange(self.keys.stream, entry_id, entry_id, count=1)
+            removed, entry = await pipe.execute()
+        if int(removed) and not entry:
+            await self.count_trimmed([entry_id])
 
     async def _retries(self) -> None:
         """Owns the tasks waiting out a retry's backoff (cancelled together on stop)."""
