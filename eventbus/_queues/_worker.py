@@ -136,6 +136,7 @@ class QueueWorker:
         self.spec = spec
         self.id = worker_id()
         self.processing = keys.processing(self.id)
+        self._acked = keys.acked(self.id)
         self._prefix = prefix
         self._codec = codec
         self._client = client
@@ -150,6 +151,10 @@ class QueueWorker:
         removed by a settling script whose reply came back."""
         self._suspects: dict[bytes, int] = {}
         self._acks: list[tuple[str, bytes]] = []
+        self._ack_seq = 0
+        self._ack_retry: tuple[str, list[tuple[str, bytes]]] | None = None
+        """An ack batch whose call failed, with its token: sent again as it was, so
+        that the script knows a run of its own if the first one went through."""
         self._ack_wake = anyio.Event()
         self._ack_lock = anyio.Lock()
         self._settled_all = False
@@ -659,19 +664,28 @@ class QueueWorker:
             await self._flush_locked()
 
     async def _flush_locked(self) -> None:
-        while self._acks:
-            batch, self._acks = self._acks[:_ACK_BATCH], self._acks[_ACK_BATCH:]
-            args: list[Any] = ["finished"]
+        while self._acks or self._ack_retry is not None:
+            if self._ack_retry is not None:
+                token, batch = self._ack_retry
+            else:
+                batch, self._acks = self._acks[:_ACK_BATCH], self._acks[_ACK_BATCH:]
+                self._ack_seq += 1
+                token = str(self._ack_seq)
+                self._ack_retry = (token, batch)  # until its reply is in
+            args: list[Any] = ["finished", token]
             for job_id, raw in batch:
                 args += (job_id, raw)
-            try:
-                removed = await self._scripts.ack(
-                    keys=[self.processing, self.keys.ids, self.keys.stalled, self.keys.counts],
-                    args=args,
-                )
-            except BaseException:
-                self._acks[:0] = batch  # retried by the loop (or put back at stop)
-                raise
+            removed = await self._scripts.ack(
+                keys=[
+                    self.processing,
+                    self.keys.ids,
+                    self.keys.stalled,
+                    self.keys.counts,
+                    self._acked,
+                ],
+                args=args,
+            )  # a failure leaves the batch in _ack_retry: the loop (or stop) sends it again
+            self._ack_retry = None
             if int(removed) < len(batch):
                 self.lost_ownership += len(batch) - int(removed)
             for _job_id, raw in batch:

@@ -430,6 +430,49 @@ async def test_lost_evalsha_replies_lose_no_job(redis_server_factory: Any, tmp_p
     assert all(w.proc.returncode == 0 for w in fleet.workers)
 
 
+async def test_an_ack_whose_reply_was_lost_counts_no_lost_ownership(
+    redis_server_factory: Any,
+) -> None:
+    """The reply to a ``QUEUE_ACK`` is lost (the proxy swallows it and resets the
+    connection); redis-py runs the script again, which finds the job gone: removed
+    by its own first run, not put back by a reaper. The batch's token tells the
+    script so: the job counts as finished, not as lost ownership."""
+    server = redis_server_factory()
+    queue = Queue("ackloss")
+    ack_sha = hashlib.sha1(_scripts.QUEUE_ACK.encode()).hexdigest().encode()
+    ctl = control_client(server.url)
+    keys = queue_keys("ackloss", queue.name, 1)
+    await ctl.script_load(_scripts.QUEUE_ACK)  # so that the dropped reply is its result
+    async with FaultProxy(("127.0.0.1", server.port)) as proxy:
+        bus = EventBus(f"redis://127.0.0.1:{proxy.port}/0", prefix="ackloss", scheduler=False)
+        async with bus:
+            await bus.enqueue(queue, {"n": 1})
+            # Two slots, one job: the take loop then blocks in BLMOVE, and a heartbeat
+            # is 20 s away, so the ack is the next EVALSHA.
+            async with bus.jobs(queue, concurrency=2, heartbeat=60, block=30) as jobs:
+                job = await jobs.receive()
+
+                async def blocked() -> bool:
+                    return any("b" in c["flags"] for c in await ctl.client_list())
+
+                await wait_until(blocked, timeout=5)
+                proxy.drop_next_reply(b"EVALSHA")
+                await job.ack()
+                await wait_until(lambda: bool(proxy.dropped), timeout=5)
+
+                async def written() -> bool:
+                    return await ctl.hget(keys.counts, "finished") == "1"
+
+                await wait_until(written, timeout=5)
+            stats = jobs.statistics()  # leaving the block waited for the ack in flight
+            processing = await processing_lengths(ctl, "ackloss", queue.name)
+        await ctl.aclose()
+    assert sum(processing.values()) == 0
+    assert [(d.command[1], d.reply) for d in proxy.dropped] == [(ack_sha, b":1\r\n")]
+    assert stats.finished == 1
+    assert stats.lost_ownership == 0
+
+
 # -- a poison job -----------------------------------------------------------------------------
 
 
