@@ -4,6 +4,7 @@ processes are in ``test_queue_faults.py``."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections.abc import Callable
@@ -453,6 +454,51 @@ async def test_jobs_iterator_ack_nack_and_put_back_on_exit(
             job = await jobs.receive()
             assert job.value == "keep"
             await job.ack()
+
+
+async def test_the_iterator_hands_out_a_suspect_job_alone(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    """A job that a dead worker held (its count in ``q-stalled``, as a reaper leaves
+    it) is handed out only once the job handed out before it is settled and out of
+    the processing list, and nothing else is taken while it is out: if it kills the
+    process, it is the only job a reaper finds there to blame."""
+    queue = Queue("suspect")
+    bus = bus_factory()
+    ctl = aioredis_bytes(redis_url)
+    keys = queue_keys(bus.prefix, "suspect", 1)
+    async with bus:
+        await bus.enqueue_many(queue, ["a", "suspect", "b"])
+        raws = {orjson.loads(raw)["data"]: raw for raw in await ctl.lrange(keys.levels[0], 0, -1)}
+        await ctl.hset(keys.stalled, hashlib.sha1(raws["suspect"]).hexdigest(), 1)
+        async with bus.jobs(queue, concurrency=5) as jobs:
+            first = await jobs.receive()
+            assert first.value == "a"
+
+            processing = keys.processing(jobs.statistics().worker)
+
+            async def taken() -> bool:  # "a" and the suspect, the last of its take call
+                return await ctl.llen(processing) >= 2
+
+            await wait_until(taken, timeout=5)
+            await first.ack()
+            second = await jobs.receive()
+            assert (second.value, second.attempt) == ("suspect", 2)
+            # Out alone: "a" acked and written, "b" not taken.
+            assert await ctl.lrange(processing, 0, -1) == [raws["suspect"]]
+            assert await ctl.lrange(keys.levels[0], 0, -1) == [raws["b"]]
+            await second.ack()
+            third = await jobs.receive()
+            assert third.value == "b"
+            await third.ack()
+    await ctl.aclose()
+
+
+def aioredis_bytes(url: str) -> Any:
+    """A control client that returns bytes (the jobs as stored)."""
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(url)
 
 
 # -- later --------------------------------------------------------------------------------
