@@ -1341,6 +1341,11 @@ class EventBus:
         heartbeat, as with :meth:`worker`; leaving the block puts back every job
         not settled (at least once). ``nack(requeue=True)`` retries (after the
         backoff, while attempts remain), ``nack(requeue=False)`` dead-letters.
+        A job that a dead worker held (it may be what killed it) is handed out
+        alone: only once every job handed out before it is settled, and no other
+        is taken until it is settled. So settle each job (or hand it to a task
+        that does) before asking for the next; code that waits for more jobs
+        while holding unsettled ones may wait there for good.
 
         .. versionadded:: 0.3
         """

@@ -258,6 +258,10 @@ class QueueKeys:
         """The processing list of worker ``worker``."""
         return f"{self.base}:q-active:{worker}"
 
+    def acked(self, worker: str) -> str:
+        """The last ack batch of worker ``worker`` (token and result; ``QUEUE_ACK``)."""
+        return f"{self.base}:q-acked:{worker}"
+
     def delayed(self, level: int) -> tuple[str, str]:
         """The schedule (zset, data hash) of the level's delayed jobs."""
         return f"{self.base}:q-delayed:{level}", f"{self.base}:q-delayed-data:{level}"

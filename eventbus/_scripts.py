@@ -729,15 +729,26 @@ return {0, held}
 
 QUEUE_ACK: Final = """
 -- Settle jobs a worker finished: remove each from its processing list, release its
--- id, forget its stalled count.
+-- id, forget its stalled count. Each call carries a token unique to the worker's
+-- batch, recorded with its result: the same call run again (a retry after its
+-- reply was lost) changes nothing and returns what the first run did, so the
+-- jobs that run removed are not taken for jobs a reaper put back.
 -- KEYS[1] processing list, KEYS[2] job ids (hash), KEYS[3] stalled counts (hash),
--- KEYS[4] counters (hash)
--- ARGV[1] counter to add to ('finished'), then per job: its id ('' for none) and the job
+-- KEYS[4] counters (hash), KEYS[5] the worker's last ack (string: token, result)
+-- ARGV[1] counter to add to ('finished'), ARGV[2] the batch's token, then per job:
+-- its id ('' for none) and the job
 -- returns how many of the jobs were still in the processing list (the others were
 -- put back by a reaper meanwhile and may run again)
+local last = redis.call('GET', KEYS[5])
+if last then
+  local sep = string.find(last, ' ', 1, true)
+  if sep and string.sub(last, 1, sep - 1) == ARGV[2] then
+    return tonumber(string.sub(last, sep + 1))
+  end
+end
 local stalled = redis.call('EXISTS', KEYS[3]) == 1
 local removed = 0
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   if redis.call('LREM', KEYS[1], -1, ARGV[i + 1]) > 0 then
     removed = removed + 1
     if ARGV[i] ~= '' then
@@ -751,6 +762,8 @@ end
 if removed > 0 then
   redis.call('HINCRBY', KEYS[4], ARGV[1], removed)
 end
+-- An hour: a retry comes within the worker's life; the key outlives it by that.
+redis.call('SET', KEYS[5], ARGV[2] .. ' ' .. removed, 'PX', 3600000)
 return removed
 """
 

@@ -328,7 +328,9 @@ class WorkerStatistics:
     """Jobs found in this worker's processing list that it did not hold (a reply lost
     with its connection), put back."""
     lost_ownership: int
-    """Jobs settled after a reaper had put them back (they may run twice)."""
+    """Jobs settled after a reaper had put them back (they may run twice). An ack
+    sent again after its reply was lost does not count the jobs its first run
+    removed."""
 
 
 @attrs.frozen

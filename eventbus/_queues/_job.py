@@ -120,8 +120,11 @@ class JobSubscription(Generic[T]):
     """``async with bus.jobs(queue) as jobs: async for job in jobs: ...``
 
     Takes at most ``concurrency`` jobs at a time: a job counts until it is settled.
-    Leaving the block puts back every job not settled (it runs again, here or in
-    another worker).
+    A job that a dead worker held is handed out alone: once every job handed out
+    before it is settled, and none is taken until it is settled (settle each job,
+    or hand it to a task that does, before waiting for the next). Leaving the
+    block puts back every job not settled (it runs again, here or in another
+    worker).
 
     .. versionadded:: 0.3
     """

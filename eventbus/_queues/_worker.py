@@ -136,6 +136,7 @@ class QueueWorker:
         self.spec = spec
         self.id = worker_id()
         self.processing = keys.processing(self.id)
+        self._acked = keys.acked(self.id)
         self._prefix = prefix
         self._codec = codec
         self._client = client
@@ -150,6 +151,10 @@ class QueueWorker:
         removed by a settling script whose reply came back."""
         self._suspects: dict[bytes, int] = {}
         self._acks: list[tuple[str, bytes]] = []
+        self._ack_seq = 0
+        self._ack_retry: tuple[str, list[tuple[str, bytes]]] | None = None
+        """An ack batch whose call failed, with its token: sent again as it was, so
+        that the script knows a run of its own if the first one went through."""
         self._ack_wake = anyio.Event()
         self._ack_lock = anyio.Lock()
         self._settled_all = False
@@ -361,18 +366,21 @@ class QueueWorker:
                     backoff = min(backoff * 2, 2.0)
 
     async def _dispatch(self, raw: bytes, level: int, held: int) -> None:
-        """Hand a taken job to a slot. A job that a dead worker held (``held``) runs
-        alone: after the jobs already running finish, and before any other is
-        taken. If it kills this process too, it is the only job blamed for it (a
-        count of deaths per job decides ``worker_lost``); the others it shared a
-        dead worker with run alone once and are cleared. (In the iterator form the
-        caller decides what runs at once: there, it is handed out as any job.)"""
+        """Hand a taken job to a slot (or, in the iterator form, to the caller). A job
+        that a dead worker held (``held``) runs alone: it is handed on only once every
+        other job this worker holds is settled and out of its processing list (acks
+        written, not only counted), and no other is taken until it is settled and
+        out too. A reaper counts a death against every job in the dead worker's
+        processing list; so if this job kills this process too, it is the only job
+        blamed for it (a count of deaths per job decides ``worker_lost``), and the
+        others it shared a dead worker with run alone once and are cleared. In the
+        iterator form, "held" includes the jobs handed to the caller and not yet
+        settled: the caller settles them before it gets this one (the take script
+        takes a suspect last in its call, so no job taken after it waits behind it)."""
         self._held[raw] += 1
-        alone = held > 0 and self._deliver is None
+        alone = held > 0
         if alone:
-            while self._outstanding > 0:
-                self._space = anyio.Event()
-                await self._space.wait()
+            await self._hold_only(raw)
         self._outstanding += 1
         self.started += 1
         self._ready.append((raw, level, held))
@@ -383,9 +391,20 @@ class QueueWorker:
                 waiter.set_result(None)
                 break
         if alone:
-            while self._outstanding > 0:
-                self._space = anyio.Event()
-                await self._space.wait()
+            await self._hold_only(None)
+
+    async def _hold_only(self, raw: bytes | None) -> None:
+        """Wait until this worker holds no job but ``raw`` (once, if given): every
+        other job settled, and its settling script's reply back (an ack counted but
+        not yet written leaves the job in the processing list)."""
+        while True:
+            others = sum(self._held.values()) - (0 if raw is None else 1)
+            if others <= 0 and self._outstanding <= 0:
+                return
+            if self._acks:
+                self._ack_wake.set()
+            self._space = anyio.Event()
+            await self._space.wait()
 
     async def _start_job(self, raw: bytes, level: int, held: int) -> None:
         try:
@@ -645,25 +664,35 @@ class QueueWorker:
             await self._flush_locked()
 
     async def _flush_locked(self) -> None:
-        while self._acks:
-            batch, self._acks = self._acks[:_ACK_BATCH], self._acks[_ACK_BATCH:]
-            args: list[Any] = ["finished"]
+        while self._acks or self._ack_retry is not None:
+            if self._ack_retry is not None:
+                token, batch = self._ack_retry
+            else:
+                batch, self._acks = self._acks[:_ACK_BATCH], self._acks[_ACK_BATCH:]
+                self._ack_seq += 1
+                token = str(self._ack_seq)
+                self._ack_retry = (token, batch)  # until its reply is in
+            args: list[Any] = ["finished", token]
             for job_id, raw in batch:
                 args += (job_id, raw)
-            try:
-                removed = await self._scripts.ack(
-                    keys=[self.processing, self.keys.ids, self.keys.stalled, self.keys.counts],
-                    args=args,
-                )
-            except BaseException:
-                self._acks[:0] = batch  # retried by the loop (or put back at stop)
-                raise
+            removed = await self._scripts.ack(
+                keys=[
+                    self.processing,
+                    self.keys.ids,
+                    self.keys.stalled,
+                    self.keys.counts,
+                    self._acked,
+                ],
+                args=args,
+            )  # a failure leaves the batch in _ack_retry: the loop (or stop) sends it again
+            self._ack_retry = None
             if int(removed) < len(batch):
                 self.lost_ownership += len(batch) - int(removed)
             for _job_id, raw in batch:
                 self._held[raw] -= 1
                 if self._held[raw] <= 0:
                     del self._held[raw]
+            self._space.set()  # a job waiting to run alone waits for these writes
 
     # -- heartbeat, reaping, orphans --------------------------------------------------
 

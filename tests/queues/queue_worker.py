@@ -8,6 +8,9 @@ returns, after which the bus acks. So a ``done`` line means "handled", whether o
 not the ack reached Redis; the oracle is outside the Redis under test, so it is
 written even while Redis refuses writes (OOM) or restarts.
 
+With ``--iterator`` it takes the jobs with ``bus.jobs(queue)`` instead, starting a
+task per job that runs the same handler and acks the job (nacks it if it raised).
+
 The job ``n == --poison`` SIGKILLs its own process as it starts (a job that kills
 every worker that takes it).
 
@@ -35,7 +38,7 @@ import anyio.abc
 import attrs
 import orjson
 
-from eventbus import Delivery, EventBus, Queue, RetryPolicy
+from eventbus import Delivery, EventBus, Job, JobSubscription, Queue, RetryPolicy
 
 from ..streams.oracle import append_line, open_oracle
 
@@ -57,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--poison", type=int, default=-1, help="the job n that SIGKILLs its worker")
     p.add_argument("--poison-after", type=float, default=0.0, help="seconds before it does")
     p.add_argument("--log-starts", action="store_true")
+    p.add_argument(
+        "--iterator",
+        action="store_true",
+        help="take jobs with bus.jobs() (a task per job, acked by it) instead of @bus.worker",
+    )
     p.add_argument("--shutdown-grace", type=float, default=3.0)
     p.add_argument("--max-seconds", type=float, default=100.0)
     return p.parse_args(argv)
@@ -90,14 +98,14 @@ async def main(args: argparse.Namespace) -> int:
     queue = queue_of(args)
     name = args.name
 
-    @bus.worker(
-        queue,
-        concurrency=args.concurrency,
-        max_attempts=args.max_attempts,
-        heartbeat=args.heartbeat,
-        block=args.block,
-        retry=RetryPolicy(max_attempts=args.max_attempts, backoff=0.05, jitter=0.0),
-    )
+    options: dict[str, Any] = {
+        "concurrency": args.concurrency,
+        "max_attempts": args.max_attempts,
+        "heartbeat": args.heartbeat,
+        "block": args.block,
+        "retry": RetryPolicy(max_attempts=args.max_attempts, backoff=0.05, jitter=0.0),
+    }
+
     async def handle(job: dict[str, Any], d: Delivery) -> None:
         n = job["n"]
         if n == args.poison:
@@ -115,11 +123,33 @@ async def main(args: argparse.Namespace) -> int:
             fd, {"kind": "done", "n": n, "attempt": d.attempt, "t": t0, "w": name, "pid": pid}
         )
 
+    subscription: JobSubscription[Any] | None = None  # the iterator form's, once open
+    if not args.iterator:
+        bus.worker(queue, **options)(handle)
+
     def stats() -> dict[str, Any]:
         try:
+            if subscription is not None:
+                return attrs.asdict(subscription.statistics())
             return attrs.asdict(bus.worker_statistics(handle)[0])
         except Exception as exc:  # report, never crash the worker on a stats call
             return {"error": repr(exc)}
+
+    async def run_one(job: Job[Any]) -> None:
+        try:
+            await handle(job.value, job.delivery)
+        except Exception as exc:
+            await job.nack(error=exc)
+        else:
+            await job.ack()
+
+    async def iterate(*, task_status: anyio.abc.TaskStatus[str]) -> None:
+        nonlocal subscription
+        async with bus.jobs(queue, **options) as jobs, anyio.create_task_group() as tg:
+            subscription = jobs
+            task_status.started(jobs.statistics().worker)
+            async for job in jobs:  # a task per job: as many at once as the handler form
+                tg.start_soon(run_one, job)
 
     stop = anyio.Event()
     reason = "max-seconds"
@@ -136,11 +166,15 @@ async def main(args: argparse.Namespace) -> int:
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(watch_sigterm)
-            async with bus:
-                worker_id = bus.worker_statistics(handle)[0].worker
+            async with bus, anyio.create_task_group() as jobs_tg:
+                if args.iterator:
+                    worker_id = await jobs_tg.start(iterate)
+                else:
+                    worker_id = bus.worker_statistics(handle)[0].worker
                 emit({"event": "ready", "t": time.time(), "pid": pid, "worker": worker_id})
                 with anyio.move_on_after(args.max_seconds):
                     await stop.wait()
+                jobs_tg.cancel_scope.cancel()  # the iterator's unsettled jobs are put back
             emit({"event": "exit", "t": time.time(), "reason": reason, "stats": stats()})
             tg.cancel_scope.cancel()
     finally:

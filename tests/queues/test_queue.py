@@ -4,6 +4,7 @@ processes are in ``test_queue_faults.py``."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections.abc import Callable
@@ -245,6 +246,49 @@ async def test_a_raw_lpush_of_json_is_a_job_and_garbage_is_dead_lettered(
     await ctl.aclose()
 
 
+RAW_DEDUPE = (
+    "if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 1 then"
+    " return redis.call('LPUSH', KEYS[2], ARGV[2]) end return 0"
+)
+"""docs/wire-format.md's recipe for a raw producer's job id: register the id in
+q-ids and push in one step, refused while the id waits or runs."""
+
+
+async def test_a_raw_producer_deduplicates_with_the_documented_recipe(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    """A raw ``LPUSH`` is never deduplicated (a take does not look into jobs); a raw
+    producer that registers the id as ``enqueue(job_id=)`` does (``HSETNX`` in
+    ``q-ids``, then ``LPUSH``, in one ``EVAL``) shares its deduplication: refused
+    while a job with that id waits or runs, free again once it is acked."""
+    queue = Queue("rawids", Resize)
+    bus = bus_factory()
+    ctl = control_client(redis_url)
+    keys = queue_keys(bus.prefix, "rawids", 1)
+    job = '{"eventbus":1,"id":"img-42","ts":1767225600000,"data":{"image":"b.png","width":50}}'
+
+    async def raw_push() -> int:
+        return int(await ctl.eval(RAW_DEDUPE, 2, keys.ids, keys.levels[0], "img-42", job))
+
+    async with bus:
+        assert await raw_push() == 1
+        assert await raw_push() == 0  # waiting: refused
+        assert (await bus.enqueue(queue, Resize("c.png", 1), job_id="img-42")).duplicate
+        async with bus.jobs(queue, concurrency=1) as jobs:
+            taken = await jobs.receive()
+            assert (taken.id, taken.value) == ("img-42", Resize("b.png", 50))
+            assert await raw_push() == 0  # running: refused
+            await taken.ack()
+
+            async def released() -> bool:
+                return not await ctl.hexists(keys.ids, "img-42")
+
+            await wait_until(released, timeout=5)
+        assert await raw_push() == 1  # settled: the id is free again
+        assert await ctl.llen(keys.levels[0]) == 1
+    await ctl.aclose()
+
+
 async def _dead_count(bus: EventBus, queue: Queue[Any], n: int) -> bool:
     return len(await bus.dead_letters(queue)) >= n
 
@@ -415,6 +459,51 @@ async def test_jobs_iterator_ack_nack_and_put_back_on_exit(
             job = await jobs.receive()
             assert job.value == "keep"
             await job.ack()
+
+
+async def test_the_iterator_hands_out_a_suspect_job_alone(
+    bus_factory: Callable[..., EventBus], redis_url: str
+) -> None:
+    """A job that a dead worker held (its count in ``q-stalled``, as a reaper leaves
+    it) is handed out only once the job handed out before it is settled and out of
+    the processing list, and nothing else is taken while it is out: if it kills the
+    process, it is the only job a reaper finds there to blame."""
+    queue = Queue("suspect")
+    bus = bus_factory()
+    ctl = aioredis_bytes(redis_url)
+    keys = queue_keys(bus.prefix, "suspect", 1)
+    async with bus:
+        await bus.enqueue_many(queue, ["a", "suspect", "b"])
+        raws = {orjson.loads(raw)["data"]: raw for raw in await ctl.lrange(keys.levels[0], 0, -1)}
+        await ctl.hset(keys.stalled, hashlib.sha1(raws["suspect"]).hexdigest(), 1)
+        async with bus.jobs(queue, concurrency=5) as jobs:
+            first = await jobs.receive()
+            assert first.value == "a"
+
+            processing = keys.processing(jobs.statistics().worker)
+
+            async def taken() -> bool:  # "a" and the suspect, the last of its take call
+                return await ctl.llen(processing) >= 2
+
+            await wait_until(taken, timeout=5)
+            await first.ack()
+            second = await jobs.receive()
+            assert (second.value, second.attempt) == ("suspect", 2)
+            # Out alone: "a" acked and written, "b" not taken.
+            assert await ctl.lrange(processing, 0, -1) == [raws["suspect"]]
+            assert await ctl.lrange(keys.levels[0], 0, -1) == [raws["b"]]
+            await second.ack()
+            third = await jobs.receive()
+            assert third.value == "b"
+            await third.ack()
+    await ctl.aclose()
+
+
+def aioredis_bytes(url: str) -> Any:
+    """A control client that returns bytes (the jobs as stored)."""
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(url)
 
 
 # -- later --------------------------------------------------------------------------------
