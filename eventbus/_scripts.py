@@ -374,19 +374,24 @@ return out
 DELAYED_RELEASE: Final = """
 -- Release a topic's (or a queue level's) due events, at most ARGV[3] of them: each
 -- written to its topic or queue first, then removed from the schedule (a failure
--- never loses one).
+-- never loses one: the events written before it are removed, it and those after
+-- it stay). The batch's data is read with one HMGET and removed with one HDEL and
+-- one ZREM (per 1000 ids) after the writes: per-event calls cost most of the time.
 -- KEYS[1] schedule (zset), KEYS[2] schedule data (hash), KEYS[3] stream (or the
 -- queue level's list), KEYS[4] index (zset of topics), KEYS[5] a queue's level-0
 -- list (a topic: KEYS[3] again)
 -- ARGV[1] index member, ARGV[2] live channel, ARGV[3] batch limit, ARGV[4] the type
 -- KEYS[3] must have ('stream' or 'list'), ARGV[5] a queue's nudge marker
 -- returns {released, server now ms, next due ms or -1, missing data}
-local function release_one(blob, channel, due)
-  local d = string.format('%d', due)
-  local kind = string.sub(blob, 1, 1)
+local find, sub, format, unpack = string.find, string.sub, string.format, unpack
+-- items: one event's XADD arguments (reused); lengths: the length prefixes read, as
+-- numbers (tonumber is the dearest step of the parse)
+local items, lengths = {}, {}
+local function release_one(blob, channel, d)
+  local kind = sub(blob, 1, 1)
   if kind == 'l' or kind == 'q' then
     -- the envelope is a JSON object: its due time goes in before the closing brace
-    local env = string.sub(blob, 2, -2) .. ',"due":' .. d .. '}'
+    local env = sub(blob, 2, -2) .. ',"due":' .. d .. '}'
     if kind == 'l' then
       redis.call('PUBLISH', channel, env)
     else
@@ -394,25 +399,38 @@ local function release_one(blob, channel, due)
     end
     return
   end
-  local items = {}
-  local pos = 2
+  local colon = find(blob, ':', 2, true)
+  local s = sub(blob, 2, colon - 1)
+  local n = lengths[s]
+  if not n then
+    n = tonumber(s)
+    lengths[s] = n
+  end
+  local maxlen = sub(blob, colon + 1, colon + n)
+  local pos = colon + n + 1
   local len = #blob
-  for _ = 1, 1 + 2 * 256 do -- MAXLEN, then at most 256 fields (Limits caps them lower)
+  local k = 0
+  for _ = 1, 2 * 256 do -- at most 256 fields (Limits caps them lower)
     if pos > len then
       break
     end
-    local colon = string.find(blob, ':', pos, true)
-    local n = tonumber(string.sub(blob, pos, colon - 1))
-    items[#items + 1] = string.sub(blob, colon + 1, colon + n)
+    colon = find(blob, ':', pos, true)
+    s = sub(blob, pos, colon - 1)
+    n = lengths[s]
+    if not n then
+      n = tonumber(s)
+      lengths[s] = n
+    end
+    k = k + 1
+    items[k] = sub(blob, colon + 1, colon + n)
     pos = colon + n + 1
   end
-  local maxlen = table.remove(items, 1)
-  items[#items + 1] = 't'
-  items[#items + 1] = d
+  items[k + 1] = 't'
+  items[k + 2] = d
   if maxlen ~= '' then
-    return redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', unpack(items))
+    return redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', unpack(items, 1, k + 2))
   end
-  return redis.call('XADD', KEYS[3], '*', unpack(items))
+  return redis.call('XADD', KEYS[3], '*', unpack(items, 1, k + 2))
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -423,18 +441,47 @@ if #ready > 0 and kind ~= 'none' and kind ~= ARGV[4] then
   return redis.error_reply('WRONGTYPE eventbus: ' .. KEYS[3] .. ' is a ' .. kind
     .. ', not a ' .. ARGV[4] .. '; the due events stay scheduled')
 end
-local released, missing = 0, 0
+local ids, dues = {}, {}
 for i = 1, #ready, 2 do
-  local id = ready[i]
-  local blob = redis.call('HGET', KEYS[2], id)
-  if blob then
-    release_one(blob, ARGV[2], tonumber(ready[i + 1]))
-    released = released + 1
-  else
-    missing = missing + 1
+  ids[#ids + 1] = ready[i]
+  dues[#dues + 1] = ready[i + 1]
+end
+local blobs = {}
+for a = 1, #ids, 1000 do -- 1000 arguments per variadic command: far below unpack's limit
+  local b = math.min(a + 999, #ids)
+  local got = redis.call('HMGET', KEYS[2], unpack(ids, a, b))
+  for j = a, b do
+    blobs[j] = got[j - a + 1]
   end
-  redis.call('HDEL', KEYS[2], id)
-  redis.call('ZREM', KEYS[1], id)
+end
+local released, missing, done = 0, 0, 0
+local last, d -- the due time, formatted once for a run of equal ones
+-- Lua's pcall catches a failed write (or a blob that does not parse): the events
+-- written before it still leave the schedule, then the error is returned.
+local ok, err = pcall(function()
+  for j = 1, #ids do
+    local blob = blobs[j]
+    if blob then
+      if dues[j] ~= last then
+        last = dues[j]
+        d = format('%d', tonumber(last))
+      end
+      release_one(blob, ARGV[2], d)
+      released = released + 1
+    else
+      missing = missing + 1
+    end
+    done = j
+  end
+end)
+-- the events written (or without data) leave the schedule; a failed one stays
+for a = 1, done, 1000 do
+  local b = math.min(a + 999, done)
+  redis.call('HDEL', KEYS[2], unpack(ids, a, b))
+  redis.call('ZREM', KEYS[1], unpack(ids, a, b))
+end
+if not ok then
+  return redis.error_reply(type(err) == 'table' and err.err or tostring(err))
 end
 if released > 0 and KEYS[5] ~= KEYS[3] and redis.call('LLEN', KEYS[5]) == 0 then
   -- urgent jobs released while idle workers block on level 0: wake one
