@@ -40,7 +40,7 @@ from typing import Final
 import anyio
 
 from ._bus import EventBus
-from ._streams._options import NAME_ENV, SLOT_ENV
+from ._streams._options import NAME_ENV, SLOT_ENV, check_name
 from .errors import ConfigurationError
 
 __all__ = ["load", "run"]
@@ -118,11 +118,7 @@ def run(
     if grace is not None and grace < 0:
         raise ConfigurationError(f"grace must be zero or more seconds, got {grace!r}")
     if name is not None:
-        if not name or len(name) > 100 or any(c.isspace() or not c.isprintable() for c in name):
-            raise ConfigurationError(
-                f"name must be 1 to 100 printable characters without spaces, got {name!r}"
-            )
-        os.environ[NAME_ENV] = name
+        os.environ[NAME_ENV] = check_name("runner", name)
     if url is not None:
         os.environ["EVENTBUS_URL"] = url
     _setup_logging()

@@ -457,7 +457,7 @@ def test_a_bad_runner_name_is_refused_with_status_2() -> None:
         timeout=30,
     )
     assert out.returncode == 2, out.stderr
-    assert "name must be" in out.stderr
+    assert "runner name 'a b' must not contain spaces" in out.stderr
     assert "Traceback" not in out.stderr
 
 

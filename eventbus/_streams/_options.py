@@ -20,6 +20,7 @@ __all__ = [
     "SLOT_ENV",
     "GroupOptions",
     "StartPosition",
+    "check_name",
     "group_options",
     "release_name",
     "reserve_name",
@@ -66,7 +67,7 @@ class GroupOptions:
     the first free one of it, ``<host>:<slot>.1``, ... (see :func:`reserve_name`)."""
 
 
-def _check_name(kind: str, name: object) -> str:
+def check_name(kind: str, name: object) -> str:
     if not isinstance(name, str) or not name or len(name) > _NAME_MAX:
         raise ConfigurationError(f"{kind} name must be a non-empty str of at most 200 characters")
     if any(ch.isspace() or not ch.isprintable() for ch in name):
@@ -87,7 +88,7 @@ def _default_consumer_name() -> tuple[str, bool]:
     slot = os.environ.get(SLOT_ENV, "").strip()
     if slot:
         name = os.environ.get(NAME_ENV, "").strip() or socket.gethostname()
-        return _check_name("consumer", f"{name}:{slot}"), True
+        return check_name("consumer", f"{name}:{slot}"), True
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}", False
 
 
@@ -139,11 +140,11 @@ def group_options(
 
     :raises eventbus.errors.ConfigurationError: a bad name, count, start or target.
     """
-    _check_name("group", group)
+    check_name("group", group)
     stable = False
     if consumer is None:
         consumer, stable = _default_consumer_name()
-    name = _check_name("consumer", consumer)
+    name = check_name("consumer", consumer)
     if batch is None:
         batch, max_batch = _ADAPTIVE_FIRST_BATCH, _ADAPTIVE_MAX_BATCH
     else:
