@@ -3,7 +3,8 @@ sends would be refused with ``CROSSSLOT`` on a Redis Cluster.
 
 A private standalone redis-server runs ``MONITOR`` on a control connection while one
 bus walks a happy path touching every feature (live and durable publishing, a
-consumer group retrying, dead-lettering, replaying and chaining, dedupe, delayed
+consumer group retrying, dead-lettering, replaying and chaining, dedupe, live
+subscribers of durable topics (the stream tail), delayed
 events released and cancelled, a recurring event, a work queue's enqueue, workers
 acking, retrying, delaying and dead-lettering jobs, ``bus.stats()``). Every command
 the bus sent is read back from MONITOR; for each one naming several keys (a script
@@ -54,6 +55,7 @@ KNOWN_CROSS_SLOT: Final = frozenset(
         "QUEUE_SCHEDULE",  # {prefix}:delayed, the index of delayed queue levels
         "RECURRING_DECLARE",  # {prefix}:recurring:due and {prefix}:recurring: no hash tag
         "RECURRING_FIRE",  # {prefix}:recurring, :due and :last beside the topic's stream
+        "XREAD",  # the stream tail: one XREAD over every durable topic with live subscribers
     }
 )
 """Calls (a script's name, a command, or ``MULTI[commands]``) whose keys span several
@@ -273,6 +275,10 @@ async def happy_path(bus: EventBus) -> dict[str, Any]:
     async def ledger(invoice: dict[str, Any]) -> None:
         seen["invoices"].append(invoice["invoice"])
 
+    @bus.on(ORDERS, INVOICES)  # live subscribers of durable topics: the stream tail
+    async def watch(event: dict[str, Any], delivery: Delivery) -> None:
+        seen["tail"].append(delivery.topic)
+
     @bus.on(TICKS, group="clock")
     async def tick(event: dict[str, Any], delivery: Delivery) -> None:
         seen["ticks"].append(delivery.id)
@@ -306,6 +312,7 @@ async def happy_path(bus: EventBus) -> dict[str, Any]:
         poison["on"] = False
         assert await bus.replay_dead_letters(ORDERS) == 1
         await wait_until(lambda: {0, 1, 2, 3, 4} <= set(seen["invoices"]), timeout=10)
+        await wait_until(lambda: {ORDERS.name, INVOICES.name} <= set(seen["tail"]), timeout=10)
         await wait_until(lambda: len(seen["ticks"]) >= 1, timeout=10)
         assert [s.name for s in await bus.schedules()] == ["audit-tick"]
         assert await bus.unschedule("audit-tick") is True
