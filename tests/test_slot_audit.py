@@ -4,9 +4,9 @@ sends would be refused with ``CROSSSLOT`` on a Redis Cluster.
 A private standalone redis-server runs ``MONITOR`` on a control connection while one
 bus walks a happy path touching every feature (live and durable publishing, a
 consumer group retrying, dead-lettering, replaying and chaining, dedupe, live
-subscribers of durable topics (the stream tail), delayed
-events released and cancelled, a recurring event, a work queue's enqueue, workers
-acking, retrying, delaying and dead-lettering jobs, ``bus.stats()``). Every command
+subscribers of durable topics (the stream tail), delayed events released and
+cancelled, a recurring event, a work queue's enqueue, workers acking, retrying,
+delaying and dead-lettering jobs, ``bus.stats()``). Every command
 the bus sent is read back from MONITOR; for each one naming several keys (a script
 with ``numkeys > 1``, a multi-key command found with ``COMMAND GETKEYS``, or the
 commands of one ``MULTI``/``EXEC``), each key's Cluster slot is computed (CRC16 and
