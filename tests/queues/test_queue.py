@@ -605,9 +605,12 @@ async def test_stats_report_age_processing_workers_and_rates(
     async def handle(job: int) -> None:
         await release.wait()
 
+    # All six wait before the worker starts: otherwise it may take two of the first
+    # five before the urgent one is enqueued.
+    async with bus_factory() as producer:
+        await producer.enqueue_many(queue, list(range(5)))
+        await producer.enqueue(queue, 99, priority=1)
     async with bus:
-        await bus.enqueue_many(queue, list(range(5)))
-        await bus.enqueue(queue, 99, priority=1)
         await wait_until(lambda: bus.worker_statistics(handle)[0].running == 2, timeout=5)
         await anyio.sleep(0.3)
         stats = (await bus.stats()).queue("stats")
